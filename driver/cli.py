@@ -1,0 +1,110 @@
+"""The `shardlm` command (also `python -m driver`)."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import inspect
+import json
+import logging
+import sys
+import textwrap
+from dataclasses import MISSING, fields
+from typing import Any, Sequence
+
+from driver.args import EngineArgs
+from parallel.errors import ShardLMError
+
+SHORT_FLAGS = {"tensor_parallel_size": "-tp"}
+DEFAULT_PROMPT = "The capital of France is"
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass, read from its source."""
+    docs: dict[str, str] = {}
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    for stmt, after in zip(body, body[1:]):
+        if isinstance(stmt, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+            docs[stmt.target.id] = " ".join(str(after.value.value).split())
+    return docs
+
+
+def _flag_type(annotation: str) -> Any:
+    base = annotation.replace(" | None", "").strip()
+    return {"int": int, "float": float}.get(base, str)
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """One flag per `EngineArgs` field, in vLLM's spelling (--tensor-parallel-size, -tp, ...)."""
+    docs = field_docs(EngineArgs)
+    group = parser.add_argument_group("engine")
+    for f in fields(EngineArgs):
+        flags = [f"--{f.name.replace('_', '-')}"] + ([SHORT_FLAGS[f.name]] if f.name in SHORT_FLAGS else [])
+        default = None if f.default is MISSING else f.default
+        help_text = docs.get(f.name, "") + (f" (default: {default})" if default is not None else "")
+        if f.type == "bool":
+            group.add_argument(*flags, dest=f.name, action="store_true", default=default, help=help_text)
+        else:
+            group.add_argument(*flags, dest=f.name, type=_flag_type(f.type), default=default, help=help_text)
+
+
+def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
+    return EngineArgs(**{f.name: getattr(ns, f.name) for f in fields(EngineArgs)})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shardlm", description="Tensor-parallel LLM inference on Ray.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="load a model and continue prompts greedily")
+    gen.add_argument("prompts", nargs="*", help=f"prompts (default: {DEFAULT_PROMPT!r})")
+    gen.add_argument("--max-tokens", type=int, default=16, help="new tokens per prompt (default: 16)")
+    gen.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    add_engine_args(gen)
+
+    bench = sub.add_parser("bench", help="measure shardlm beside transformers")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    load = bench_sub.add_parser("load", help="load time and peak memory against from_pretrained")
+    load.add_argument("--model", required=True, help="a checkpoint folder or .gguf file")
+    load.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    load.add_argument("--repeat", type=int, default=1, help="runs of each; the best is shown")
+    load.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    return parser
+
+
+def cmd_generate(ns: argparse.Namespace) -> int:
+    from driver.loading import load_in_process
+
+    loaded = load_in_process(engine_args_from(ns))
+    prompts = ns.prompts or [DEFAULT_PROMPT]
+    outputs = [loaded.greedy(p, ns.max_tokens) for p in prompts]
+    if ns.json:
+        report = json.loads(loaded.report.to_json())
+        print(json.dumps({"load_report": report, "outputs": [{"prompt": p, "text": t} for p, t in zip(prompts, outputs)]}))
+        return 0
+    print(loaded.report.format())
+    for prompt, text in zip(prompts, outputs):
+        print(f"\n{prompt!r} -> {text!r}")
+    return 0
+
+
+def cmd_bench(ns: argparse.Namespace) -> int:
+    from driver.bench import bench_load, format_bench_load
+
+    results = bench_load(ns.model, ns.dtype, ns.repeat)
+    print(json.dumps(results) if ns.json else format_bench_load(ns.model, ns.dtype, results))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if ns.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return {"generate": cmd_generate, "bench": cmd_bench}[ns.command](ns)
+    except (ShardLMError, TypeError) as exc:
+        if ns.debug:
+            raise
+        print(f"shardlm: error: {exc}", file=sys.stderr)
+        print("(run with --debug for the traceback)", file=sys.stderr)
+        return 2

@@ -1,0 +1,233 @@
+"""Tensor-parallel layers, each with a weight loader that reads only this rank's slice.
+
+Notation: p ranks, this one r. A linear layer computes Y = X A^T + b with A of shape
+[out_features, in_features], as torch and the checkpoints store it. The sharding rule fits in a
+table: column-parallel splits A's rows (dimension 0, the outputs), row-parallel its columns
+(dimension 1, the inputs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from parallel.errors import ConfigError
+from parallel.state import TensorParallelGroup
+from parallel.weights import ShardId, WeightSource, attach_loader, full_index, replicated
+
+VOCAB_PADDING = 64
+
+
+def divide(numerator: int, tp_size: int, what: str) -> int:
+    """`numerator / tp_size`, or a `ConfigError` in vLLM's words when it does not divide."""
+    if numerator % tp_size:
+        raise ConfigError(f"{what} ({numerator}) must be divisible by tensor parallel size ({tp_size}).")
+    return numerator // tp_size
+
+
+@dataclass(frozen=True)
+class RowRange:
+    """Rows [start, stop) of a checkpoint tensor, stored at `offset` in this rank's parameter."""
+
+    full_rows: int
+    start: int
+    stop: int
+    offset: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+class _RowSplitLinear(nn.Module):
+    """A linear layer whose rows are split over the ranks, filled from one or more checkpoint tensors."""
+
+    def __init__(self, in_features: int, shards: dict[ShardId, RowRange], bias: bool) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.shards = shards
+        local_rows = sum(r.size for r in shards.values())
+        self.weight = attach_loader(
+            nn.Parameter(torch.empty(local_rows, in_features), requires_grad=False),
+            self.load_rows,
+            {k: (r.full_rows, in_features) for k, r in shards.items()},
+        )
+        self.bias = None
+        if bias:
+            self.bias = attach_loader(
+                nn.Parameter(torch.empty(local_rows), requires_grad=False),
+                self.load_rows,
+                {k: (r.full_rows,) for k, r in shards.items()},
+            )
+
+    def load_rows(self, param: nn.Parameter, source: WeightSource, shard_id: ShardId = None) -> None:
+        """Read this rank's rows of shard `shard_id` into their place in `param`."""
+        rows = self.shards[shard_id]
+        index = (slice(rows.start, rows.stop),) + full_index(param.dim() - 1)
+        source.read(index, out=param.data.narrow(0, rows.offset, rows.size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ColumnParallelLinear(_RowSplitLinear):
+    """Y = X A^T + b with A split along its rows (the outputs): A = [A_1; ...; A_p].
+
+    Rank r holds A_r and b_r and computes Y_r = X A_r^T + b_r, its slice of Y's last dimension;
+    nothing is communicated.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallelGroup) -> None:
+        rows = divide(out_features, tp.size, f"Output size of {type(self).__name__}")
+        super().__init__(in_features, {None: RowRange(out_features, tp.rank * rows, (tp.rank + 1) * rows, 0)}, bias)
+
+
+def _stacked(row_counts: dict[ShardId, tuple[int, int, int]]) -> dict[ShardId, RowRange]:
+    """RowRanges for shards given as (full_rows, start, stop), stacked in order."""
+    shards, offset = {}, 0
+    for shard_id, (full_rows, start, stop) in row_counts.items():
+        shards[shard_id] = RowRange(full_rows, start, stop, offset)
+        offset += stop - start
+    return shards
+
+
+class MergedColumnParallelLinear(_RowSplitLinear):
+    """Several column-parallel layers with the same input fused into one (gate_up_proj).
+
+    With A = [G; U] (shards 0 and 1), rank r holds [G_r; U_r]: its slice of each.
+    """
+
+    def __init__(self, in_features: int, out_features: list[int], bias: bool, tp: TensorParallelGroup) -> None:
+        counts = {}
+        for i, size in enumerate(out_features):
+            rows = divide(size, tp.size, f"Output size {i} of {type(self).__name__}")
+            counts[i] = (size, tp.rank * rows, (tp.rank + 1) * rows)
+        super().__init__(in_features, _stacked(counts), bias)
+
+
+class QKVParallelLinear(_RowSplitLinear):
+    """The query, key and value projections fused and split by attention heads.
+
+    Rank r holds query heads [r h_q/p, (r+1) h_q/p). With h_kv >= p key/value heads, it holds
+    heads [r h_kv/p, (r+1) h_kv/p) of each; with fewer (p a multiple of h_kv) it holds the one
+    key/value head r // (p / h_kv), which p / h_kv ranks replicate.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        head_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        bias: bool,
+        tp: TensorParallelGroup,
+    ) -> None:
+        q_heads = divide(num_heads, tp.size, "Total number of attention heads")
+        if num_kv_heads >= tp.size:
+            kv_heads = divide(num_kv_heads, tp.size, "Total number of key/value heads")
+            first_kv = tp.rank * kv_heads
+        else:
+            if tp.size % num_kv_heads:
+                raise ConfigError(
+                    f"Tensor parallel size ({tp.size}) must be divisible by the total number of "
+                    f"key/value heads ({num_kv_heads}) when it exceeds it."
+                )
+            kv_heads, first_kv = 1, tp.rank // (tp.size // num_kv_heads)
+        q_rows, kv_rows = num_heads * head_dim, num_kv_heads * head_dim
+        kv = (kv_rows, first_kv * head_dim, (first_kv + kv_heads) * head_dim)
+        counts = {"q": (q_rows, tp.rank * q_heads * head_dim, (tp.rank + 1) * q_heads * head_dim), "k": kv, "v": kv}
+        super().__init__(hidden_size, _stacked(counts), bias)
+        self.num_heads, self.num_kv_heads, self.head_dim = q_heads, kv_heads, head_dim
+
+    def split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Split this rank's fused output into its q, k and v."""
+        sizes = [self.shards[s].size for s in ("q", "k", "v")]
+        q, k, v = qkv.split(sizes, dim=-1)
+        return q, k, v
+
+
+class RowParallelLinear(nn.Module):
+    """Y = X A^T + b with A split along its columns (the inputs): A = [A_1 ... A_p].
+
+    X arrives split along its last dimension as [X_1 ... X_p] (the output of a column-parallel
+    layer); rank r computes X_r A_r^T, the partial sums are all-reduced and b, held whole by every
+    rank, is added once after the reduction.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallelGroup) -> None:
+        super().__init__()
+        self.tp = tp
+        cols = divide(in_features, tp.size, f"Input size of {type(self).__name__}")
+        self.col_start, self.col_stop = tp.rank * cols, (tp.rank + 1) * cols
+        self.weight = attach_loader(
+            nn.Parameter(torch.empty(out_features, cols), requires_grad=False),
+            self.load_cols,
+            {None: (out_features, in_features)},
+        )
+        self.bias = replicated(nn.Parameter(torch.empty(out_features), requires_grad=False)) if bias else None
+
+    def load_cols(self, param: nn.Parameter, source: WeightSource, shard_id: ShardId = None) -> None:
+        """Read this rank's columns of the checkpoint tensor."""
+        source.read((slice(None), slice(self.col_start, self.col_stop)), out=param.data)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.tp.all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """An embedding table split along the vocabulary.
+
+    The vocabulary V is padded to V' (a multiple of 64, then of p) and rank r holds rows
+    [r V'/p, (r+1) V'/p); rows at or past V are padding and stay zero. A lookup embeds the ids
+    that fall in this rank's range, zeroes the others, and all-reduces: each id is embedded by
+    exactly one rank.
+    """
+
+    def __init__(self, vocab_size: int, embedding_dim: int, tp: TensorParallelGroup) -> None:
+        super().__init__()
+        self.tp = tp
+        self.vocab_size = vocab_size
+        padded = -(-vocab_size // VOCAB_PADDING) * VOCAB_PADDING
+        self.rows_per_rank = -(-padded // tp.size)
+        self.vocab_start = tp.rank * self.rows_per_rank
+        self.vocab_stop = min(self.vocab_start + self.rows_per_rank, vocab_size)
+        self.weight = attach_loader(
+            nn.Parameter(torch.empty(self.rows_per_rank, embedding_dim), requires_grad=False),
+            self.load_vocab_rows,
+            {None: (vocab_size, embedding_dim)},
+        )
+
+    def load_vocab_rows(self, param: nn.Parameter, source: WeightSource, shard_id: ShardId = None) -> None:
+        """Read this rank's vocabulary rows; zero its padding rows."""
+        owned = max(0, self.vocab_stop - self.vocab_start)
+        if owned:
+            source.read((slice(self.vocab_start, self.vocab_stop), slice(None)), out=param.data[:owned])
+        param.data[owned:].zero_()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(input_ids, self.weight)
+        outside = (input_ids < self.vocab_start) | (input_ids >= self.vocab_stop)
+        local = torch.where(outside, 0, input_ids - self.vocab_start)
+        embedded = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0)
+        return self.tp.all_reduce(embedded)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """The output projection, split along the vocabulary like the embedding it may share weights with.
+
+    Rank r computes logits for its vocabulary rows, X W_r^T; rank 0 gathers them and drops the
+    padding columns; the other ranks return None.
+    """
+
+    def tie_to(self, embedding: VocabParallelEmbedding) -> None:
+        """Use the embedding's weight (tie_word_embeddings): loaded once, stored once."""
+        self.weight = embedding.weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        logits = self.tp.gather_last_dim(F.linear(hidden, self.weight))
+        return None if logits is None else logits[..., : self.vocab_size]

@@ -1,0 +1,278 @@
+"""GGUF files: a fast index, the model config in transformers' names, and tensors read by slices.
+
+`gguf.GGUFReader` parses every element of every metadata array into numpy objects (seconds for a
+50k-token vocabulary). Loading needs only the scalars and the tensor table, so the index reads
+those and steps over the arrays; the gguf package supplies the quantization formats and the
+dequantization. A slice dequantizes only the rows, and the quantization blocks of the columns,
+that it covers. Tensor names become Hugging Face's, and llama.cpp's per-head interleaving of
+q/k rows is undone, so the model sees the same tensors as from a safetensors checkpoint.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import struct
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from parallel.errors import ConfigError, WeightLoadError
+from parallel.weights import Index
+from workers.read_stats import ReadStats, matrix_spans, slice_bounds
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+SMALL_ARRAY = 64
+
+
+@dataclass(frozen=True)
+class GGUFTensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    """Torch order (outermost first): the reverse of GGUF's ne[]."""
+    tensor_type: int
+    offset: int
+    """Absolute byte offset of the tensor's data in the file."""
+    n_bytes: int
+    row_bytes: int
+    """Bytes per row of the last dimension (quantization blocks included)."""
+
+
+@dataclass(frozen=True)
+class GGUFIndex:
+    path: str
+    metadata: dict[str, object]
+    """Scalars and small arrays; a large array (the vocabulary) appears as its length."""
+    tensors: dict[str, GGUFTensorInfo]
+
+    def data(self) -> np.memmap:
+        return np.memmap(self.path, dtype=np.uint8, mode="r")
+
+
+class _Cursor:
+    def __init__(self, buf: memoryview) -> None:
+        self.buf, self.pos = buf, 0
+
+    def unpack(self, fmt: str):
+        value = struct.unpack_from(fmt, self.buf, self.pos)[0]
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def string(self) -> str:
+        length = self.unpack("<Q")
+        text = bytes(self.buf[self.pos : self.pos + length]).decode("utf-8", errors="replace")
+        self.pos += length
+        return text
+
+    def value(self, vtype: int):
+        if vtype in _SCALARS:
+            return self.unpack(_SCALARS[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            return self.array()
+        raise ValueError(f"unknown GGUF value type {vtype}")
+
+    def array(self):
+        etype, count = self.unpack("<I"), self.unpack("<Q")
+        if count <= SMALL_ARRAY:
+            return [self.value(etype) for _ in range(count)]
+        if etype in _SCALARS:
+            self.pos += count * struct.calcsize(_SCALARS[etype])
+        else:
+            for _ in range(count):
+                self.value(etype)
+        return count
+
+
+@functools.lru_cache(maxsize=8)
+def _read_index(path: str, size: int, mtime: float) -> GGUFIndex:
+    import gguf
+
+    with open(path, "rb") as f:
+        mapped = np.memmap(f, dtype=np.uint8, mode="r")
+    cur = _Cursor(memoryview(mapped))
+    if bytes(cur.buf[:4]) != b"GGUF":
+        raise WeightLoadError(f"{path} is not a GGUF file (its first bytes are not 'GGUF')")
+    cur.pos = 4
+    version, n_tensors, n_kv = cur.unpack("<I"), cur.unpack("<Q"), cur.unpack("<Q")
+    if version not in (2, 3):
+        raise WeightLoadError(f"{path}: GGUF version {version} is not supported (2 and 3 are, little-endian)")
+    metadata = {}
+    for _ in range(n_kv):
+        key = cur.string()
+        metadata[key] = cur.value(cur.unpack("<I"))
+    infos = []
+    for _ in range(n_tensors):
+        name = cur.string()
+        dims = [cur.unpack("<Q") for _ in range(cur.unpack("<I"))]
+        infos.append((name, dims, cur.unpack("<I"), cur.unpack("<Q")))
+    alignment = int(metadata.get("general.alignment", 32))
+    data_start = -(-cur.pos // alignment) * alignment
+    tensors = {}
+    for name, dims, ttype, offset in infos:
+        block, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
+        row_bytes = dims[0] // block * block_bytes
+        n_bytes = row_bytes * int(np.prod(dims[1:], dtype=np.int64))
+        tensors[name] = GGUFTensorInfo(name, tuple(reversed(dims)), ttype, data_start + offset, n_bytes, row_bytes)
+    return GGUFIndex(path, metadata, tensors)
+
+
+def read_gguf_index(path: str) -> GGUFIndex:
+    """The file's index; parsed once per process while the file is unchanged."""
+    stat = os.stat(path)
+    return _read_index(os.path.abspath(path), stat.st_size, stat.st_mtime)
+
+
+GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+PERMUTED_ROTARY_ARCHS = ("llama", "mistral")
+"""Architectures whose q/k rows llama.cpp's converter interleaves for its rotary layout."""
+
+_CONFIG_KEYS = {
+    "context_length": "max_position_embeddings",
+    "block_count": "num_hidden_layers",
+    "feed_forward_length": "intermediate_size",
+    "embedding_length": "hidden_size",
+    "attention.head_count": "num_attention_heads",
+    "attention.head_count_kv": "num_key_value_heads",
+    "attention.key_length": "head_dim",
+    "attention.layer_norm_rms_epsilon": "rms_norm_eps",
+    "attention.sliding_window": "sliding_window",
+    "rope.freq_base": "rope_theta",
+    "vocab_size": "vocab_size",
+}
+
+
+def gguf_model_config(index: GGUFIndex) -> dict[str, object]:
+    """The model's config in transformers' names, from the GGUF metadata."""
+    arch = str(index.metadata.get("general.architecture", ""))
+    where = index.path
+    if arch not in GGUF_ARCHITECTURES:
+        raise ConfigError(
+            f"{where}: GGUF architecture {arch!r} is not supported; supported: {', '.join(GGUF_ARCHITECTURES)}"
+        )
+    config: dict[str, object] = {"architectures": [GGUF_ARCHITECTURES[arch]], "model_type": arch, "hidden_act": "silu"}
+    for key, name in _CONFIG_KEYS.items():
+        if f"{arch}.{key}" in index.metadata:
+            config[name] = index.metadata[f"{arch}.{key}"]
+    config.setdefault("vocab_size", index.metadata.get("tokenizer.ggml.tokens"))
+    config["tie_word_embeddings"] = "output.weight" not in index.tensors
+    config["use_sliding_window"] = "sliding_window" in config
+    scaling = str(index.metadata.get(f"{arch}.rope.scaling.type", "none"))
+    if scaling == "linear":
+        config["rope_scaling"] = {"rope_type": "linear", "factor": index.metadata[f"{arch}.rope.scaling.factor"]}
+    elif scaling != "none" or "rope_freqs.weight" in index.tensors:
+        raise ConfigError(
+            f"{where}: rope scaling {scaling if scaling != 'none' else 'by rope_freqs'} in a GGUF file is not "
+            "supported yet; load the model's safetensors checkpoint instead"
+        )
+    return config
+
+
+def permuted_rotary_heads(index: GGUFIndex) -> dict[str, int]:
+    """Name suffix -> head count for the q/k weights whose rows llama.cpp interleaved ({} if none)."""
+    arch = str(index.metadata.get("general.architecture", ""))
+    if arch not in PERMUTED_ROTARY_ARCHS:
+        return {}
+    heads = int(index.metadata[f"{arch}.attention.head_count"])
+    kv_heads = int(index.metadata.get(f"{arch}.attention.head_count_kv", heads))
+    return {"self_attn.q_proj.weight": heads, "self_attn.k_proj.weight": kv_heads}
+
+
+_GGUF_NAMES = [
+    (re.compile(r"^token_embd\.(weight|bias)$"), r"model.embed_tokens.\1"),
+    (re.compile(r"^output_norm\.(weight|bias)$"), r"model.norm.\1"),
+    (re.compile(r"^output\.(weight|bias)$"), r"lm_head.\1"),
+    (re.compile(r"^rope_freqs\.weight$"), r"rope_freqs.weight"),
+]
+_GGUF_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GGUF_BLOCK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+
+def gguf_to_hf_name(name: str) -> str:
+    """A llama.cpp tensor name in Hugging Face's convention (unknown names are kept as they are)."""
+    for pattern, replacement in _GGUF_NAMES:
+        if pattern.match(name):
+            return pattern.sub(replacement, name)
+    match = _GGUF_BLOCK.match(name)
+    if match and match.group(2) in _GGUF_BLOCK_NAMES:
+        layer, part, kind = match.groups()
+        return f"model.layers.{layer}.{_GGUF_BLOCK_NAMES[part]}.{kind}"
+    return name
+
+
+@dataclass
+class GGUFSource:
+    """A GGUF tensor. `rotary_heads` is set for q/k weights that llama.cpp permuted per head."""
+
+    name: str
+    file: str
+    shape: tuple[int, ...]
+    _info: GGUFTensorInfo
+    _data: np.ndarray
+    _stats: ReadStats
+    rotary_heads: int | None = None
+
+    def read(self, index: Index, out: torch.Tensor | None = None) -> torch.Tensor:
+        values = self._read(slice_bounds(index, self.shape))
+        return values if out is None else out.copy_(values)
+
+    def _read(self, bounds: list[tuple[int, int]]) -> torch.Tensor:
+        if self.rotary_heads is None:
+            return self._read_plain(bounds)
+        head_rows = self.shape[0] // self.rotary_heads
+        (r0, r1), cols = bounds[0], bounds[1:]
+        h0, h1 = r0 // head_rows * head_rows, -(-r1 // head_rows) * head_rows
+        permuted = self._read_plain([(h0, h1), *cols])
+        return _unpermute_rotary(permuted, head_rows)[r0 - h0 : r1 - h0]
+
+    def _read_plain(self, bounds: list[tuple[int, int]]) -> torch.Tensor:
+        """Read rows [r0, r1) and the quantization blocks covering columns [c0, c1), then dequantize."""
+        import gguf
+
+        info, qtype = self._info, gguf.GGMLQuantizationType(self._info.tensor_type)
+        rows, cols = ((0, 1), bounds[0]) if len(self.shape) == 1 else (bounds[0], bounds[1])
+        block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+        b0, b1 = cols[0] // block, -(-cols[1] // block)
+        byte_cols = (b0 * block_bytes, b1 * block_bytes)
+        start, stop = info.offset + rows[0] * info.row_bytes, info.offset + rows[1] * info.row_bytes
+        raw = np.array(self._data[start:stop].reshape(rows[1] - rows[0], info.row_bytes)[:, byte_cols[0] : byte_cols[1]])
+        self._stats.record(self.file, self.name, matrix_spans(info.offset, rows, info.row_bytes, byte_cols))
+        values = gguf.quants.dequantize(raw, qtype)[:, cols[0] - b0 * block : cols[1] - b0 * block]
+        out = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+        return out.reshape(-1) if len(self.shape) == 1 else out
+
+
+def _unpermute_rotary(w: torch.Tensor, head_rows: int) -> torch.Tensor:
+    """Undo llama.cpp's per-head row interleaving of q/k weights.
+
+    llama.cpp stores the two rotary halves of each head interleaved (row 2j + t holds Hugging
+    Face's row t * head_rows/2 + j); this puts them back in halves.
+    """
+    heads = w.shape[0] // head_rows
+    return w.reshape(heads, head_rows // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def iter_gguf(path: str, stats: ReadStats) -> Iterator[GGUFSource]:
+    """Every tensor of a GGUF file, under its Hugging Face name."""
+    index = read_gguf_index(path)
+    data = index.data()
+    rotary_heads = permuted_rotary_heads(index)
+    for info in index.tensors.values():
+        name = gguf_to_hf_name(info.name)
+        heads = next((h for suffix, h in rotary_heads.items() if name.endswith(suffix)), None)
+        yield GGUFSource(name, path, info.shape, info, data, stats, heads)

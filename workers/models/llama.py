@@ -1,0 +1,121 @@
+"""The Llama-family decoder (Llama, Mistral, Qwen2), tensor-parallel.
+
+One class serves the three families: they differ only in which projections carry a bias, which
+`ModelArch` records. Per layer, attention and MLP each take one column-parallel layer in and one
+row-parallel layer out, so each costs one all-reduce.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from parallel.layers import (
+    MergedColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    divide,
+)
+from parallel.state import TensorParallelGroup
+from workers.config import ModelArch
+from workers.models.layers import AttentionMetadata, RMSNorm, RotaryEmbedding, causal_attention
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, arch: ModelArch, tp: TensorParallelGroup, rotary_emb: RotaryEmbedding) -> None:
+        super().__init__()
+        self.qkv_proj = QKVParallelLinear(
+            arch.hidden_size, arch.head_dim, arch.num_heads, arch.num_kv_heads, arch.qkv_bias, tp
+        )
+        self.o_proj = RowParallelLinear(arch.num_heads * arch.head_dim, arch.hidden_size, arch.o_bias, tp)
+        self.rotary_emb = rotary_emb
+        self.scale = arch.head_dim**-0.5
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        tokens, d = hidden.shape[0], self.qkv_proj.head_dim
+        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
+        q, k = self.rotary_emb(positions, q.view(tokens, -1, d), k.view(tokens, -1, d))
+        out = causal_attention(q, k, v.view(tokens, -1, d), meta, self.scale)
+        return self.o_proj(out.reshape(tokens, -1))
+
+
+class LlamaMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)), with gate and up fused into one column-parallel layer."""
+
+    def __init__(self, arch: ModelArch, tp: TensorParallelGroup) -> None:
+        super().__init__()
+        size = arch.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(arch.hidden_size, [size, size], arch.mlp_bias, tp)
+        self.down_proj = RowParallelLinear(size, arch.hidden_size, arch.mlp_bias, tp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(nn.functional.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, arch: ModelArch, tp: TensorParallelGroup, rotary_emb: RotaryEmbedding) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.self_attn = LlamaAttention(arch, tp, rotary_emb)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.mlp = LlamaMLP(arch, tp)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), meta)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, arch: ModelArch, tp: TensorParallelGroup, max_positions: int) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, tp)
+        rotary_emb = RotaryEmbedding(arch.head_dim, arch.rope_theta, arch.rope_scaling, max_positions)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, tp, rotary_emb) for _ in range(arch.num_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            hidden = layer(positions, hidden, meta)
+        return self.norm(hidden)
+
+
+class LlamaForCausalLM(nn.Module):
+    """A Llama-family causal LM over a flat batch of tokens: [T] ids and positions -> [T, hidden]."""
+
+    packed_modules_mapping = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+    """Checkpoint module name -> (fused module name, shard id)."""
+
+    def __init__(self, arch: ModelArch, tp: TensorParallelGroup, max_positions: int) -> None:
+        super().__init__()
+        divide(arch.num_heads, tp.size, "Total number of attention heads")
+        self.arch = arch
+        self.model = LlamaModel(arch, tp, max_positions)
+        self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, tp)
+        if arch.tie_word_embeddings:
+            self.lm_head.tie_to(self.model.embed_tokens)
+
+    def ignored_checkpoint_tensors(self) -> list[re.Pattern]:
+        """Checkpoint tensors that are known extras: read by nobody, and no error."""
+        extras = [re.compile(r"rotary_emb\.inv_freq$"), re.compile(r"^rope_freqs\.weight$")]
+        if self.arch.tie_word_embeddings:
+            extras.append(re.compile(r"^lm_head\.weight$"))
+        return extras
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        return self.model(input_ids, positions, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Logits over the whole vocabulary on rank 0; None on the other ranks."""
+        return self.lm_head(hidden)
