@@ -6,10 +6,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import json
 from dataclasses import dataclass, fields
-from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -22,22 +19,15 @@ from workers.config import (
     ModelArch,
     ModelConfig,
     ParallelConfig,
-    RopeScaling,
     SchedulerConfig,
 )
-from workers.gguf_file import gguf_model_config, read_gguf_index
+from driver.model_config import checkpoint_dtype, load_hf_config, model_arch, resolve_dtype, resolve_max_model_len
 from workers.model_files import LOAD_FORMATS, ModelFiles, find_model
-from workers.models import pick_architecture
-from workers.models.layers import SUPPORTED_ROPE_TYPES
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TOKENIZER_MODES = ("auto", "slow")
 DEVICES = ("auto", "cuda", "cpu")
 BLOCK_SIZES = (8, 16, 32, 64, 128)
-MAX_LEN_KEYS = (
-    "max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
-    "max_sequence_length", "max_seq_length", "seq_len",
-)
 
 
 def _suggest_unknown_keywords(cls: type) -> type:
@@ -123,7 +113,7 @@ class EngineArgs:
         self._validate()
         device = resolve_device(self.device)
         files = find_model(self.model, self.revision, self.download_dir, self.load_format)
-        hf_config = load_hf_config(files, self.trust_remote_code)
+        hf_config = load_hf_config(files)
         arch = model_arch(hf_config, files)
         dtype = resolve_dtype(self.dtype, checkpoint_dtype(hf_config), device)
         max_model_len = resolve_max_model_len(hf_config, arch, self.max_model_len)
@@ -203,127 +193,3 @@ def resolve_device(device: str) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device='cuda' was asked for, but torch sees no CUDA device; use device='cpu' or 'auto'")
     return device
-
-
-def load_hf_config(files: ModelFiles, trust_remote_code: bool) -> Any:
-    """The model's config (transformers' names as attributes); a `ConfigError` naming the
-    architectures when unsupported. A GGUF model's comes from the file's metadata."""
-    from transformers import AutoConfig
-
-    if files.gguf_file is not None:
-        return SimpleNamespace(**gguf_model_config(read_gguf_index(str(Path(files.folder) / files.gguf_file))))
-    _check_architectures(Path(files.folder) / "config.json")
-    try:
-        return AutoConfig.from_pretrained(files.folder, trust_remote_code=trust_remote_code)
-    except Exception as exc:
-        where = Path(files.folder) / (files.gguf_file or "config.json")
-        raise ConfigError(f"cannot read the model's config from {where}: {type(exc).__name__}: {exc}") from exc
-
-
-def _check_architectures(path: Path) -> None:
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
-    pick_architecture(raw.get("architectures"), str(path))
-
-
-def model_arch(cfg: Any, files: ModelFiles) -> ModelArch:
-    """The decoder's shape from a transformers config (v4 and v5 spellings both)."""
-    where = str(Path(files.folder) / (files.gguf_file or "config.json"))
-    architecture = pick_architecture(getattr(cfg, "architectures", None), where)
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        raise ConfigError(f"{where}: hidden_act={cfg.hidden_act!r}; shardlm's Llama-family models use 'silu'")
-    heads = cfg.num_attention_heads
-    attention_bias = bool(getattr(cfg, "attention_bias", False))
-    theta, scaling = rope_settings(cfg, where)
-    return ModelArch(
-        architecture=architecture,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_layers=cfg.num_hidden_layers,
-        num_heads=heads,
-        num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
-        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
-        vocab_size=cfg.vocab_size,
-        rms_norm_eps=float(cfg.rms_norm_eps),
-        rope_theta=theta,
-        rope_scaling=scaling,
-        max_position_embeddings=cfg.max_position_embeddings,
-        tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
-        qkv_bias=architecture == "Qwen2ForCausalLM" or attention_bias,
-        o_bias=architecture == "LlamaForCausalLM" and attention_bias,
-        mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
-    )
-
-
-def rope_settings(cfg: Any, where: str) -> tuple[float, RopeScaling]:
-    """(rope_theta, scaling) from `rope_parameters` (transformers 5) or `rope_theta`/`rope_scaling` (4)."""
-    params = dict(getattr(cfg, "rope_parameters", None) or {})
-    params.update(getattr(cfg, "rope_scaling", None) or {})
-    theta = float(params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ConfigError(f"{where}: rope scaling {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
-    known = {f: params[f] for f in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings") if f in params}
-    return theta, RopeScaling(rope_type=rope_type, **known)
-
-
-def checkpoint_dtype(cfg: Any) -> str | None:
-    """The checkpoint's dtype: `dtype` in transformers 5, `torch_dtype` before."""
-    attrs = vars(cfg)
-    value = attrs.get("dtype") or attrs.get("torch_dtype")
-    if isinstance(value, torch.dtype):
-        return str(value).removeprefix("torch.")
-    return value if isinstance(value, str) else None
-
-
-def resolve_dtype(requested: str, checkpoint: str | None, device: str) -> str:
-    """The compute dtype: see `EngineArgs.dtype`."""
-    capability = torch.cuda.get_device_capability() if device == "cuda" else None
-    if requested != "auto":
-        if requested == "bfloat16" and capability is not None and capability < (8, 0):
-            raise ConfigError(
-                f"dtype='bfloat16' needs compute capability 8.0 or newer; this GPU has "
-                f"{capability[0]}.{capability[1]}: use dtype='float16'"
-            )
-        return requested
-    if device == "cpu":
-        return "float32"
-    if checkpoint in ("bfloat16", "float16"):
-        return "float16" if checkpoint == "bfloat16" and capability < (8, 0) else checkpoint
-    return "bfloat16" if capability >= (8, 0) else "float16"
-
-
-def sliding_window(cfg: Any, architecture: str) -> int | None:
-    """The attention window that applies to every layer, if any (Mistral; Qwen2 with use_sliding_window)."""
-    window = getattr(cfg, "sliding_window", None)
-    if architecture == "Qwen2ForCausalLM" and not getattr(cfg, "use_sliding_window", False):
-        return None
-    return window if architecture != "LlamaForCausalLM" else None
-
-
-def derived_max_model_len(cfg: Any, arch: ModelArch) -> int:
-    """The longest sequence the config allows: its position limits, stretched by rope scaling and
-    capped by a sliding window (attention is computed over the whole sequence, so a longer one
-    would not match the model)."""
-    limits = [getattr(cfg, key) for key in MAX_LEN_KEYS if isinstance(getattr(cfg, key, None), int)]
-    derived = min(limits) if limits else 2048
-    scaling = arch.rope_scaling
-    if scaling.rope_type == "linear":
-        derived = int(derived * scaling.factor)
-    window = sliding_window(cfg, arch.architecture)
-    return min(derived, window) if window else derived
-
-
-def resolve_max_model_len(cfg: Any, arch: ModelArch, requested: int | None) -> int:
-    derived = derived_max_model_len(cfg, arch)
-    if requested is None:
-        return derived
-    if requested > derived:
-        raise ConfigError(
-            f"max_model_len={requested} is larger than the model allows ({derived}, from its config's "
-            "max_position_embeddings, rope scaling and sliding window); use max_model_len <= "
-            f"{derived}"
-        )
-    return requested

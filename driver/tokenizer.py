@@ -14,6 +14,7 @@ from parallel.errors import ConfigError, ModelNotFound
 from workers.config import ModelConfig
 
 logger = logging.getLogger(__name__)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "*.tiktoken")
 
 
 def cache_dir() -> Path:
@@ -34,6 +35,12 @@ def load_tokenizer(model: ModelConfig) -> Any:
     }
     if model.tokenizer == model.path and model.gguf_file:
         return _gguf_tokenizer(Path(model.path) / model.gguf_file, kwargs)
+    folder = Path(model.tokenizer).expanduser()
+    if folder.is_dir() and not any(any(folder.glob(pattern)) for pattern in TOKENIZER_FILES):
+        raise ModelNotFound(
+            f"no tokenizer found at {model.tokenizer!r}: the folder has none of {', '.join(TOKENIZER_FILES)}; "
+            "pass tokenizer=<folder or repo id>"
+        )
     try:
         return AutoTokenizer.from_pretrained(model.tokenizer, **kwargs)
     except Exception as exc:

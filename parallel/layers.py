@@ -181,8 +181,9 @@ class RowParallelLinear(nn.Module):
 class VocabParallelEmbedding(nn.Module):
     """An embedding table split along the vocabulary.
 
-    The vocabulary V is padded to V' (a multiple of 64, then of p) and rank r holds rows
-    [r V'/p, (r+1) V'/p); rows at or past V are padding and stay zero. A lookup embeds the ids
+    The vocabulary V is padded to V' = p * 64 * ceil(V / 64p), so that each rank's share is a
+    multiple of 64, and rank r holds rows [r V'/p, (r+1) V'/p); rows at or past V are padding and
+    stay zero. A lookup embeds the ids
     that fall in this rank's range, zeroes the others, and all-reduces: each id is embedded by
     exactly one rank.
     """
@@ -191,8 +192,7 @@ class VocabParallelEmbedding(nn.Module):
         super().__init__()
         self.tp = tp
         self.vocab_size = vocab_size
-        padded = -(-vocab_size // VOCAB_PADDING) * VOCAB_PADDING
-        self.rows_per_rank = -(-padded // tp.size)
+        self.rows_per_rank = -(-vocab_size // (VOCAB_PADDING * tp.size)) * VOCAB_PADDING
         self.vocab_start = tp.rank * self.rows_per_rank
         self.vocab_stop = min(self.vocab_start + self.rows_per_rank, vocab_size)
         self.weight = attach_loader(

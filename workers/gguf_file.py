@@ -128,7 +128,7 @@ def read_gguf_index(path: str) -> GGUFIndex:
     return _read_index(os.path.abspath(path), stat.st_size, stat.st_mtime)
 
 
-GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2")
 PERMUTED_ROTARY_ARCHS = ("llama", "mistral")
 """Architectures whose q/k rows llama.cpp's converter interleaves for its rotary layout."""
 
@@ -155,7 +155,7 @@ def gguf_model_config(index: GGUFIndex) -> dict[str, object]:
         raise ConfigError(
             f"{where}: GGUF architecture {arch!r} is not supported; supported: {', '.join(GGUF_ARCHITECTURES)}"
         )
-    config: dict[str, object] = {"architectures": [GGUF_ARCHITECTURES[arch]], "model_type": arch, "hidden_act": "silu"}
+    config: dict[str, object] = {"model_type": arch, "hidden_act": "silu"}
     for key, name in _CONFIG_KEYS.items():
         if f"{arch}.{key}" in index.metadata:
             config[name] = index.metadata[f"{arch}.{key}"]

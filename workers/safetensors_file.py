@@ -58,13 +58,23 @@ def _pread_into(fd: int, buffer: memoryview, offset: int, path: str) -> None:
         done += n
 
 
+class _OpenFile:
+    """A read-only file descriptor, closed when the last tensor source holding it is dropped."""
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def __del__(self) -> None:
+        os.close(self.fd)
+
+
 @dataclass
 class SafetensorsSource:
     name: str
     file: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-    _fd: int
+    _handle: _OpenFile
     _base: int
     _stats: ReadStats
 
@@ -79,7 +89,7 @@ class SafetensorsSource:
             raise ValueError(f"cannot read a {shape} slice of {self.name} into a {tuple(target.shape)} tensor")
         view, done = _byte_view(target.reshape(-1)), 0
         for start, stop in spans:
-            _pread_into(self._fd, view[done : done + stop - start], start, self.file)
+            _pread_into(self._handle.fd, view[done : done + stop - start], start, self.file)
             done += stop - start
         if out is not None and not direct:
             return out.copy_(target)
@@ -87,18 +97,14 @@ class SafetensorsSource:
 
 
 def iter_safetensors(path: str, stats: ReadStats) -> Iterator[SafetensorsSource]:
-    """Every tensor of one safetensors file; the file stays open while the caller iterates."""
+    """Every tensor of one safetensors file; the file stays open while any of them is referenced."""
     data_start, header = read_header(path)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        for name, meta in header.items():
-            if meta["dtype"] not in DTYPES:
-                raise WeightLoadError(f"tensor {name!r} in {path} has dtype {meta['dtype']}, which shardlm cannot load")
-            yield SafetensorsSource(
-                name, path, tuple(meta["shape"]), DTYPES[meta["dtype"]], fd, data_start + meta["data_offsets"][0], stats
-            )
-    finally:
-        os.close(fd)
+    handle = _OpenFile(path)
+    for name, meta in header.items():
+        if meta["dtype"] not in DTYPES:
+            raise WeightLoadError(f"tensor {name!r} in {path} has dtype {meta['dtype']}, which shardlm cannot load")
+        offset = data_start + meta["data_offsets"][0]
+        yield SafetensorsSource(name, path, tuple(meta["shape"]), DTYPES[meta["dtype"]], handle, offset, stats)
 
 
 def tensor_bytes(path: str) -> int:

@@ -18,13 +18,21 @@ def supported_architectures() -> list[str]:
     return sorted(MODEL_REGISTRY)
 
 
-def pick_architecture(architectures: list[str] | None, where: str) -> str:
-    """The first of a config's `architectures` that shardlm runs, or a `ConfigError` listing those it does."""
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+"""A config's `model_type` -> the architecture it implies, for configs that name none."""
+
+
+def pick_architecture(architectures: list[str] | None, where: str, model_type: str | None = None) -> str:
+    """The first of a config's `architectures` that shardlm runs (or, when it names none, the one its
+    `model_type` implies); else a `ConfigError` listing those shardlm supports."""
+    if not architectures and model_type in MODEL_TYPES:
+        return MODEL_TYPES[model_type]
     for name in architectures or []:
         if name in MODEL_REGISTRY:
             return name
     raise ConfigError(
-        f"the model's config ({where}) names architectures {architectures or []}, none of which "
+        f"the model's config ({where}) names architectures {architectures or []} (model_type "
+        f"{model_type!r}), none of which "
         f"shardlm supports; supported: {', '.join(supported_architectures())}"
     )
 

@@ -1,0 +1,52 @@
+"""Shared fixtures: checkpoints written by the tests, the real SmolLM2 model and its reference."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+from tests.helpers import convert_gguf_to_safetensors, hf_model, write_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shardlm_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Keep shardlm's cache (converted GGUF tokenizers) out of the user's home."""
+    path = tmp_path_factory.mktemp("shardlm-cache")
+    os.environ["SHARDLM_CACHE_DIR"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], tuple[Path, Any]]:
+    """(family, format) -> (checkpoint folder, the transformers model it holds); each made once."""
+    made: dict[tuple[str, str], tuple[Path, Any]] = {}
+
+    def make(family: str, fmt: str = "safetensors") -> tuple[Path, Any]:
+        if (family, fmt) not in made:
+            model = hf_model(family)
+            folder = write_checkpoint(model, tmp_path_factory.mktemp(f"{family}-{fmt}"), fmt)
+            made[family, fmt] = (folder, model)
+        return made[family, fmt]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    from workers.model_files import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    """(safetensors folder converted from the GGUF file, transformers' float32 model of the GGUF file)."""
+    folder = tmp_path_factory.mktemp("smollm2-safetensors")
+    hf = convert_gguf_to_safetensors(smollm2_gguf, folder)
+    return folder, hf

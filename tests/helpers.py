@@ -1,0 +1,130 @@
+"""Checkpoints the tests write themselves with transformers, and transformers references."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=300,
+    max_position_embeddings=256,
+)
+"""A tiny decoder: GQA (4 query heads, 2 kv heads), a vocabulary that is not a multiple of 64."""
+
+FAMILIES: dict[str, dict[str, Any]] = {
+    "llama": dict(arch="llama", tie_word_embeddings=False),
+    "llama_tied": dict(arch="llama", tie_word_embeddings=True),
+    "llama_bias": dict(arch="llama", attention_bias=True, mlp_bias=True),
+    "llama3_rope": dict(
+        arch="llama",
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=32),
+    ),
+    "llama_linear_rope": dict(arch="llama", rope_scaling=dict(rope_type="linear", factor=2.0)),
+    "mistral": dict(arch="mistral", sliding_window=4096),
+    "qwen2": dict(arch="qwen2", tie_word_embeddings=True),
+    "qwen2_untied": dict(arch="qwen2", tie_word_embeddings=False),
+}
+FORMATS = ("safetensors", "sharded", "bin", "sharded_bin")
+
+
+def hf_config(family: str) -> Any:
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    spec = dict(FAMILIES[family])
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[spec.pop("arch")]
+    rope = spec.pop("rope_scaling", None)
+    config = cls(**TINY, **spec)
+    if rope is not None:
+        theta = 10000.0
+        if hasattr(config, "rope_parameters"):
+            config.rope_parameters = {"rope_theta": theta, **rope}
+        else:
+            config.rope_scaling, config.rope_theta = rope, theta
+    return config
+
+
+def hf_model(family: str, seed: int = 0) -> Any:
+    """A randomly initialised transformers model, float32, eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hf_config(family), dtype=torch.float32)
+    with torch.no_grad():  # norms start at 1 in transformers: make them informative
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("bias"):
+                param.uniform_(0.5, 1.5) if "norm" in name else param.uniform_(-0.1, 0.1)
+    return model.eval()
+
+
+def write_checkpoint(model: Any, folder: Path, fmt: str) -> Path:
+    """Save `model` as one safetensors file, sharded safetensors with an index, or .bin (one or sharded)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if fmt in ("safetensors", "sharded"):
+        model.save_pretrained(folder, max_shard_size="60KB" if fmt == "sharded" else "10GB")
+        return folder
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(folder)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    if fmt == "bin":
+        torch.save(state, folder / "pytorch_model.bin")
+        return folder
+    names = sorted(state)
+    halves = [names[: len(names) // 2], names[len(names) // 2 :]]
+    weight_map = {}
+    for i, part in enumerate(halves):
+        file = f"pytorch_model-0000{i + 1}-of-00002.bin"
+        torch.save({k: state[k] for k in part}, folder / file)
+        weight_map.update({k: file for k in part})
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+def reference_logits(model: Any, prompts: list[list[int]]) -> list[torch.Tensor]:
+    """transformers' logits for each prompt alone."""
+    with torch.no_grad():
+        return [model(torch.tensor([p])).logits[0].float() for p in prompts]
+
+
+def convert_gguf_to_safetensors(gguf_path: Path, folder: Path) -> Any:
+    """Read a GGUF model with transformers (dequantized, float32) and save it as a safetensors
+    folder with its tokenizer; returns the transformers model, the reference."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32).eval()
+    plain_config = type(hf.config).from_dict({k: v for k, v in hf.config.to_dict().items() if k != "quantization_config"})
+    plain_config.architectures = [type(hf).__name__]
+    with torch.device("meta"):
+        plain = type(hf)(plain_config)
+    plain.load_state_dict(hf.state_dict(), assign=True)
+    plain.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name).save_pretrained(folder)
+    return hf
+
+
+def make_hub_cache(cache: Path, repo_id: str, source: Path, revision: str = "0123456789abcdef0123456789abcdef01234567", ref: str = "main") -> Path:
+    """Lay `source`'s files out as huggingface_hub's cache does: blobs, snapshots/<rev>, refs/<ref>."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (repo / "blobs").mkdir(exist_ok=True)
+    for file in source.iterdir():
+        blob = repo / "blobs" / f"{file.name}.blob"
+        blob.write_bytes(file.read_bytes())
+        link = snapshot / file.name
+        if not link.exists():
+            os.symlink(os.path.relpath(blob, snapshot), link)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / ref).write_text(revision)
+    return snapshot
