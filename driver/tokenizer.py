@@ -26,8 +26,11 @@ def cache_dir() -> Path:
 
 def load_tokenizer(model: ModelConfig) -> Any:
     """The model's tokenizer: from its folder, the `tokenizer` argument, or the GGUF file itself."""
+    import transformers
     from transformers import AutoTokenizer
 
+    if model.tokenizer_mode == "slow" and int(transformers.__version__.split(".")[0]) >= 5:
+        logger.warning("tokenizer_mode='slow' has no effect with transformers 5, which keeps only fast tokenizers")
     kwargs: dict[str, Any] = {
         "revision": model.tokenizer_revision,
         "trust_remote_code": model.trust_remote_code,

