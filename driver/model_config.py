@@ -108,9 +108,9 @@ def checkpoint_dtype(cfg: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def resolve_dtype(requested: str, checkpoint: str | None, device: str) -> str:
-    """The compute dtype: see `EngineArgs.dtype`."""
-    capability = torch.cuda.get_device_capability() if device == "cuda" else None
+def resolve_dtype(requested: str, checkpoint: str | None, device: str, capability: tuple[int, int] | None = None) -> str:
+    """The compute dtype: see `EngineArgs.dtype`. `capability`: the GPUs' compute capability (CUDA)."""
+    capability = tuple(capability) if capability is not None else None
     if requested != "auto":
         if requested == "bfloat16" and capability is not None and capability < (8, 0):
             raise ConfigError(

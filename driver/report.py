@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
+from workers.kv_cache import MemoryProfile
 from workers.loader import WeightLoadReport
 
 GIB = 2**30
@@ -11,11 +12,23 @@ MIB = 2**20
 
 
 class LoadReport(msgspec.Struct, kw_only=True):
-    """Seconds per phase of an engine start, in order, and every rank's weight-load report."""
+    """Seconds per phase of an engine start, in order, and what each rank read and holds."""
 
     model: str
     phases: dict[str, float]
     ranks: list[WeightLoadReport]
+    memory: list[MemoryProfile] = []
+    """Each rank's memory profile (empty when no KV cache was sized)."""
+    num_blocks: int = 0
+    """KV-cache blocks every rank allocated."""
+    block_size: int = 0
+    kv_cache_bytes: list[int] = []
+    """Bytes each rank's KV pool takes."""
+
+    @property
+    def token_capacity(self) -> int:
+        """Tokens the KV pool holds (per rank: each holds its heads of every token)."""
+        return self.num_blocks * self.block_size
 
     def to_json(self) -> bytes:
         return msgspec.json.encode(self)
@@ -25,13 +38,22 @@ class LoadReport(msgspec.Struct, kw_only=True):
         lines = [f"engine start: {self.model}"]
         lines += [f"  {name:<12} {seconds:8.2f} s" for name, seconds in self.phases.items()]
         lines.append(f"  {'total':<12} {sum(self.phases.values()):8.2f} s")
-        header = f"  {'rank':>4} {'format':>11} {'read MiB':>9} {'pages':>8} {'GB/s':>6} {'peak host MiB':>14} {'weights MiB':>12}"
+        header = (
+            f"  {'rank':>4} {'format':>11} {'read MiB':>9} {'pages':>8} {'GB/s':>6} {'peak host MiB':>14} "
+            f"{'weights MiB':>12} {'KV MiB':>8}"
+        )
         lines.append(header)
-        for r in self.ranks:
+        for i, r in enumerate(self.ranks):
+            kv = self.kv_cache_bytes[i] / MIB if i < len(self.kv_cache_bytes) else 0.0
             lines.append(
                 f"  {r.rank:>4} {r.load_format:>11} {r.bytes_read / MIB:>9.1f} {r.pages_touched:>8} "
-                f"{r.gb_per_s:>6.2f} {r.peak_host_bytes / MIB:>14.0f} {r.weight_device_bytes / MIB:>12.1f}"
+                f"{r.gb_per_s:>6.2f} {r.peak_host_bytes / MIB:>14.0f} {r.weight_device_bytes / MIB:>12.1f} {kv:>8.1f}"
             )
         if self.ranks:
             lines.append(f"  checkpoint: {self.ranks[0].checkpoint_bytes / MIB:.1f} MiB of tensors")
+        if self.num_blocks:
+            lines.append(
+                f"  KV cache: {self.num_blocks} blocks of {self.block_size} tokens per rank = "
+                f"{self.token_capacity} tokens"
+            )
         return "\n".join(lines)

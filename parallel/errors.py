@@ -30,3 +30,7 @@ class InsufficientMemory(ShardLMError, MemoryError):
 
 class EngineDeadError(ShardLMError, RuntimeError):
     """A worker died; the engine cannot go on and every request in flight gets this error."""
+
+
+class ClusterError(ShardLMError, RuntimeError):
+    """The Ray cluster cannot give the engine what it needs (resources, a reachable node)."""

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from parallel.errors import ConfigError
-from parallel.state import TensorParallelGroup
+from parallel.state import TensorParallelGroup, split_evenly
 from parallel.weights import ShardId, WeightSource, attach_loader, full_index, replicated
 
 VOCAB_PADDING = 64
@@ -160,6 +160,7 @@ class RowParallelLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallelGroup) -> None:
         super().__init__()
         self.tp = tp
+        self.in_features = in_features
         cols = divide(in_features, tp.size, f"Input size of {type(self).__name__}")
         self.col_start, self.col_stop = tp.rank * cols, (tp.rank + 1) * cols
         self.weight = attach_loader(
@@ -170,8 +171,16 @@ class RowParallelLinear(nn.Module):
         self.bias = replicated(nn.Parameter(torch.empty(out_features), requires_grad=False)) if bias else None
 
     def load_cols(self, param: nn.Parameter, source: WeightSource, shard_id: ShardId = None) -> None:
-        """Read this rank's columns of the checkpoint tensor."""
-        source.read((slice(None), slice(self.col_start, self.col_stop)), out=param.data)
+        """This rank's columns of the checkpoint tensor, read as a block of whole rows and
+        exchanged with the other ranks (see `TensorParallelGroup.rows_to_columns`); a rank without
+        a process group reads its columns directly."""
+        if self.tp.size == 1 or self.tp.group is None:
+            source.read((slice(None), slice(self.col_start, self.col_stop)), out=param.data)
+            return
+        start, stop = split_evenly(param.shape[0], self.tp.size)[self.tp.rank]
+        block = torch.empty(stop - start, self.in_features, dtype=param.dtype, device=param.device)
+        source.read((slice(start, stop), slice(None)), out=block)
+        param.data.copy_(self.tp.rows_to_columns(block, param.shape[0]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.tp.all_reduce(F.linear(x, self.weight))

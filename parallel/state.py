@@ -7,6 +7,7 @@ identity, so a single rank runs in-process with no `torch.distributed` set-up at
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 
 import torch
@@ -54,3 +55,65 @@ class TensorParallelGroup:
         pieces = [torch.empty_like(x) for _ in range(self.size)] if self.rank == 0 else None
         dist.gather(x, pieces, dst=dist.get_global_rank(self.group, 0), group=self.group)
         return torch.cat(pieces, dim=-1) if pieces is not None else None
+
+    def rows_to_columns(self, block: torch.Tensor, total_rows: int) -> torch.Tensor:
+        """Turn row blocks into column slices: the exchange behind row-parallel loading.
+
+        Every rank holds rows `split_evenly(total_rows)[rank]` of a matrix W with all its columns;
+        it returns all rows of its columns `split_evenly(W.shape[1])[rank]`, having sent each
+        other rank that rank's columns of its rows (one all-to-all). Reading whole rows keeps the
+        file pages a rank touches near 1/p, which reading a column slice directly does not.
+        """
+        if self.size == 1:
+            return block
+        self._require_group()
+        rows = [stop - start for start, stop in split_evenly(total_rows, self.size)]
+        cols = [stop - start for start, stop in split_evenly(block.shape[1], self.size)]
+        send = torch.cat([piece.reshape(-1) for piece in block.split(cols, dim=1)])
+        mine = cols[self.rank]
+        received = torch.empty(total_rows * mine, dtype=block.dtype, device=block.device)
+        dist.all_to_all_single(
+            received, send, [r * mine for r in rows], [block.shape[0] * c for c in cols], group=self.group
+        )
+        return received.view(total_rows, mine)
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            self._require_group()
+            dist.barrier(group=self.group)
+
+
+def split_evenly(total: int, parts: int) -> list[tuple[int, int]]:
+    """[start, stop) of each of `parts` contiguous pieces of `total`, sizes differing by at most one."""
+    base, extra = divmod(total, parts)
+    bounds, start = [], 0
+    for i in range(parts):
+        stop = start + base + (1 if i < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def init_tensor_parallel(
+    rank: int, world_size: int, address: str, port: int, backend: str, timeout_s: float
+) -> TensorParallelGroup:
+    """Join the process group that spans the tensor-parallel ranks (NCCL on CUDA, gloo on CPU).
+
+    Every collective on it fails after `timeout_s` rather than waiting forever for a lost rank.
+    """
+    if world_size == 1:
+        return TensorParallelGroup.single()
+    dist.init_process_group(
+        backend=backend,
+        init_method=f"tcp://{address}:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+    return TensorParallelGroup(rank=rank, size=world_size, group=dist.group.WORLD)
+
+
+def destroy_tensor_parallel() -> None:
+    """Leave the process group, if this process joined one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

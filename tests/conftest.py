@@ -50,3 +50,14 @@ def smollm2_reference(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFacto
     folder = tmp_path_factory.mktemp("smollm2-safetensors")
     hf = convert_gguf_to_safetensors(smollm2_gguf, folder)
     return folder, hf
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the session, with logical CPUs for four CPU ranks and the driver."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()

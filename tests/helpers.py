@@ -33,6 +33,12 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "mistral": dict(arch="mistral", sliding_window=4096),
     "qwen2": dict(arch="qwen2", tie_word_embeddings=True),
     "qwen2_untied": dict(arch="qwen2", tie_word_embeddings=False),
+    "llama_8h4kv": dict(arch="llama", num_attention_heads=8, num_key_value_heads=4),
+    "llama_8h2kv": dict(arch="llama", num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True),
+    "llama_wide": dict(
+        arch="llama", hidden_size=1024, intermediate_size=2048, num_hidden_layers=1, num_attention_heads=8,
+        num_key_value_heads=4,
+    ),
 }
 FORMATS = ("safetensors", "sharded", "bin", "sharded_bin")
 
@@ -43,7 +49,7 @@ def hf_config(family: str) -> Any:
     spec = dict(FAMILIES[family])
     cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[spec.pop("arch")]
     rope = spec.pop("rope_scaling", None)
-    config = cls(**TINY, **spec)
+    config = cls(**{**TINY, **spec})
     if rope is not None:
         theta = 10000.0
         if hasattr(config, "rope_parameters"):

@@ -68,6 +68,7 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
     """Folder or repo id of the tokenizer (the model's own unless given)."""
     tokenizer_revision: str | None = None
     tokenizer_mode: str = "auto"
+    skip_tokenizer_init: bool = False
     trust_remote_code: bool = False
     dtype: str
     """The resolved compute dtype: "float32", "bfloat16" or "float16"."""

@@ -1,17 +1,32 @@
-"""One tensor-parallel rank: its device, its slice of the model, and forward passes over it."""
+"""One tensor-parallel rank: its device and process group, its slice of the model, its KV pool.
+
+The driver calls, on every rank together: `init_device`, `load_model`, `profile_memory`,
+`allocate_kv_cache`; then forward passes. Each returns plain data (msgspec Structs, tensors on
+rank 0) so that it crosses a process boundary unchanged.
+"""
 
 from __future__ import annotations
 
+import os
+import socket
+
+import msgspec
+import psutil
 import torch
 
-from parallel.state import TensorParallelGroup
+from parallel.errors import ModelNotFound
+from parallel.state import TensorParallelGroup, destroy_tensor_parallel, init_tensor_parallel
 from workers.config import EngineConfig
+from workers.kv_cache import KVCache, MemoryProfile, profile_memory
 from workers.loader import WeightLoadReport, load_model
+from workers.model_files import find_model
 from workers.models.layers import AttentionMetadata
+
+COLLECTIVE_TIMEOUT_S = float(os.environ.get("SHARDLM_COLLECTIVE_TIMEOUT_S", "600"))
 
 
 class Worker:
-    """A rank of the engine. The driver calls `init_device`, then `load_model`, then runs it."""
+    """A rank of the engine."""
 
     def __init__(self, config: EngineConfig, rank: int = 0, world_size: int = 1) -> None:
         self.config = config
@@ -20,24 +35,35 @@ class Worker:
         self.device: torch.device | None = None
         self.tp: TensorParallelGroup | None = None
         self.model: torch.nn.Module | None = None
+        self.kv_cache: KVCache | None = None
 
-    def init_device(self) -> None:
-        """Pick this rank's device and join its tensor-parallel group."""
+    def init_device(self, address: str = "127.0.0.1", port: int = 0) -> None:
+        """Pick this rank's device and join the tensor-parallel process group."""
         if self.config.model.device == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)
+            backend = "nccl"
         else:
             self.device = torch.device("cpu")
-        if self.world_size != 1:
-            raise NotImplementedError("multi-rank groups are set up by the cluster layer")
-        self.tp = TensorParallelGroup.single()
+            backend = "gloo"
+        self.tp = init_tensor_parallel(self.rank, self.world_size, address, port, backend, COLLECTIVE_TIMEOUT_S)
 
     def load_model(self) -> WeightLoadReport:
         """Build the model on the meta device and load this rank's weight slices."""
         if self.device is None:
             self.init_device()
+        self.config = ensure_model_files(self.config, self.rank)
         self.model, report = load_model(self.config, self.tp, self.device)
         return report
+
+    def profile_memory(self, local_ranks: int = 1, node_memory: int | None = None) -> MemoryProfile:
+        """Run a forward of max_num_batched_tokens tokens; answer the bytes this rank can give the KV cache."""
+        return profile_memory(self, local_ranks, node_memory)
+
+    def allocate_kv_cache(self, num_blocks: int) -> int:
+        """Allocate exactly `num_blocks` blocks per layer for K and for V; return the bytes taken."""
+        self.kv_cache = KVCache.allocate(self.config, self.world_size, num_blocks, self.device)
+        return self.kv_cache.nbytes
 
     @torch.inference_mode()
     def prompt_logits(self, prompts: list[list[int]]) -> list[torch.Tensor] | None:
@@ -46,10 +72,10 @@ class Worker:
         positions = torch.cat([torch.arange(len(p)) for p in prompts]).to(self.device)
         meta = AttentionMetadata(seq_lens=tuple(len(p) for p in prompts))
         logits = self.model.compute_logits(self.model(ids, positions, meta))
-        return None if logits is None else list(logits.float().split([len(p) for p in prompts]))
+        return None if logits is None else [x.cpu() for x in logits.float().split([len(p) for p in prompts])]
 
     def greedy_continuation(self, prompt: list[int], max_new_tokens: int, stop_ids: set[int] | None = None) -> list[int]:
-        """Greedy next tokens by recomputing the whole sequence each step (no KV cache yet)."""
+        """Greedy next tokens by recomputing the whole sequence each step (one rank; no KV cache use yet)."""
         ids = list(prompt)
         for _ in range(max_new_tokens):
             token = int(self.prompt_logits([ids])[0][-1].argmax())
@@ -57,3 +83,31 @@ class Worker:
             if stop_ids and token in stop_ids:
                 break
         return ids[len(prompt) :]
+
+    def host_memory(self) -> int:
+        """This process's resident memory now."""
+        return psutil.Process().memory_info().rss
+
+    def shutdown(self) -> None:
+        """Drop the model and the KV pool and leave the process group."""
+        self.model = self.kv_cache = None
+        destroy_tensor_parallel()
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def ensure_model_files(config: EngineConfig, rank: int) -> EngineConfig:
+    """The config with a model path this node can read: a Hub model missing here is fetched
+    (under the same file lock as on the driver); a local path missing here is an error."""
+    model = config.model
+    if os.path.exists(model.path) or config.load.load_format == "dummy":
+        return config
+    if model.source != "hub":
+        raise ModelNotFound(
+            f"rank {rank} on node {socket.gethostname()} cannot see {model.path!r}: put the model on "
+            "storage every node shares, or name it by its Hugging Face repo id so each node downloads it"
+        )
+    files = find_model(model.model, model.revision, config.load.download_dir, config.load.load_format)
+    tokenizer = files.folder if model.tokenizer == model.path else model.tokenizer
+    new_model = msgspec.structs.replace(model, path=files.folder, tokenizer=tokenizer)
+    return msgspec.structs.replace(config, model=new_model, load=msgspec.structs.replace(config.load, weight_files=files.weight_files))

@@ -84,15 +84,13 @@ def test_config_is_frozen_and_round_trips_through_msgspec(tiny_checkpoint) -> No
         ("float16", "bfloat16", "cpu", None, "float16"),
     ],
 )
-def test_dtype_resolution(monkeypatch, requested, checkpoint, device, capability, expected) -> None:
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
-    assert resolve_dtype(requested, checkpoint, device) == expected
+def test_dtype_resolution(requested, checkpoint, device, capability, expected) -> None:
+    assert resolve_dtype(requested, checkpoint, device, capability) == expected
 
 
-def test_bfloat16_on_old_gpus_is_refused(monkeypatch) -> None:
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 0))
+def test_bfloat16_on_old_gpus_is_refused() -> None:
     with pytest.raises(ConfigError, match="needs compute capability 8.0"):
-        resolve_dtype("bfloat16", "float32", "cuda")
+        resolve_dtype("bfloat16", "float32", "cuda", (7, 0))
 
 
 def test_max_model_len_from_config_and_user(tiny_checkpoint) -> None:

@@ -20,6 +20,7 @@ from parallel.layers import (
     VocabParallelEmbedding,
     divide,
 )
+from parallel.errors import ConfigError
 from parallel.state import TensorParallelGroup
 from workers.config import ModelArch
 from workers.models.layers import AttentionMetadata, RMSNorm, RotaryEmbedding, causal_attention
@@ -99,12 +100,25 @@ class LlamaForCausalLM(nn.Module):
 
     def __init__(self, arch: ModelArch, tp: TensorParallelGroup, max_positions: int) -> None:
         super().__init__()
-        divide(arch.num_heads, tp.size, "Total number of attention heads")
+        self.check_layout(arch, tp.size)
         self.arch = arch
         self.model = LlamaModel(arch, tp, max_positions)
         self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, tp)
         if arch.tie_word_embeddings:
             self.lm_head.tie_to(self.model.embed_tokens)
+
+    @staticmethod
+    def check_layout(arch: ModelArch, tp_size: int) -> None:
+        """Refuse, in vLLM's words, a tensor-parallel size the model cannot be split by."""
+        divide(arch.num_heads, tp_size, "Total number of attention heads")
+        if arch.num_kv_heads >= tp_size:
+            divide(arch.num_kv_heads, tp_size, "Total number of key/value heads")
+        elif tp_size % arch.num_kv_heads:
+            raise ConfigError(
+                f"Tensor parallel size ({tp_size}) must be divisible by the total number of key/value "
+                f"heads ({arch.num_kv_heads}) when it exceeds it."
+            )
+        divide(arch.intermediate_size, tp_size, "Intermediate size")
 
     def ignored_checkpoint_tensors(self) -> list[re.Pattern]:
         """Checkpoint tensors that are known extras: read by nobody, and no error."""

@@ -1,0 +1,113 @@
+"""The driver actor: it places the ranks, starts their workers, loads, sizes the KV cache, and
+from then on drives every worker through one collective-call helper."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import Counter
+from typing import Any, Iterator
+
+import ray
+
+from cluster.placement import Placement, acquire_placement, release_placement
+from cluster.worker_group import WorkerGroup
+from driver.report import LoadReport
+from workers.config import EngineConfig
+from workers.kv_cache import choose_num_blocks
+
+logger = logging.getLogger(__name__)
+
+TIMEOUTS_S = {"init_device": 300.0, "load_model": 3600.0, "profile_memory": 1800.0, "allocate_kv_cache": 300.0}
+"""Deadlines of the start-up calls: a rank that has not answered by then is reported, not waited for."""
+
+
+class Engine:
+    """Runs in the driver actor (`EngineActor`); one per `LLM`."""
+
+    def __init__(self, config: EngineConfig, env: dict[str, str], placement_group: Any = None, strategy: str = "PACK") -> None:
+        self.config = config
+        self.env = env
+        self.current_group = placement_group
+        self.strategy = strategy
+        self.placement: Placement | None = None
+        self.workers: WorkerGroup | None = None
+        self.tokenizer: Any = None
+
+    def start(self, placement_timeout_s: float = 60.0) -> LoadReport:
+        """Bring every rank up; on any failure release everything and raise what went wrong."""
+        try:
+            return self._start(placement_timeout_s)
+        except BaseException:
+            self.shutdown(graceful=False)
+            raise
+
+    def _start(self, placement_timeout_s: float) -> LoadReport:
+        config, phases = self.config, {}
+        world = config.parallel.tensor_parallel_size
+        with _timed(phases, "placement"):
+            self.placement = acquire_placement(
+                world, config.model.device == "cuda", self.strategy, placement_timeout_s, self.current_group
+            )
+        with _timed(phases, "workers"):
+            self.workers = WorkerGroup.start(config, self.placement, self.env)
+            address, port = self.workers.call_actor("rendezvous_address", ranks=[0], timeout_s=TIMEOUTS_S["init_device"])[0]
+            self.workers.call("init_device", address, port, timeout_s=TIMEOUTS_S["init_device"])
+        with _timed(phases, "weights"):
+            weights = self.workers.call("load_model", timeout_s=TIMEOUTS_S["load_model"])
+        with _timed(phases, "profile"):
+            profiles = self.workers.call("profile_memory", rank_args=self._node_shares(), timeout_s=TIMEOUTS_S["profile_memory"])
+        with _timed(phases, "kv_allocation"):
+            num_blocks = choose_num_blocks(config, profiles)
+            kv_bytes = self.workers.call("allocate_kv_cache", num_blocks, timeout_s=TIMEOUTS_S["allocate_kv_cache"])
+        if not config.model.skip_tokenizer_init:
+            with _timed(phases, "tokenizer"):
+                from driver.tokenizer import load_tokenizer
+
+                self.tokenizer = load_tokenizer(config.model)
+        return LoadReport(
+            model=config.model.model or f"default ({config.model.gguf_file})",
+            phases=phases,
+            ranks=weights,
+            memory=profiles,
+            num_blocks=num_blocks,
+            block_size=config.cache.block_size,
+            kv_cache_bytes=kv_bytes,
+        )
+
+    def _node_shares(self) -> list[tuple[int, int | None]]:
+        """(ranks on the same node, the node's Ray memory resource) for each rank."""
+        nodes = self.workers.call_actor("node_id")
+        per_node = Counter(nodes)
+        memory = {n["NodeID"]: n.get("Resources", {}).get("memory") for n in ray.nodes() if n.get("Alive")}
+        return [(per_node[node], int(memory[node]) if memory.get(node) else None) for node in nodes]
+
+    def prompt_logits(self, prompts: list[list[int]]) -> list[Any]:
+        """Full-vocabulary logits at every position of each prompt, computed by the ranks together."""
+        return self.workers.call("prompt_logits", prompts, timeout_s=TIMEOUTS_S["profile_memory"])[0]
+
+    def shutdown(self, graceful: bool = True) -> None:
+        """End the workers (asking them to leave their process group first, when `graceful`) and
+        release the placement group; safe to call twice."""
+        if self.workers is not None:
+            if graceful:
+                self.workers.shutdown()
+            else:
+                self.workers.kill()
+            self.workers = None
+        release_placement(self.placement)
+        self.placement = None
+
+
+EngineActor = ray.remote(num_cpus=0)(Engine)
+
+
+@contextlib.contextmanager
+def _timed(phases: dict[str, float], name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        phases[name] = time.perf_counter() - start
+        logger.info("%s took %.2f s", name, phases[name])

@@ -1,0 +1,173 @@
+"""The memory profile and the paged KV cache of one rank.
+
+After loading, each rank runs one forward pass of `max_num_batched_tokens` tokens and answers
+how many bytes it can give its KV cache. The driver turns bytes into blocks, takes the minimum
+over ranks, and every rank allocates exactly that many: per layer a K pool and a V pool of shape
+[num_blocks, block_size, kv_heads_per_rank, head_dim].
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import msgspec
+import psutil
+import torch
+
+from parallel.errors import ConfigError, InsufficientMemory
+from workers.config import EngineConfig
+from workers.models.layers import AttentionMetadata
+
+if TYPE_CHECKING:
+    from workers.worker import Worker
+
+CPU_KV_SHARE = 0.25
+"""On CPU without kv_cache_memory_bytes: this share of the node's available memory goes to the
+KV cache, split evenly among the ranks on the node."""
+
+
+class MemoryProfile(msgspec.Struct, frozen=True, kw_only=True):
+    """What one rank measured around its profiling forward pass."""
+
+    rank: int
+    kv_cache_bytes: int
+    """Bytes this rank can give its KV cache (may be <= 0: no room)."""
+    total_bytes: int
+    """The device's memory (the node's available memory on CPU)."""
+    weights_bytes: int
+    peak_activation_bytes: int
+    """Peak torch memory of the profiling forward beyond the weights (CUDA only)."""
+    non_torch_bytes: int
+    """Device memory not held by torch's allocator: CUDA context, NCCL buffers (CUDA only)."""
+    seconds: float
+    budget: str
+    """How kv_cache_bytes was derived, in words."""
+
+
+def kv_heads_per_rank(num_kv_heads: int, tp_size: int) -> int:
+    """Key/value heads each rank holds: its share, or one replicated head when p exceeds h_kv."""
+    return max(1, num_kv_heads // tp_size)
+
+
+def kv_block_bytes(config: EngineConfig, tp_size: int) -> int:
+    """Bytes of one block on one rank: 2 (K, V) x layers x block_size x kv_heads_per_rank x head_dim x dtype."""
+    arch = config.model.arch
+    dtype_bytes = getattr(torch, config.model.dtype).itemsize
+    heads = kv_heads_per_rank(arch.num_kv_heads, tp_size)
+    return 2 * arch.num_layers * config.cache.block_size * heads * arch.head_dim * dtype_bytes
+
+
+def profile_batch(config: EngineConfig) -> list[int]:
+    """Sequence lengths of the profiling batch: max_num_batched_tokens tokens, none longer than max_model_len."""
+    remaining, max_len, lengths = config.scheduler.max_num_batched_tokens, config.model.max_model_len, []
+    while remaining > 0 and len(lengths) < config.scheduler.max_num_seqs:
+        lengths.append(min(max_len, remaining))
+        remaining -= lengths[-1]
+    return lengths
+
+
+@torch.inference_mode()
+def _profile_forward(worker: "Worker") -> None:
+    lengths = profile_batch(worker.config)
+    ids = torch.zeros(sum(lengths), dtype=torch.long, device=worker.device)
+    positions = torch.cat([torch.arange(n) for n in lengths]).to(worker.device)
+    worker.model.compute_logits(worker.model(ids, positions, AttentionMetadata(seq_lens=tuple(lengths))))
+
+
+def profile_memory(worker: "Worker", local_ranks: int, node_memory: int | None) -> MemoryProfile:
+    """Measure this rank's memory around one profiling forward pass (see the module docstring)."""
+    config, start = worker.config, time.perf_counter()
+    weights = sum(p.numel() * p.element_size() for p in worker.model.parameters())
+    on_cuda = worker.device.type == "cuda"
+    if on_cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(worker.device)
+    _profile_forward(worker)
+    if not on_cuda:
+        kv, total, budget = _cpu_budget(config, local_ranks, node_memory)
+        return MemoryProfile(
+            rank=worker.rank, kv_cache_bytes=kv, total_bytes=total, weights_bytes=weights, peak_activation_bytes=0,
+            non_torch_bytes=0, seconds=time.perf_counter() - start, budget=budget,
+        )
+    torch.cuda.synchronize(worker.device)
+    free, total = torch.cuda.mem_get_info(worker.device)
+    peak = torch.cuda.max_memory_allocated(worker.device)
+    non_torch = max(0, (total - free) - torch.cuda.memory_reserved(worker.device))
+    util = config.cache.gpu_memory_utilization
+    kv = config.cache.kv_cache_memory_bytes or int(util * total) - peak - non_torch
+    budget = (
+        "kv_cache_memory_bytes" if config.cache.kv_cache_memory_bytes
+        else f"gpu_memory_utilization {util} x {total} B - peak torch {peak} B - non-torch {non_torch} B"
+    )
+    return MemoryProfile(
+        rank=worker.rank, kv_cache_bytes=kv, total_bytes=total, weights_bytes=weights,
+        peak_activation_bytes=max(0, peak - weights), non_torch_bytes=non_torch,
+        seconds=time.perf_counter() - start, budget=budget,
+    )
+
+
+def _cpu_budget(config: EngineConfig, local_ranks: int, node_memory: int | None) -> tuple[int, int, str]:
+    if config.cache.kv_cache_memory_bytes:
+        return config.cache.kv_cache_memory_bytes, psutil.virtual_memory().total, "kv_cache_memory_bytes"
+    available = psutil.virtual_memory().available
+    if node_memory:
+        available = min(available, node_memory)
+    kv = int(CPU_KV_SHARE * available / max(1, local_ranks))
+    return kv, available, f"{CPU_KV_SHARE} x {available} B available on the node / {local_ranks} ranks there"
+
+
+def choose_num_blocks(config: EngineConfig, profiles: list[MemoryProfile]) -> int:
+    """The block count every rank allocates: the minimum over ranks, or num_gpu_blocks_override.
+
+    Raises `InsufficientMemory` when there is no room for one block, and `ConfigError` when
+    max_model_len does not fit in the pool.
+    """
+    tp = config.parallel.tensor_parallel_size
+    block_bytes = kv_block_bytes(config, tp)
+    poorest = min(profiles, key=lambda p: p.kv_cache_bytes)
+    blocks = max(0, poorest.kv_cache_bytes // block_bytes)
+    if config.cache.num_gpu_blocks_override is not None:
+        blocks = config.cache.num_gpu_blocks_override
+    elif blocks < 1:
+        raise InsufficientMemory(
+            f"no room for the KV cache on rank {poorest.rank}: it can give {poorest.kv_cache_bytes} bytes "
+            f"({poorest.budget}), and one block takes {block_bytes} bytes. Raise gpu_memory_utilization or "
+            "kv_cache_memory_bytes, use more ranks (tensor_parallel_size), or lower max_num_batched_tokens"
+        )
+    block_size, max_len = config.cache.block_size, config.model.max_model_len
+    capacity = blocks * block_size
+    if max_len > capacity:
+        raise ConfigError(
+            f"max_model_len={max_len} does not fit in the KV cache: each rank's pool holds {blocks} blocks "
+            f"of {block_size} tokens = {capacity} tokens. Set max_model_len <= {capacity}, or give the cache "
+            "more memory (gpu_memory_utilization, kv_cache_memory_bytes, num_gpu_blocks_override) or more ranks"
+        )
+    return blocks
+
+
+class KVCache:
+    """One rank's paged KV cache: per layer, K and V pools [num_blocks, block_size, kv_heads, head_dim]."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        self.keys, self.values = keys, values
+
+    @property
+    def num_blocks(self) -> int:
+        return self.keys[0].shape[0] if self.keys else 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    @classmethod
+    def allocate(cls, config: EngineConfig, tp_size: int, num_blocks: int, device: torch.device) -> "KVCache":
+        arch = config.model.arch
+        shape = (num_blocks, config.cache.block_size, kv_heads_per_rank(arch.num_kv_heads, tp_size), arch.head_dim)
+        dtype = getattr(torch, config.model.dtype)
+        try:
+            keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(arch.num_layers)]
+            values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(arch.num_layers)]
+        except torch.OutOfMemoryError as exc:
+            raise InsufficientMemory(f"allocating {num_blocks} KV blocks of shape {shape} failed: {exc}") from exc
+        return cls(keys, values)
