@@ -56,8 +56,10 @@ class Engine:
             self.workers.call("init_device", address, port, timeout_s=TIMEOUTS_S["init_device"])
         with _timed(phases, "weights"):
             weights = self.workers.call("load_model", timeout_s=TIMEOUTS_S["load_model"])
+        nodes = self.node_ids()
         with _timed(phases, "profile"):
-            profiles = self.workers.call("profile_memory", rank_args=self._node_shares(), timeout_s=TIMEOUTS_S["profile_memory"])
+            shares = self._node_shares(nodes)
+            profiles = self.workers.call("profile_memory", rank_args=shares, timeout_s=TIMEOUTS_S["profile_memory"])
         with _timed(phases, "kv_allocation"):
             num_blocks = choose_num_blocks(config, profiles)
             kv_bytes = self.workers.call("allocate_kv_cache", num_blocks, timeout_s=TIMEOUTS_S["allocate_kv_cache"])
@@ -74,14 +76,19 @@ class Engine:
             num_blocks=num_blocks,
             block_size=config.cache.block_size,
             kv_cache_bytes=kv_bytes,
+            nodes=nodes,
         )
 
-    def _node_shares(self) -> list[tuple[int, int | None]]:
+    @staticmethod
+    def _node_shares(nodes: list[str]) -> list[tuple[int, int | None]]:
         """(ranks on the same node, the node's Ray memory resource) for each rank."""
-        nodes = self.workers.call_actor("node_id")
         per_node = Counter(nodes)
         memory = {n["NodeID"]: n.get("Resources", {}).get("memory") for n in ray.nodes() if n.get("Alive")}
         return [(per_node[node], int(memory[node]) if memory.get(node) else None) for node in nodes]
+
+    def node_ids(self) -> list[str]:
+        """The Ray node each rank runs on."""
+        return self.workers.call_actor("node_id")
 
     def prompt_logits(self, prompts: list[list[int]]) -> list[Any]:
         """Full-vocabulary logits at every position of each prompt, computed by the ranks together."""

@@ -24,6 +24,8 @@ class LoadReport(msgspec.Struct, kw_only=True):
     block_size: int = 0
     kv_cache_bytes: list[int] = []
     """Bytes each rank's KV pool takes."""
+    nodes: list[str] = []
+    """The Ray node each rank ran on."""
 
     @property
     def token_capacity(self) -> int:
