@@ -11,6 +11,11 @@ import pytest
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on the CPU, interpreted
+
 from tests.helpers import convert_gguf_to_safetensors, hf_model, write_checkpoint  # noqa: E402
 
 

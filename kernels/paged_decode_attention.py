@@ -1,0 +1,133 @@
+"""Paged attention for decoding: one query token per sequence, keys and values read through the
+sequence's block table.
+
+For sequence b and query head h (key/value head h // G, with G = H / H_kv query heads per
+key/value head), over the context positions j < L_b:
+
+    out[b, h] = sum_j softmax_j(scale * q[b, h] . K[b, j]) V[b, j],
+    K[b, j] = key_cache[block_tables[b, j // block_size], j % block_size, h // G]   (V likewise)
+
+Layouts: q [B, H, D]; key_cache, value_cache [num_blocks, block_size, H_kv, D];
+block_tables [B, max_blocks] (int32); context_lens [B] (int32, >= 1).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import exact_dots, next_power_of_2
+
+
+def context_slots(block_tables: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
+    """The cache slot of each of the first `length` positions of each sequence: [B, length]."""
+    positions = torch.arange(length, device=block_tables.device)
+    blocks = block_tables[:, positions // block_size].long()
+    return blocks * block_size + positions % block_size
+
+
+def paged_decode_attention_ref(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    batch, heads, dim = q.shape
+    _, block_size, kv_heads, _ = key_cache.shape
+    group = heads // kv_heads
+    longest = int(context_lens.max())
+    slots = context_slots(block_tables, longest, block_size)  # [B, L]
+    keys = key_cache.view(-1, kv_heads, dim)[slots].float()  # [B, L, H_kv, D]
+    values = value_cache.view(-1, kv_heads, dim)[slots].float()
+    queries = q.float().view(batch, kv_heads, group, dim)
+    scores = torch.einsum("bkgd,blkd->bkgl", queries, keys) * scale
+    beyond = torch.arange(longest, device=q.device)[None, :] >= context_lens[:, None]
+    scores = scores.masked_fill(beyond[:, None, None, :], float("-inf"))
+    out = torch.einsum("bkgl,blkd->bkgd", scores.softmax(dim=-1), values)
+    return out.reshape(batch, heads, dim).to(q.dtype)
+
+
+@triton.jit
+def _paged_decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr,
+    scale,
+    stride_q_seq, stride_q_head,
+    stride_cache_slot, stride_cache_head,
+    stride_table,
+    GROUP: tl.constexpr, DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    context = tl.load(context_lens_ptr + seq)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    heads = kv_head * GROUP + g
+    q_mask = (g[:, None] < GROUP) & (d[None, :] < DIM)
+    q = tl.load(q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + d[None, :], mask=q_mask, other=0.0)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for start in range(0, context, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        valid = pos < context
+        block = tl.load(block_tables_ptr + seq * stride_table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        slot = block * BLOCK_SIZE + pos % BLOCK_SIZE
+        kv_offsets = slot[:, None] * stride_cache_slot + kv_head * stride_cache_head + d[None, :]
+        kv_mask = valid[:, None] & (d[None, :] < DIM)
+        k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
+        if IEEE:
+            scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee") * scale
+        else:
+            scores = tl.dot(q, tl.trans(k)) * scale
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + d[None, :], out.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+def paged_decode_attention_triton(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    batch, heads, dim = q.shape
+    _, block_size, kv_heads, cache_dim = key_cache.shape
+    assert q.is_contiguous() and key_cache.is_contiguous() and value_cache.is_contiguous(), "q and the caches must be contiguous"
+    assert cache_dim == dim and heads % kv_heads == 0, f"q {tuple(q.shape)} does not fit a cache of {kv_heads} x {cache_dim}"
+    assert block_size & (block_size - 1) == 0, f"block_size {block_size} must be a power of two"
+    assert block_tables.dtype == torch.int32 and block_tables.dim() == 2 and block_tables.shape[0] == batch, (
+        f"block_tables must be int32 [{batch}, max_blocks], not {block_tables.dtype} {tuple(block_tables.shape)}"
+    )
+    assert block_tables.stride(1) == 1, "block_tables rows must be contiguous"
+    assert context_lens.dtype == torch.int32 and context_lens.shape == (batch,), f"context_lens must be int32 [{batch}]"
+    out = torch.empty_like(q)
+    if batch == 0:
+        return out
+    group = heads // kv_heads
+    _paged_decode_kernel[(batch, kv_heads)](
+        q, key_cache, value_cache, block_tables, context_lens, out,
+        scale,
+        q.stride(0), q.stride(1),
+        key_cache.stride(1), key_cache.stride(2),
+        block_tables.stride(0),
+        GROUP=group, DIM=dim, BLOCK_SIZE=block_size,
+        BLOCK_G=max(16, next_power_of_2(group)), BLOCK_D=max(16, next_power_of_2(dim)), BLOCK_N=32,
+        IEEE=exact_dots(q),
+    )
+    return out

@@ -1,0 +1,147 @@
+"""Prefill attention: a sequence's new tokens attend to its whole cached context, causally.
+
+Sequence s brings Q_s new tokens whose keys and values are already in the cache; with L_s
+tokens cached in all, new token i sits at position p = L_s - Q_s + i and attends to positions
+j <= p. That serves a whole prompt (Q_s = L_s), a chunk of a long prompt after earlier chunks,
+and a preempted sequence being recomputed.
+
+Layouts: q [T, H, D] (the new tokens of every sequence, back to back); key_cache, value_cache
+[num_blocks, block_size, H_kv, D]; block_tables [S, max_blocks] (int32); query_start [S + 1]
+(int32, cumulative Q_s); context_lens [S] (int32, L_s).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels import exact_dots, next_power_of_2
+from kernels.paged_decode_attention import context_slots
+
+
+def prefill_attention_ref(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    _, block_size, kv_heads, dim = key_cache.shape
+    out = torch.empty_like(q)
+    starts, lengths = query_start.tolist(), context_lens.tolist()
+    for s, length in enumerate(lengths):
+        first, last = starts[s], starts[s + 1]
+        new = last - first
+        slots = context_slots(block_tables[s : s + 1], length, block_size)[0]
+        keys = key_cache.view(-1, kv_heads, dim)[slots].transpose(0, 1)
+        values = value_cache.view(-1, kv_heads, dim)[slots].transpose(0, 1)
+        queries = q[first:last].transpose(0, 1)
+        if new == length:
+            attended = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            visible = torch.arange(length, device=q.device)[None, :] <= torch.arange(length - new, length, device=q.device)[:, None]
+            attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=visible, scale=scale, enable_gqa=True)
+        out[first:last] = attended.transpose(0, 1)
+    return out
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_ptr, context_lens_ptr, out_ptr,
+    scale,
+    stride_q_tok, stride_q_head,
+    stride_cache_slot, stride_cache_head,
+    stride_table,
+    GROUP: tl.constexpr, DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    m_block = tl.program_id(1)
+    head = tl.program_id(2)
+    kv_head = head // GROUP
+    first = tl.load(query_start_ptr + seq)
+    new = tl.load(query_start_ptr + seq + 1) - first
+    if m_block * BLOCK_M >= new:
+        return
+    context = tl.load(context_lens_ptr + seq)
+    offset = context - new
+    m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    q_mask = (m[:, None] < new) & (d[None, :] < DIM)
+    q_offsets = (first + m)[:, None].to(tl.int64) * stride_q_tok + head * stride_q_head + d[None, :]
+    q = tl.load(q_ptr + q_offsets, mask=q_mask, other=0.0)
+    q_pos = offset + m
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    end = tl.minimum(context, offset + (m_block + 1) * BLOCK_M)
+    for start in range(0, end, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        valid = pos < context
+        block = tl.load(block_tables_ptr + seq * stride_table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        slot = block * BLOCK_SIZE + pos % BLOCK_SIZE
+        kv_offsets = slot[:, None] * stride_cache_slot + kv_head * stride_cache_head + d[None, :]
+        kv_mask = valid[:, None] & (d[None, :] < DIM)
+        k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
+        if IEEE:
+            scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee") * scale
+        else:
+            scores = tl.dot(q, tl.trans(k)) * scale
+        visible = (pos[None, :] <= q_pos[:, None]) & valid[None, :]
+        scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + q_offsets, out.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+def prefill_attention_triton(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    max_query_len: int | None = None,
+) -> torch.Tensor:
+    tokens, heads, dim = q.shape
+    _, block_size, kv_heads, cache_dim = key_cache.shape
+    seqs = context_lens.shape[0]
+    assert q.is_contiguous() and key_cache.is_contiguous() and value_cache.is_contiguous(), "q and the caches must be contiguous"
+    assert cache_dim == dim and heads % kv_heads == 0, f"q {tuple(q.shape)} does not fit a cache of {kv_heads} x {cache_dim}"
+    assert block_size & (block_size - 1) == 0, f"block_size {block_size} must be a power of two"
+    assert block_tables.dtype == torch.int32 and block_tables.shape[0] == seqs and block_tables.stride(1) == 1, (
+        f"block_tables must be int32 [{seqs}, max_blocks] with contiguous rows"
+    )
+    assert query_start.dtype == torch.int32 and query_start.shape == (seqs + 1,), f"query_start must be int32 [{seqs + 1}]"
+    assert context_lens.dtype == torch.int32, "context_lens must be int32"
+    out = torch.empty_like(q)
+    if seqs == 0:
+        return out
+    if max_query_len is None:
+        max_query_len = int((query_start[1:] - query_start[:-1]).max())
+    block_m = 16 if max_query_len <= 16 else 64
+    grid = (seqs, triton.cdiv(max_query_len, block_m), heads)
+    _prefill_kernel[grid](
+        q, key_cache, value_cache, block_tables, query_start, context_lens, out,
+        scale,
+        q.stride(0), q.stride(1),
+        key_cache.stride(1), key_cache.stride(2),
+        block_tables.stride(0),
+        GROUP=heads // kv_heads, DIM=dim, BLOCK_SIZE=block_size,
+        BLOCK_M=block_m, BLOCK_D=max(16, next_power_of_2(dim)), BLOCK_N=32, IEEE=exact_dots(q),
+    )
+    return out
