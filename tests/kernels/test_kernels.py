@@ -116,4 +116,4 @@ def test_wrappers_refuse_layouts_they_do_not_handle() -> None:
     with pytest.raises(AssertionError, match="does not fit"):
         paged_decode_attention_triton(torch.randn(1, 3, 16), key_cache, value_cache, tables, torch.tensor([5], dtype=torch.int32), 1.0)
     with pytest.raises(AssertionError, match="contiguous"):
-        paged_decode_attention_triton(q.transpose(0, 1).contiguous().transpose(0, 1), key_cache, value_cache, tables, torch.tensor([5], dtype=torch.int32), 1.0)
+        paged_decode_attention_triton(torch.randn(1, 16, 4).transpose(1, 2), key_cache, value_cache, tables, torch.tensor([5], dtype=torch.int32), 1.0)
