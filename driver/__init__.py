@@ -2,20 +2,27 @@
 
 from driver.args import EngineArgs
 from driver.llm import LLM
+from driver.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from driver.report import LoadReport
 from driver.tokenizer import IncrementalDetokenizer, load_tokenizer
 from parallel.errors import (
+    ClusterError,
     ConfigError,
     EngineDeadError,
-    ClusterError,
     InsufficientMemory,
     ModelNotFound,
     ShardLMError,
     WeightLoadError,
 )
+from workers.sampling_params import SamplingParams
 
 __all__ = [
     "ClusterError",
+    "CompletionOutput",
+    "Logprob",
+    "RequestMetrics",
+    "RequestOutput",
+    "SamplingParams",
     "ConfigError",
     "EngineArgs",
     "EngineDeadError",

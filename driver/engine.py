@@ -13,13 +13,19 @@ import ray
 
 from cluster.placement import Placement, acquire_placement, release_placement
 from cluster.worker_group import WorkerGroup
+from driver.engine_loop import EngineLoop
+from driver.outputs import RequestOutput
 from driver.report import LoadReport
+from workers.batch import Batch, StepResult
 from workers.config import EngineConfig
 from workers.kv_cache import choose_num_blocks
+from workers.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-TIMEOUTS_S = {"init_device": 300.0, "load_model": 3600.0, "profile_memory": 1800.0, "allocate_kv_cache": 300.0}
+TIMEOUTS_S = {
+    "init_device": 300.0, "load_model": 3600.0, "profile_memory": 1800.0, "allocate_kv_cache": 300.0, "execute_model": 600.0,
+}
 """Deadlines of the start-up calls: a rank that has not answered by then is reported, not waited for."""
 
 
@@ -34,6 +40,7 @@ class Engine:
         self.placement: Placement | None = None
         self.workers: WorkerGroup | None = None
         self.tokenizer: Any = None
+        self.loop: EngineLoop | None = None
 
     def start(self, placement_timeout_s: float = 60.0) -> LoadReport:
         """Bring every rank up; on any failure release everything and raise what went wrong."""
@@ -68,6 +75,7 @@ class Engine:
                 from driver.tokenizer import load_tokenizer
 
                 self.tokenizer = load_tokenizer(config.model)
+        self.loop = EngineLoop(config, num_blocks, self.tokenizer, self._execute)
         return LoadReport(
             model=config.model.model or f"default ({config.model.gguf_file})",
             phases=phases,
@@ -85,6 +93,53 @@ class Engine:
         per_node = Counter(nodes)
         memory = {n["NodeID"]: n.get("Resources", {}).get("memory") for n in ray.nodes() if n.get("Alive")}
         return [(per_node[node], int(memory[node]) if memory.get(node) else None) for node in nodes]
+
+    # -- generation ---------------------------------------------------------------------------
+
+    def _execute(self, batch: Batch) -> StepResult:
+        return self.workers.call("execute_model", batch, timeout_s=TIMEOUTS_S["execute_model"])[0]
+
+    def add_requests(self, requests: list[tuple[str, str | None, list[int] | None, SamplingParams]]) -> None:
+        """Queue requests (id, text, token ids, params); all are checked before any is queued."""
+        prepared = []
+        for request_id, text, token_ids, params in requests:
+            if token_ids is None:
+                if self.tokenizer is None:
+                    raise ValueError("this engine started with skip_tokenizer_init=True: give prompts as token ids")
+                token_ids = self.tokenizer(text)["input_ids"]
+            self.loop.check_prompt(token_ids, f"prompt {request_id!r}" if text is None else f"prompt {_preview(text)}")
+            prepared.append((request_id, text, token_ids, params))
+        arrival = time.time()
+        for request_id, text, token_ids, params in prepared:
+            self.loop.add_request(request_id, text, token_ids, params, arrival)
+
+    def render_chat(self, conversations: list[list[dict]], chat_template: str | None, add_generation_prompt: bool, kwargs: dict) -> list[list[int]]:
+        """Each conversation through the tokenizer's chat template, as token ids."""
+        if self.tokenizer is None:
+            raise ValueError("chat needs a tokenizer, and this engine started with skip_tokenizer_init=True")
+        rendered = []
+        for messages in conversations:
+            text = self.tokenizer.apply_chat_template(
+                messages, chat_template=chat_template, add_generation_prompt=add_generation_prompt, tokenize=False, **kwargs
+            )
+            rendered.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return rendered
+
+    def run(self, max_seconds: float, stream: bool) -> list[RequestOutput]:
+        """Step until `max_seconds` have passed or nothing is left: the finished requests (with
+        `stream`, every request that changed, at its latest)."""
+        deadline = time.monotonic() + max_seconds
+        changed: dict[str, RequestOutput] = {}
+        while self.loop.has_unfinished():
+            for out in self.loop.step():
+                if stream or out.finished:
+                    changed[out.request_id] = out
+            if time.monotonic() >= deadline or (stream and changed):
+                break
+        return list(changed.values())
+
+    def abort(self, request_ids: list[str]) -> None:
+        self.loop.abort(request_ids)
 
     def node_ids(self) -> list[str]:
         """The Ray node each rank runs on."""
@@ -118,3 +173,7 @@ def _timed(phases: dict[str, float], name: str) -> Iterator[None]:
     finally:
         phases[name] = time.perf_counter() - start
         logger.info("%s took %.2f s", name, phases[name])
+
+
+def _preview(text: str, width: int = 40) -> str:
+    return repr(text if len(text) <= width else text[: width - 3] + "...")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
-from typing import Any
+import time
+from typing import Any, Iterator, Sequence, Union
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
@@ -11,9 +13,16 @@ from ray.exceptions import RayActorError, RayTaskError
 from cluster.connect import cluster_has_gpus, connect, forwarded_env, gpu_capability
 from driver.args import EngineArgs
 from driver.engine import EngineActor
+from driver.outputs import RequestOutput
 from driver.report import LoadReport
 from parallel.errors import EngineDeadError, ShardLMError
 from workers.models import model_class
+from workers.sampling_params import SamplingParams
+
+PromptInput = Union[str, dict, list]
+RUN_SLICE_S = 0.25
+"""How long the driver actor steps before answering a blocking `generate` (finished requests only)."""
+STREAM_SLICE_S = 0.05
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +46,8 @@ class LLM:
         **engine_args: Any,
     ) -> None:
         self._engine = None
+        self._tokenizer = None
+        self._request_counter = itertools.count()
         args = EngineArgs(model=model, **engine_args)
         args.validate()
         connect(ray_address, num_cpus=args.tensor_parallel_size)
@@ -50,6 +61,91 @@ class LLM:
         except BaseException:
             self._kill_engine()
             raise
+
+    # -- generation ---------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: PromptInput,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Complete every prompt; outputs in the order of the prompts.
+
+        `prompts`: a string, a {"prompt": str} or {"prompt_token_ids": [...]} dict, a list of
+        token ids, or a list of any of these. `sampling_params`: one for all, or one per prompt
+        (default: SamplingParams()).
+        """
+        request_ids = self._submit(normalize_prompts(prompts), sampling_params)
+        return self._collect(request_ids, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict | None = None,
+    ) -> list[RequestOutput]:
+        """Answer one conversation (a list of {"role", "content"} messages) or a list of them,
+        rendered by the tokenizer's chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        token_ids = _result(
+            self._live_engine().render_chat.remote(conversations, chat_template, add_generation_prompt, chat_template_kwargs or {})
+        )
+        return self.generate([{"prompt_token_ids": ids} for ids in token_ids], sampling_params, use_tqdm)
+
+    def stream(
+        self, prompts: PromptInput, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
+    ) -> Iterator[RequestOutput]:
+        """Yield each request's output (cumulative text and tokens) as its tokens arrive; the last
+        one for each request has finished=True. Leaving the loop early aborts what is left."""
+        pending = set(self._submit(normalize_prompts(prompts), sampling_params))
+        try:
+            while pending:
+                for out in _result(self._live_engine().run.remote(STREAM_SLICE_S, True)):
+                    if out.finished:
+                        pending.discard(out.request_id)
+                    yield out
+        finally:
+            if pending and self._engine is not None:
+                _result(self._engine.abort.remote(sorted(pending)))
+
+    def get_tokenizer(self) -> Any:
+        """The model's tokenizer, loaded in this process on first use."""
+        if self._tokenizer is None:
+            from driver.tokenizer import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.config.model)
+        return self._tokenizer
+
+    def _submit(self, prompts: list[tuple[str | None, list[int] | None]], sampling_params: Any) -> list[str]:
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling parameters: give one, or one per prompt")
+        request_ids = [str(next(self._request_counter)) for _ in prompts]
+        requests = [(rid, text, ids, p) for rid, (text, ids), p in zip(request_ids, prompts, params)]
+        _result(self._live_engine().add_requests.remote(requests))
+        return request_ids
+
+    def _collect(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        from tqdm.auto import tqdm
+
+        done: dict[str, RequestOutput] = {}
+        wanted = set(request_ids)
+        with tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm, unit="prompt") as bar:
+            generated, started = 0, time.perf_counter()
+            while len(done) < len(wanted):
+                finished = [o for o in _result(self._live_engine().run.remote(RUN_SLICE_S, False)) if o.request_id in wanted]
+                for out in finished:
+                    done[out.request_id] = out
+                    generated += sum(len(c.token_ids) for c in out.outputs)
+                bar.update(len(finished))
+                bar.set_postfix_str(f"output {generated / max(1e-9, time.perf_counter() - started):.1f} tok/s", refresh=False)
+        return [done[rid] for rid in request_ids]
 
     def prompt_logits(self, prompt_token_ids: list[list[int]]) -> list[Any]:
         """Logits [len(prompt), vocab] at every position of each prompt (float32, on the CPU): for
@@ -97,8 +193,30 @@ def _result(ref: ray.ObjectRef) -> Any:
     try:
         return ray.get(ref)
     except RayTaskError as exc:
-        if isinstance(exc.cause, ShardLMError):
+        if isinstance(exc.cause, (ShardLMError, ValueError, TypeError)):
             raise exc.cause from None
         raise
     except RayActorError as exc:
         raise EngineDeadError(f"the engine's driver actor died: {exc}") from exc
+
+
+def normalize_prompts(prompts: PromptInput) -> list[tuple[str | None, list[int] | None]]:
+    """(text, token ids) for each prompt, one of the two None."""
+    if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    normalized = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            normalized.append((prompt, None))
+        elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            normalized.append((prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]))
+        elif isinstance(prompt, dict) and isinstance(prompt.get("prompt"), str):
+            normalized.append((prompt["prompt"], None))
+        elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            normalized.append((None, list(prompt)))
+        else:
+            raise TypeError(
+                f"prompt {i} is a {type(prompt).__name__}; give a string, a list of token ids, or a dict with "
+                "'prompt' or 'prompt_token_ids'"
+            )
+    return normalized

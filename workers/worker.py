@@ -16,10 +16,12 @@ import torch
 
 from parallel.errors import ModelNotFound
 from parallel.state import TensorParallelGroup, destroy_tensor_parallel, init_tensor_parallel
+from workers.batch import Batch, StepResult
 from workers.config import EngineConfig
 from workers.kv_cache import KVCache, MemoryProfile, profile_memory
 from workers.loader import WeightLoadReport, load_model
 from workers.model_files import find_model
+from workers.model_runner import ModelRunner
 from workers.models.layers import AttentionMetadata
 
 COLLECTIVE_TIMEOUT_S = float(os.environ.get("SHARDLM_COLLECTIVE_TIMEOUT_S", "600"))
@@ -36,6 +38,7 @@ class Worker:
         self.tp: TensorParallelGroup | None = None
         self.model: torch.nn.Module | None = None
         self.kv_cache: KVCache | None = None
+        self.runner: ModelRunner | None = None
 
     def init_device(self, address: str = "127.0.0.1", port: int = 0) -> None:
         """Pick this rank's device and join the tensor-parallel process group."""
@@ -63,7 +66,12 @@ class Worker:
     def allocate_kv_cache(self, num_blocks: int) -> int:
         """Allocate exactly `num_blocks` blocks per layer for K and for V; return the bytes taken."""
         self.kv_cache = KVCache.allocate(self.config, self.world_size, num_blocks, self.device)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.config, self.tp, self.device)
         return self.kv_cache.nbytes
+
+    def execute_model(self, batch: Batch) -> StepResult | None:
+        """Run one engine step; rank 0 returns the sampled tokens, the others None."""
+        return self.runner.execute(batch)
 
     @torch.inference_mode()
     def prompt_logits(self, prompts: list[list[int]]) -> list[torch.Tensor] | None:
@@ -90,7 +98,7 @@ class Worker:
 
     def shutdown(self) -> None:
         """Drop the model and the KV pool and leave the process group."""
-        self.model = self.kv_cache = None
+        self.model = self.kv_cache = self.runner = None
         destroy_tensor_parallel()
         if self.device is not None and self.device.type == "cuda":
             torch.cuda.empty_cache()

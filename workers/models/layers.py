@@ -94,9 +94,24 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 @dataclass(frozen=True)
 class AttentionMetadata:
-    """How the flat token batch splits into sequences (prompts processed whole, for now)."""
+    """Whole sequences attending to themselves, with no KV cache (checking logits, profiling)."""
 
     seq_lens: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PagedMetadata:
+    """One engine step over the paged KV cache: the first `num_decodes` tokens are one-token
+    decodes, the rest are chunks of prompts (see kernels/ for the layouts)."""
+
+    slot_mapping: torch.Tensor
+    num_decodes: int
+    decode_block_tables: torch.Tensor
+    decode_context_lens: torch.Tensor
+    prefill_block_tables: torch.Tensor
+    prefill_query_start: torch.Tensor
+    prefill_context_lens: torch.Tensor
+    max_prefill_query_len: int
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -114,3 +129,44 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: At
         ).transpose(0, 1)
         start = end
     return out
+
+
+class Attention(nn.Module):
+    """Attention of this rank's heads, over the paged KV cache once one is bound (`kv_cache`).
+
+    With `PagedMetadata` the new keys and values are written to the cache first, then decodes and
+    prompt chunks attend through their block tables: Triton kernels on CUDA, their torch
+    references elsewhere.
+    """
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+        self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata | PagedMetadata) -> torch.Tensor:
+        if isinstance(meta, AttentionMetadata):
+            return causal_attention(q, k, v, meta, self.scale)
+        from kernels import paged_decode_attention as decode, prefill_attention as prefill, reshape_and_cache as cache
+
+        key_cache, value_cache = self.kv_cache
+        triton = q.is_cuda
+        write = cache.reshape_and_cache_triton if triton else cache.reshape_and_cache_ref
+        write(k.to(key_cache.dtype).contiguous(), v.to(value_cache.dtype).contiguous(), key_cache, value_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        n = meta.num_decodes
+        if n:
+            attend = decode.paged_decode_attention_triton if triton else decode.paged_decode_attention_ref
+            out[:n] = attend(q[:n].contiguous(), key_cache, value_cache, meta.decode_block_tables, meta.decode_context_lens, self.scale)
+        if q.shape[0] > n:
+            if triton:
+                out[n:] = prefill.prefill_attention_triton(
+                    q[n:].contiguous(), key_cache, value_cache, meta.prefill_block_tables, meta.prefill_query_start,
+                    meta.prefill_context_lens, self.scale, meta.max_prefill_query_len,
+                )
+            else:
+                out[n:] = prefill.prefill_attention_ref(
+                    q[n:], key_cache, value_cache, meta.prefill_block_tables, meta.prefill_query_start,
+                    meta.prefill_context_lens, self.scale,
+                )
+        return out

@@ -23,7 +23,9 @@ from parallel.layers import (
 from parallel.errors import ConfigError
 from parallel.state import TensorParallelGroup
 from workers.config import ModelArch
-from workers.models.layers import AttentionMetadata, RMSNorm, RotaryEmbedding, causal_attention
+from workers.models.layers import Attention, AttentionMetadata, PagedMetadata, RMSNorm, RotaryEmbedding
+
+Metadata = AttentionMetadata | PagedMetadata
 
 
 class LlamaAttention(nn.Module):
@@ -34,13 +36,13 @@ class LlamaAttention(nn.Module):
         )
         self.o_proj = RowParallelLinear(arch.num_heads * arch.head_dim, arch.hidden_size, arch.o_bias, tp)
         self.rotary_emb = rotary_emb
-        self.scale = arch.head_dim**-0.5
+        self.attn = Attention(arch.head_dim**-0.5)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: Metadata) -> torch.Tensor:
         tokens, d = hidden.shape[0], self.qkv_proj.head_dim
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
         q, k = self.rotary_emb(positions, q.view(tokens, -1, d), k.view(tokens, -1, d))
-        out = causal_attention(q, k, v.view(tokens, -1, d), meta, self.scale)
+        out = self.attn(q, k, v.view(tokens, -1, d), meta)
         return self.o_proj(out.reshape(tokens, -1))
 
 
@@ -66,7 +68,7 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = LlamaMLP(arch, tp)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: Metadata) -> torch.Tensor:
         hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), meta)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
@@ -79,7 +81,7 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(arch, tp, rotary_emb) for _ in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: Metadata) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
         for layer in self.layers:
             hidden = layer(positions, hidden, meta)
@@ -127,8 +129,13 @@ class LlamaForCausalLM(nn.Module):
             extras.append(re.compile(r"^lm_head\.weight$"))
         return extras
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: Metadata) -> torch.Tensor:
         return self.model(input_ids, positions, meta)
+
+    def bind_kv_cache(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Give each layer's attention its K and V pools."""
+        for layer, k, v in zip(self.model.layers, keys, values):
+            layer.self_attn.attn.kv_cache = (k, v)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Logits over the whole vocabulary on rank 0; None on the other ranks."""

@@ -1,0 +1,77 @@
+"""Requests and their sequences (one per completion) as the engine loop tracks them."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from driver.outputs import Logprob, RequestMetrics
+from driver.tokenizer import IncrementalDetokenizer
+from workers.sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One completion: its tokens, how many of them the KV cache holds, and its blocks."""
+
+    seq_id: int
+    request: "Request"
+    index: int
+    seed: int | None
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    """Tokens whose keys and values are in the cache (reset to 0 on preemption: recompute)."""
+    block_table: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    detokenizer: IncrementalDetokenizer | None = None
+    text: str = ""
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    logprobs: list[dict[int, Logprob]] | None = None
+    cumulative_logprob: float | None = None
+    announced: bool = False
+    """Whether rank 0 has been sent this sequence's sampling state."""
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.request.prompt_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.request.prompt_token_ids) + len(self.output_token_ids)
+
+    def token_slice(self, start: int, stop: int) -> list[int]:
+        """Tokens [start, stop) of prompt + output."""
+        prompt, n = self.request.prompt_token_ids, len(self.request.prompt_token_ids)
+        if stop <= n:
+            return prompt[start:stop]
+        if start >= n:
+            return self.output_token_ids[start - n : stop - n]
+        return prompt[start:] + self.output_token_ids[: stop - n]
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    metrics: RequestMetrics
+    seqs: list[Sequence] = field(default_factory=list)
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finished for s in self.seqs)

@@ -1,0 +1,66 @@
+"""The step messages between the driver and the workers: one `Batch` goes to every rank each step,
+one `StepResult` comes back from rank 0."""
+
+from __future__ import annotations
+
+import msgspec
+
+from workers.sampling_params import SamplingParams
+
+
+class NewSequence(msgspec.Struct, frozen=True, kw_only=True):
+    """What rank 0 keeps about a sequence for sampling, sent the first time it is scheduled."""
+
+    seq_id: int
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seed: int | None
+    """This sequence's own seed (the request's, made distinct per completion when n > 1)."""
+    stop_ids: list[int]
+    """Token ids that min_tokens keeps from ending the sequence early (end of sequence, stop_token_ids)."""
+
+
+class Batch(msgspec.Struct, frozen=True, kw_only=True):
+    """One step's work. Sequences come decodes first (one new token each), then chunks of prompts.
+
+    For sequence i, the new tokens `token_ids[sum(query_lens[:i]) : ...]` sit at positions
+    context_lens[i] - query_lens[i] ... context_lens[i] - 1, in the cache blocks of block_tables[i].
+    """
+
+    seq_ids: list[int]
+    token_ids: list[int]
+    query_lens: list[int]
+    context_lens: list[int]
+    block_tables: list[list[int]]
+    num_decodes: int
+    sample: list[bool]
+    """Whether this chunk ends the sequence's known tokens, so that a next token is sampled."""
+    prompt_logprob_counts: list[int]
+    """How many of the chunk's first positions want prompt logprobs (each predicts the next prompt token)."""
+    new_seqs: list[NewSequence] = []
+    finished_seq_ids: list[int] = []
+    """Sequences rank 0 may forget (finished or aborted)."""
+
+
+class SampledToken(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
+    seq_id: int
+    token_id: int
+    logprob: float | None = None
+    rank: int | None = None
+    """1-based rank of the chosen token in the distribution (with logprobs)."""
+    top: list[tuple[int, float]] | None = None
+    """The most likely tokens and their logprobs, best first (with logprobs)."""
+
+
+class PromptLogprobs(msgspec.Struct, frozen=True, kw_only=True):
+    seq_id: int
+    start: int
+    """Prompt position of the first token these entries are for (>= 1)."""
+    logprobs: list[float]
+    ranks: list[int]
+    top: list[list[tuple[int, float]]]
+
+
+class StepResult(msgspec.Struct, frozen=True, kw_only=True):
+    sampled: list[SampledToken] = []
+    prompt_logprobs: list[PromptLogprobs] = []
