@@ -70,6 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     load.add_argument("--repeat", type=int, default=1, help="runs of each; the best is shown")
     load.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+    tput = bench_sub.add_parser("throughput", help="offline generation against transformers' batched generate")
+    tput.add_argument("--num-prompts", type=int, default=64)
+    tput.add_argument("--input-len", type=int, default=32, help="prompt length (the shortest, with --input-len-max)")
+    tput.add_argument("--input-len-max", type=int, default=None, help="draw prompt lengths from [input-len, this]")
+    tput.add_argument("--output-len", type=int, default=64)
+    tput.add_argument("--bench-seed", type=int, default=0, help="seed of the random prompts")
+    tput.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    add_engine_args(tput)
     return parser
 
 
@@ -90,10 +99,35 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 
 
 def cmd_bench(ns: argparse.Namespace) -> int:
+    if ns.bench_command == "throughput":
+        return cmd_bench_throughput(ns)
     from driver.bench import bench_load, format_bench_load
 
     results = bench_load(ns.model, ns.dtype, ns.repeat)
     print(json.dumps(results) if ns.json else format_bench_load(ns.model, ns.dtype, results))
+    return 0
+
+
+def cmd_bench_throughput(ns: argparse.Namespace) -> int:
+    from driver import bench
+
+    args = engine_args_from(ns)
+    config = args.create_engine_config()
+    lengths = (ns.input_len, ns.input_len_max or ns.input_len)
+    prompts = bench.random_prompts(ns.num_prompts, lengths, config.model.arch.vocab_size, ns.bench_seed)
+    engine_args = {f.name: getattr(args, f.name) for f in fields(EngineArgs) if getattr(args, f.name) != f.default}
+    ours = bench.run_shardlm_throughput(engine_args, prompts, ns.output_len)
+    weights = config.model.path if config.model.gguf_file is None else f"{config.model.path}/{config.model.gguf_file}"
+    theirs = bench.run_transformers_throughput(weights, config.model.dtype, prompts, ns.output_len)
+    setup = (
+        f"{config.model.model or 'default'} ({config.model.dtype}, {config.model.device}, tp={args.tensor_parallel_size}), "
+        f"{ns.num_prompts} prompts x {lengths[0]}{'-' + str(lengths[1]) if lengths[1] != lengths[0] else ''} tokens, "
+        f"{ns.output_len} new tokens each"
+    )
+    if ns.json:
+        print(json.dumps({"setup": setup, "shardlm": ours, "transformers": theirs, "ratio": ours["tokens_per_s"] / theirs["tokens_per_s"]}))
+    else:
+        print(bench.format_throughput(setup, ours, theirs))
     return 0
 
 

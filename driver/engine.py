@@ -60,10 +60,11 @@ class Engine:
         with _timed(phases, "workers"):
             self.workers = WorkerGroup.start(config, self.placement, self.env)
             address, port = self.workers.call_actor("rendezvous_address", ranks=[0], timeout_s=TIMEOUTS_S["init_device"])[0]
-            self.workers.call("init_device", address, port, timeout_s=TIMEOUTS_S["init_device"])
+            nodes = self.node_ids()
+            threads = [(address, port, n) for n in self._cpu_threads(nodes)]
+            self.workers.call("init_device", rank_args=threads, timeout_s=TIMEOUTS_S["init_device"])
         with _timed(phases, "weights"):
             weights = self.workers.call("load_model", timeout_s=TIMEOUTS_S["load_model"])
-        nodes = self.node_ids()
         with _timed(phases, "profile"):
             shares = self._node_shares(nodes)
             profiles = self.workers.call("profile_memory", rank_args=shares, timeout_s=TIMEOUTS_S["profile_memory"])
@@ -91,8 +92,15 @@ class Engine:
     def _node_shares(nodes: list[str]) -> list[tuple[int, int | None]]:
         """(ranks on the same node, the node's Ray memory resource) for each rank."""
         per_node = Counter(nodes)
-        memory = {n["NodeID"]: n.get("Resources", {}).get("memory") for n in ray.nodes() if n.get("Alive")}
+        memory = _node_resource("memory")
         return [(per_node[node], int(memory[node]) if memory.get(node) else None) for node in nodes]
+
+    def _cpu_threads(self, nodes: list[str]) -> list[int | None]:
+        """On CPU, each rank's torch threads: its node's CPUs shared among the ranks there."""
+        if self.config.model.device != "cpu":
+            return [None] * len(nodes)
+        per_node, cpus = Counter(nodes), _node_resource("CPU")
+        return [max(1, int(cpus.get(node) or 1) // per_node[node]) for node in nodes]
 
     # -- generation ---------------------------------------------------------------------------
 
@@ -173,6 +181,10 @@ def _timed(phases: dict[str, float], name: str) -> Iterator[None]:
     finally:
         phases[name] = time.perf_counter() - start
         logger.info("%s took %.2f s", name, phases[name])
+
+
+def _node_resource(name: str) -> dict[str, float]:
+    return {n["NodeID"]: n.get("Resources", {}).get(name) for n in ray.nodes() if n.get("Alive")}
 
 
 def _preview(text: str, width: int = 40) -> str:

@@ -14,6 +14,7 @@ block_tables [B, max_blocks] (int32); context_lens [B] (int32, >= 1).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -27,6 +28,27 @@ def context_slots(block_tables: torch.Tensor, length: int, block_size: int) -> t
     return blocks * block_size + positions % block_size
 
 
+def decode_gather_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slots [B, L], visible [B, 1, 1, L]) for the longest context L: what the reference reads.
+    The same for every layer of a step, so the engine computes it once per step."""
+    longest = int(context_lens.max())
+    slots = context_slots(block_tables, longest, block_size)
+    visible = torch.arange(longest, device=block_tables.device)[None, :] < context_lens[:, None].long()
+    return slots, visible[:, None, None, :]
+
+
+def paged_decode_attention_gathered(
+    q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, slots: torch.Tensor, visible: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """The reference's maths given its gather plan: gather each context, then masked attention."""
+    batch, heads, dim = q.shape
+    kv_heads = key_cache.shape[2]
+    keys = key_cache.view(-1, kv_heads, dim)[slots].transpose(1, 2)  # [B, H_kv, L, D]
+    values = value_cache.view(-1, kv_heads, dim)[slots].transpose(1, 2)
+    out = F.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=visible, scale=scale, enable_gqa=True)
+    return out.view(batch, heads, dim)
+
+
 def paged_decode_attention_ref(
     q: torch.Tensor,
     key_cache: torch.Tensor,
@@ -35,19 +57,8 @@ def paged_decode_attention_ref(
     context_lens: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    batch, heads, dim = q.shape
-    _, block_size, kv_heads, _ = key_cache.shape
-    group = heads // kv_heads
-    longest = int(context_lens.max())
-    slots = context_slots(block_tables, longest, block_size)  # [B, L]
-    keys = key_cache.view(-1, kv_heads, dim)[slots].float()  # [B, L, H_kv, D]
-    values = value_cache.view(-1, kv_heads, dim)[slots].float()
-    queries = q.float().view(batch, kv_heads, group, dim)
-    scores = torch.einsum("bkgd,blkd->bkgl", queries, keys) * scale
-    beyond = torch.arange(longest, device=q.device)[None, :] >= context_lens[:, None]
-    scores = scores.masked_fill(beyond[:, None, None, :], float("-inf"))
-    out = torch.einsum("bkgl,blkd->bkgd", scores.softmax(dim=-1), values)
-    return out.reshape(batch, heads, dim).to(q.dtype)
+    slots, visible = decode_gather_plan(block_tables, context_lens, key_cache.shape[1])
+    return paged_decode_attention_gathered(q, key_cache, value_cache, slots, visible, scale)
 
 
 @triton.jit

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kernels.paged_decode_attention import decode_gather_plan
 from parallel.state import TensorParallelGroup
 from workers.batch import Batch, StepResult
 from workers.config import EngineConfig
@@ -51,11 +52,14 @@ class ModelRunner:
         slots = tables[seq_of_token, positions // bs].long() * bs + positions % bs
         n = batch.num_decodes
         prefill_query = query[n:]
+        decode_tables, decode_lens = tables[:n].to(device), context[:n].to(torch.int32).to(device)
+        plan = decode_gather_plan(decode_tables, decode_lens, bs) if n and device.type != "cuda" else None
         meta = PagedMetadata(
             slot_mapping=slots.to(device),
             num_decodes=n,
-            decode_block_tables=tables[:n].to(device),
-            decode_context_lens=context[:n].to(torch.int32).to(device),
+            decode_block_tables=decode_tables,
+            decode_context_lens=decode_lens,
+            decode_plan=plan,
             prefill_block_tables=tables[n:].to(device),
             prefill_query_start=torch.cat([torch.zeros(1, dtype=torch.long), prefill_query.cumsum(0)]).to(torch.int32).to(device),
             prefill_context_lens=context[n:].to(torch.int32).to(device),

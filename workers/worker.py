@@ -40,8 +40,11 @@ class Worker:
         self.kv_cache: KVCache | None = None
         self.runner: ModelRunner | None = None
 
-    def init_device(self, address: str = "127.0.0.1", port: int = 0) -> None:
-        """Pick this rank's device and join the tensor-parallel process group."""
+    def init_device(self, address: str = "127.0.0.1", port: int = 0, cpu_threads: int | None = None) -> None:
+        """Pick this rank's device (on CPU, with `cpu_threads` torch threads) and join the
+        tensor-parallel process group."""
+        if cpu_threads:
+            torch.set_num_threads(cpu_threads)
         if self.config.model.device == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)

@@ -80,14 +80,15 @@ class RotaryEmbedding(nn.Module):
         table = torch.stack([angles.cos(), angles.sin()], dim=1)
         self.cos_sin = table.to(self.cos_sin.device)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate q [T, heads, d] and k [T, kv_heads, d] by their tokens' positions [T]."""
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [T, 1, d] for the tokens' positions [T]: looked up once per step, used by every layer."""
         cos_sin = self.cos_sin[positions]
-        cos, sin = cos_sin[:, 0, None, :].to(q.dtype), cos_sin[:, 1, None, :].to(q.dtype)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        return cos_sin[:, 0, None, :].to(dtype), cos_sin[:, 1, None, :].to(dtype)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate x [T, heads, d] by the (cos, sin) of its tokens' positions."""
+    cos, sin = rope
     first, second = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-second, first], dim=-1) * sin
 
@@ -108,6 +109,8 @@ class PagedMetadata:
     num_decodes: int
     decode_block_tables: torch.Tensor
     decode_context_lens: torch.Tensor
+    decode_plan: tuple[torch.Tensor, torch.Tensor] | None
+    """The torch path's gather plan for the decodes (kernels.paged_decode_attention), made once per step."""
     prefill_block_tables: torch.Tensor
     prefill_query_start: torch.Tensor
     prefill_context_lens: torch.Tensor
@@ -155,9 +158,12 @@ class Attention(nn.Module):
         write(k.to(key_cache.dtype).contiguous(), v.to(value_cache.dtype).contiguous(), key_cache, value_cache, meta.slot_mapping)
         out = torch.empty_like(q)
         n = meta.num_decodes
-        if n:
-            attend = decode.paged_decode_attention_triton if triton else decode.paged_decode_attention_ref
-            out[:n] = attend(q[:n].contiguous(), key_cache, value_cache, meta.decode_block_tables, meta.decode_context_lens, self.scale)
+        if n and triton:
+            out[:n] = decode.paged_decode_attention_triton(
+                q[:n].contiguous(), key_cache, value_cache, meta.decode_block_tables, meta.decode_context_lens, self.scale
+            )
+        elif n:
+            out[:n] = decode.paged_decode_attention_gathered(q[:n], key_cache, value_cache, *meta.decode_plan, self.scale)
         if q.shape[0] > n:
             if triton:
                 out[n:] = prefill.prefill_attention_triton(

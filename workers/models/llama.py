@@ -23,25 +23,25 @@ from parallel.layers import (
 from parallel.errors import ConfigError
 from parallel.state import TensorParallelGroup
 from workers.config import ModelArch
-from workers.models.layers import Attention, AttentionMetadata, PagedMetadata, RMSNorm, RotaryEmbedding
+from workers.models.layers import Attention, AttentionMetadata, PagedMetadata, RMSNorm, RotaryEmbedding, apply_rotary
 
 Metadata = AttentionMetadata | PagedMetadata
+Rope = tuple[torch.Tensor, torch.Tensor]
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, arch: ModelArch, tp: TensorParallelGroup, rotary_emb: RotaryEmbedding) -> None:
+    def __init__(self, arch: ModelArch, tp: TensorParallelGroup) -> None:
         super().__init__()
         self.qkv_proj = QKVParallelLinear(
             arch.hidden_size, arch.head_dim, arch.num_heads, arch.num_kv_heads, arch.qkv_bias, tp
         )
         self.o_proj = RowParallelLinear(arch.num_heads * arch.head_dim, arch.hidden_size, arch.o_bias, tp)
-        self.rotary_emb = rotary_emb
         self.attn = Attention(arch.head_dim**-0.5)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: Metadata) -> torch.Tensor:
+    def forward(self, rope: Rope, hidden: torch.Tensor, meta: Metadata) -> torch.Tensor:
         tokens, d = hidden.shape[0], self.qkv_proj.head_dim
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
-        q, k = self.rotary_emb(positions, q.view(tokens, -1, d), k.view(tokens, -1, d))
+        q, k = apply_rotary(q.view(tokens, -1, d), rope), apply_rotary(k.view(tokens, -1, d), rope)
         out = self.attn(q, k, v.view(tokens, -1, d), meta)
         return self.o_proj(out.reshape(tokens, -1))
 
@@ -61,15 +61,15 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArch, tp: TensorParallelGroup, rotary_emb: RotaryEmbedding) -> None:
+    def __init__(self, arch: ModelArch, tp: TensorParallelGroup) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.self_attn = LlamaAttention(arch, tp, rotary_emb)
+        self.self_attn = LlamaAttention(arch, tp)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = LlamaMLP(arch, tp)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: Metadata) -> torch.Tensor:
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), meta)
+    def forward(self, rope: Rope, hidden: torch.Tensor, meta: Metadata) -> torch.Tensor:
+        hidden = hidden + self.self_attn(rope, self.input_layernorm(hidden), meta)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
@@ -77,14 +77,15 @@ class LlamaModel(nn.Module):
     def __init__(self, arch: ModelArch, tp: TensorParallelGroup, max_positions: int) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, tp)
-        rotary_emb = RotaryEmbedding(arch.head_dim, arch.rope_theta, arch.rope_scaling, max_positions)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, tp, rotary_emb) for _ in range(arch.num_layers))
+        self.rotary_emb = RotaryEmbedding(arch.head_dim, arch.rope_theta, arch.rope_scaling, max_positions)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, tp) for _ in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: Metadata) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
+        rope = self.rotary_emb(positions, hidden.dtype)
         for layer in self.layers:
-            hidden = layer(positions, hidden, meta)
+            hidden = layer(rope, hidden, meta)
         return self.norm(hidden)
 
 
