@@ -11,14 +11,15 @@ class HasBlocks(Protocol):
 
 
 class BlockManager:
-    """Hands out the `num_blocks` blocks of every rank's pool (all ranks hold the same layout).
+    """Hands out blocks 1 .. num_blocks of every rank's pool (all ranks hold the same layout;
+    block 0 is the null block, never handed out).
 
     Invariant: a block is either free or in exactly one sequence's table.
     """
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, first_block: int = 1) -> None:
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.free_blocks: deque[int] = deque(range(num_blocks))
+        self.free_blocks: deque[int] = deque(range(first_block, first_block + num_blocks))
 
     @property
     def num_free(self) -> int:

@@ -149,6 +149,9 @@ class Engine:
     def abort(self, request_ids: list[str]) -> None:
         self.loop.abort(request_ids)
 
+    def stats(self) -> dict[str, int]:
+        return self.loop.stats()
+
     def node_ids(self) -> list[str]:
         """The Ray node each rank runs on."""
         return self.workers.call_actor("node_id")

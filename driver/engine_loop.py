@@ -29,6 +29,7 @@ class EngineLoop:
         self.next_seq_id = 0
         self.to_forget: list[int] = []
         self.eos_token_id = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+        self.steps = self.preemptions = 0
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -76,13 +77,25 @@ class EngineLoop:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
+    def stats(self) -> dict[str, int]:
+        """Counters since start: steps run, sequences preempted; and the queues now."""
+        return {
+            "steps": self.steps,
+            "preemptions": self.preemptions,
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "free_blocks": self.scheduler.blocks.num_free,
+        }
+
     # -- a step -----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         """Schedule, run the batch on every rank, apply the sampled tokens; the requests that changed."""
         planned = self.scheduler.schedule()
+        self.preemptions += len(planned.preempted)
         if not planned.scheduled:
             return []
+        self.steps += 1
         now = time.time()
         batch = self._batch(planned)
         result = self.execute(batch)

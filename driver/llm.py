@@ -112,6 +112,10 @@ class LLM:
             if pending and self._engine is not None:
                 _result(self._engine.abort.remote(sorted(pending)))
 
+    def stats(self) -> dict[str, int]:
+        """The engine's counters: steps, preemptions, running and waiting sequences, free blocks."""
+        return _result(self._live_engine().stats.remote())
+
     def get_tokenizer(self) -> Any:
         """The model's tokenizer, loaded in this process on first use."""
         if self._tokenizer is None:

@@ -8,7 +8,8 @@ key/value head), over the context positions j < L_b:
     K[b, j] = key_cache[block_tables[b, j // block_size], j % block_size, h // G]   (V likewise)
 
 Layouts: q [B, H, D]; key_cache, value_cache [num_blocks, block_size, H_kv, D];
-block_tables [B, max_blocks] (int32); context_lens [B] (int32, >= 1).
+block_tables [B, max_blocks] (int32); context_lens [B] (int32, >= 1). The torch reference reads
+slot 0 for positions past a context: block 0 must hold finite values (the engine keeps it zero).
 """
 
 from __future__ import annotations
@@ -30,10 +31,14 @@ def context_slots(block_tables: torch.Tensor, length: int, block_size: int) -> t
 
 def decode_gather_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(slots [B, L], visible [B, 1, 1, L]) for the longest context L: what the reference reads.
-    The same for every layer of a step, so the engine computes it once per step."""
+
+    Positions past a sequence's context read slot 0, whose block the cache keeps zero: a
+    masked-out position must not bring uninitialised memory (NaN) into the weighted sum. The plan
+    is the same for every layer of a step, so the engine makes it once per step.
+    """
     longest = int(context_lens.max())
-    slots = context_slots(block_tables, longest, block_size)
     visible = torch.arange(longest, device=block_tables.device)[None, :] < context_lens[:, None].long()
+    slots = context_slots(block_tables, longest, block_size).masked_fill(~visible, 0)
     return slots, visible[:, None, None, :]
 
 

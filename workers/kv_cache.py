@@ -3,7 +3,9 @@
 After loading, each rank runs one forward pass of `max_num_batched_tokens` tokens and answers
 how many bytes it can give its KV cache. The driver turns bytes into blocks, takes the minimum
 over ranks, and every rank allocates exactly that many: per layer a K pool and a V pool of shape
-[num_blocks, block_size, kv_heads_per_rank, head_dim].
+[num_blocks + 1, block_size, kv_heads_per_rank, head_dim]. Block 0 is the null block: zeroed,
+never handed out, it is where padding in block tables and gathers points, so that reading past
+a context never meets uninitialised memory (0 x NaN is NaN even under a zero attention weight).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from workers.models.layers import AttentionMetadata
 if TYPE_CHECKING:
     from workers.worker import Worker
 
+NULL_BLOCKS = 1
+"""Blocks allocated besides the usable ones: block 0, always zero."""
 CPU_KV_SHARE = 0.25
 """On CPU without kv_cache_memory_bytes: this share of the node's available memory goes to the
 KV cache, split evenly among the ranks on the node."""
@@ -126,13 +130,13 @@ def choose_num_blocks(config: EngineConfig, profiles: list[MemoryProfile]) -> in
     tp = config.parallel.tensor_parallel_size
     block_bytes = kv_block_bytes(config, tp)
     poorest = min(profiles, key=lambda p: p.kv_cache_bytes)
-    blocks = max(0, poorest.kv_cache_bytes // block_bytes)
+    blocks = max(0, poorest.kv_cache_bytes // block_bytes - NULL_BLOCKS)
     if config.cache.num_gpu_blocks_override is not None:
         blocks = config.cache.num_gpu_blocks_override
     elif blocks < 1:
         raise InsufficientMemory(
             f"no room for the KV cache on rank {poorest.rank}: it can give {poorest.kv_cache_bytes} bytes "
-            f"({poorest.budget}), and one block takes {block_bytes} bytes. Raise gpu_memory_utilization or "
+            f"({poorest.budget}), and the null block and one more take {2 * block_bytes} bytes. Raise gpu_memory_utilization or "
             "kv_cache_memory_bytes, use more ranks (tensor_parallel_size), or lower max_num_batched_tokens"
         )
     block_size, max_len = config.cache.block_size, config.model.max_model_len
@@ -147,14 +151,16 @@ def choose_num_blocks(config: EngineConfig, profiles: list[MemoryProfile]) -> in
 
 
 class KVCache:
-    """One rank's paged KV cache: per layer, K and V pools [num_blocks, block_size, kv_heads, head_dim]."""
+    """One rank's paged KV cache: per layer, K and V pools [num_blocks + 1, block_size, kv_heads, head_dim],
+    block 0 the null block."""
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         self.keys, self.values = keys, values
 
     @property
     def num_blocks(self) -> int:
-        return self.keys[0].shape[0] if self.keys else 0
+        """Usable blocks (the null block not counted)."""
+        return self.keys[0].shape[0] - NULL_BLOCKS if self.keys else 0
 
     @property
     def nbytes(self) -> int:
@@ -163,11 +169,13 @@ class KVCache:
     @classmethod
     def allocate(cls, config: EngineConfig, tp_size: int, num_blocks: int, device: torch.device) -> "KVCache":
         arch = config.model.arch
-        shape = (num_blocks, config.cache.block_size, kv_heads_per_rank(arch.num_kv_heads, tp_size), arch.head_dim)
+        shape = (num_blocks + NULL_BLOCKS, config.cache.block_size, kv_heads_per_rank(arch.num_kv_heads, tp_size), arch.head_dim)
         dtype = getattr(torch, config.model.dtype)
         try:
             keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(arch.num_layers)]
             values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(arch.num_layers)]
         except torch.OutOfMemoryError as exc:
             raise InsufficientMemory(f"allocating {num_blocks} KV blocks of shape {shape} failed: {exc}") from exc
+        for pool in keys + values:
+            pool[:NULL_BLOCKS].zero_()
         return cls(keys, values)

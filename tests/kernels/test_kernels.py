@@ -20,19 +20,27 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
 def paged_setup(block_size: int, kv_heads: int, dim: int, lengths: list[int], dtype, seed: int = 0):
-    """A cache whose blocks are handed out in shuffled order, and each sequence's block table."""
+    """A cache as the engine keeps it: block 0 zero (the null block), blocks handed out in shuffled
+    order, and NaN wherever nothing was written (unused blocks, the tails of last blocks), which
+    no kernel may let into a result."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
     needed = [-(-n // block_size) for n in lengths]
     num_blocks = sum(needed) + 3
-    order = list(range(num_blocks))
+    order = list(range(1, num_blocks))
     rng.shuffle(order)
     tables = torch.zeros(len(lengths), max(needed), dtype=torch.int32)
-    for s, count in enumerate(needed):
+    written = torch.zeros(num_blocks, block_size, dtype=torch.bool)
+    for s, (count, length) in enumerate(zip(needed, lengths)):
         tables[s, :count] = torch.tensor([order.pop() for _ in range(count)])
-    key_cache = torch.randn(num_blocks, block_size, kv_heads, dim).to(dtype)
-    value_cache = torch.randn(num_blocks, block_size, kv_heads, dim).to(dtype)
-    return key_cache, value_cache, tables
+        for pos in range(length):
+            written[tables[s, pos // block_size], pos % block_size] = True
+    caches = []
+    for _ in range(2):
+        cache = torch.randn(num_blocks, block_size, kv_heads, dim).masked_fill(~written[:, :, None, None], float("nan"))
+        cache[0] = 0.0
+        caches.append(cache.to(dtype))
+    return caches[0], caches[1], tables
 
 
 @pytest.mark.parametrize("block_size", [8, 16, 128])
@@ -63,6 +71,7 @@ def test_paged_decode_attention(block_size, heads, kv_heads, dtype) -> None:
     lens = torch.tensor(lengths, dtype=torch.int32)
     expected = paged_decode_attention_ref(q, key_cache, value_cache, tables, lens, dim**-0.5)
     got = paged_decode_attention_triton(q, key_cache, value_cache, tables, lens, dim**-0.5)
+    assert torch.isfinite(expected).all() and torch.isfinite(got).all()
     torch.testing.assert_close(got.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])
 
 
@@ -95,6 +104,7 @@ def test_prefill_attention_against_cached_context(block_size, heads, kv_heads, d
     lens = torch.tensor([c for _, c in shapes], dtype=torch.int32)
     expected = prefill_attention_ref(q, key_cache, value_cache, tables, query_start, lens, dim**-0.5)
     got = prefill_attention_triton(q, key_cache, value_cache, tables, query_start, lens, dim**-0.5)
+    assert torch.isfinite(expected).all() and torch.isfinite(got).all()
     torch.testing.assert_close(got.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])
 
 

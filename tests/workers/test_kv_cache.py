@@ -45,7 +45,7 @@ def test_block_bytes(config) -> None:
 
 def test_the_poorest_rank_sets_the_count(config) -> None:
     block = kv_block_bytes(config, 2)
-    assert choose_num_blocks(config, [profile(0, 100 * block), profile(1, 37 * block + 5)]) == 37
+    assert choose_num_blocks(config, [profile(0, 100 * block), profile(1, 37 * block + 5)]) == 36  # and the null block
 
 
 def test_override_wins(config) -> None:
@@ -55,10 +55,10 @@ def test_override_wins(config) -> None:
 
 def test_no_room_and_too_long(config) -> None:
     block = kv_block_bytes(config, 2)
-    with pytest.raises(InsufficientMemory, match=rf"rank 1: it can give {block - 1} bytes"):
-        choose_num_blocks(config, [profile(0, 10 * block), profile(1, block - 1)])
+    with pytest.raises(InsufficientMemory, match=rf"rank 1: it can give {2 * block - 1} bytes"):
+        choose_num_blocks(config, [profile(0, 10 * block), profile(1, 2 * block - 1)])
     with pytest.raises(ConfigError, match=r"holds 10 blocks of 16 tokens = 160 tokens\. Set max_model_len <= 160"):
-        choose_num_blocks(config, [profile(0, 10 * block), profile(1, 10 * block)])
+        choose_num_blocks(config, [profile(0, 11 * block), profile(1, 11 * block)])
 
 
 def test_profile_batch_respects_max_model_len_and_max_num_seqs(config) -> None:
@@ -76,6 +76,7 @@ def test_cpu_budget_is_shared_by_the_ranks_of_a_node(config) -> None:
 
 def test_allocation_shapes(config) -> None:
     cache = KVCache.allocate(config, 2, 5, torch.device("cpu"))
-    assert len(cache.keys) == len(cache.values) == 2
-    assert cache.keys[0].shape == (5, 16, 2, 8) and cache.keys[0].dtype == torch.float32
-    assert cache.nbytes == 5 * kv_block_bytes(config, 2)
+    assert len(cache.keys) == len(cache.values) == 2 and cache.num_blocks == 5
+    assert cache.keys[0].shape == (6, 16, 2, 8) and cache.keys[0].dtype == torch.float32
+    assert cache.nbytes == 6 * kv_block_bytes(config, 2)
+    assert not cache.keys[1][0].any() and not cache.values[0][0].any(), "the null block is zero"
