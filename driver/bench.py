@@ -116,9 +116,6 @@ def format_bench_load(model: str, dtype: str, results: dict[str, dict[str, float
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    print(json.dumps(child(*sys.argv[1:4])))
-
 
 # ----------------------------------------------------------------------------------------------
 # shardlm bench throughput
@@ -186,3 +183,7 @@ def format_throughput(setup: str, ours: dict[str, float], theirs: dict[str, floa
         f"{'output tokens / s':28}{ours['tokens_per_s']:>12.1f}{theirs['tokens_per_s']:>14.1f}",
         f"ratio (shardlm / transformers): {ratio:.2f}",
     ])
+
+
+if __name__ == "__main__":
+    print(json.dumps(child(*sys.argv[1:4])))

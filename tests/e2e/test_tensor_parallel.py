@@ -15,6 +15,7 @@ PROMPTS = [[1, 17, 42, 99, 5, 250, 299, 3, 64, 128, 7], [2, 200], list(range(30,
 TOLERANCE = 1e-4
 SMALL = dict(max_num_batched_tokens=256, kv_cache_memory_bytes=8 * 2**20, device="cpu")
 SMOLLM2 = dict(SMALL, max_model_len=512, kv_cache_memory_bytes=32 * 2**20)
+# SmolLM2 at three ranks (logits, greedy text, bytes and pages per rank): tests/e2e/test_generate.py
 
 
 def check_logits(llm: LLM, hf, prompts) -> None:
@@ -34,25 +35,15 @@ def test_tiny_llama_logits_match_transformers(ray_cluster, tiny_checkpoint, fami
         report = llm.load_report
         assert [r.rank for r in report.ranks] == list(range(tp))
         assert {r.world_size for r in report.ranks} == {tp}
+        check_every_rank_allocates_the_minimum(llm, tp)
 
 
-@pytest.mark.parametrize("source", ["gguf", "safetensors"])
-def test_smollm2_at_three_ranks(ray_cluster, smollm2_gguf, smollm2_reference, source) -> None:
-    folder, hf = smollm2_reference
-    model = str(smollm2_gguf) if source == "gguf" else str(folder)
-    with LLM(model, tensor_parallel_size=3, **SMOLLM2) as llm:
-        tokenizer_ids = [[1, 504, 3575, 282, 4649, 314], [9519, 30, 2, 17, 4, 1000, 30000]]
-        check_logits(llm, hf, tokenizer_ids)
-        for rank in llm.load_report.ranks:
-            # one third of every split tensor; norms (a few KiB) are read whole by every rank
-            assert rank.bytes_read <= 0.36 * rank.checkpoint_bytes
-            assert rank.pages_touched * 4096 <= 0.36 * rank.checkpoint_bytes + 4096 * 300
-
-
-def test_smollm2_single_rank_on_ray(ray_cluster, smollm2_gguf, smollm2_reference) -> None:
-    with LLM(str(smollm2_gguf), **SMOLLM2) as llm:
-        check_logits(llm, smollm2_reference[1], [[1, 504, 3575, 282, 4649, 314]])
-        assert llm.load_report.ranks[0].bytes_read == llm.load_report.ranks[0].checkpoint_bytes
+def check_every_rank_allocates_the_minimum(llm: LLM, tp: int) -> None:
+    report = llm.load_report
+    block = kv_block_bytes(llm.config, tp)
+    assert report.num_blocks == min(p.kv_cache_bytes for p in report.memory) // block - 1  # the null block
+    assert report.kv_cache_bytes == [(report.num_blocks + 1) * block] * tp
+    assert report.token_capacity == report.num_blocks * 16
 
 
 def test_smollm2_at_two_ranks_is_refused_before_any_worker_starts(ray_cluster, smollm2_gguf) -> None:
@@ -74,19 +65,9 @@ def test_wide_rows_each_rank_touches_about_half(ray_cluster, tiny_checkpoint) ->
             assert pages_bytes <= 0.6 * rank.checkpoint_bytes, rank
 
 
-def test_every_rank_allocates_the_minimum_block_count(ray_cluster, tiny_checkpoint) -> None:
-    folder, _ = tiny_checkpoint("llama_8h4kv")
-    with LLM(str(folder), tensor_parallel_size=2, skip_tokenizer_init=True, **SMALL) as llm:
-        report = llm.load_report
-        block = kv_block_bytes(llm.config, 2)
-        assert report.num_blocks == min(p.kv_cache_bytes for p in report.memory) // block - 1  # the null block
-        assert report.kv_cache_bytes == [(report.num_blocks + 1) * block] * 2
-        assert report.token_capacity == report.num_blocks * 16
-
-
 def test_block_override_and_a_pool_too_small_for_max_model_len(ray_cluster, tiny_checkpoint) -> None:
     folder, _ = tiny_checkpoint("llama_8h4kv")
-    with LLM(str(folder), tensor_parallel_size=2, skip_tokenizer_init=True, num_gpu_blocks_override=20, **SMALL) as llm:
+    with LLM(str(folder), skip_tokenizer_init=True, num_gpu_blocks_override=20, **SMALL) as llm:
         assert llm.load_report.num_blocks == 20
     with pytest.raises(ConfigError, match=r"max_model_len=256 does not fit .* holds 4 blocks of 16 tokens = 64 tokens\. Set max_model_len <= 64"):
-        LLM(str(folder), tensor_parallel_size=2, skip_tokenizer_init=True, num_gpu_blocks_override=4, **SMALL)
+        LLM(str(folder), skip_tokenizer_init=True, num_gpu_blocks_override=4, **SMALL)
