@@ -29,7 +29,7 @@ test: setup
 	$(PY) -m pytest tests
 
 run: setup
-	$(VENV)/bin/shardlm generate
+	$(VENV)/bin/shardlm generate --temperature 0 --max-tokens 32
 
 clean:
 	rm -rf $(VENV)

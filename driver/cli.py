@@ -57,9 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="load a model and continue prompts greedily")
+    gen = sub.add_parser("generate", help="start an engine and complete prompts")
     gen.add_argument("prompts", nargs="*", help=f"prompts (default: {DEFAULT_PROMPT!r})")
     gen.add_argument("--max-tokens", type=int, default=16, help="new tokens per prompt (default: 16)")
+    gen.add_argument("--temperature", type=float, default=1.0, help="0 samples greedily (default: 1.0)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--json", action="store_true", help="print machine-readable JSON")
     add_engine_args(gen)
 
@@ -83,18 +86,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
-    from driver.loading import load_in_process
+    from driver.llm import LLM
+    from workers.sampling_params import SamplingParams
 
-    loaded = load_in_process(engine_args_from(ns))
+    args = engine_args_from(ns)
+    params = SamplingParams(max_tokens=ns.max_tokens, temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k)
     prompts = ns.prompts or [DEFAULT_PROMPT]
-    outputs = [loaded.greedy(p, ns.max_tokens) for p in prompts]
+    engine_args = {f.name: getattr(args, f.name) for f in fields(EngineArgs) if getattr(args, f.name) != f.default}
+    with LLM(**engine_args) as llm:
+        outputs = llm.generate(prompts, params, use_tqdm=not ns.json)
+        report = llm.load_report
     if ns.json:
-        report = json.loads(loaded.report.to_json())
-        print(json.dumps({"load_report": report, "outputs": [{"prompt": p, "text": t} for p, t in zip(prompts, outputs)]}))
+        texts = [{"prompt": p, "text": o.outputs[0].text, "token_ids": o.outputs[0].token_ids,
+                  "finish_reason": o.outputs[0].finish_reason} for p, o in zip(prompts, outputs)]
+        print(json.dumps({"load_report": json.loads(report.to_json()), "outputs": texts}))
         return 0
-    print(loaded.report.format())
-    for prompt, text in zip(prompts, outputs):
-        print(f"\n{prompt!r} -> {text!r}")
+    print(report.format())
+    for prompt, out in zip(prompts, outputs):
+        print(f"\n{prompt!r} -> {out.outputs[0].text!r}")
     return 0
 
 
@@ -136,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if ns.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return {"generate": cmd_generate, "bench": cmd_bench}[ns.command](ns)
-    except (ShardLMError, TypeError) as exc:
+    except (ShardLMError, TypeError, ValueError) as exc:
         if ns.debug:
             raise
         print(f"shardlm: error: {exc}", file=sys.stderr)

@@ -16,6 +16,7 @@ from driver.engine import EngineActor
 from driver.outputs import RequestOutput
 from driver.report import LoadReport
 from parallel.errors import EngineDeadError, ShardLMError
+from workers.kv_cache import check_pool_fits
 from workers.models import model_class
 from workers.sampling_params import SamplingParams
 
@@ -53,6 +54,8 @@ class LLM:
         connect(ray_address, num_cpus=args.tensor_parallel_size)
         self.config = args.create_engine_config(**_cluster_device(args.device))
         model_class(self.config.model.arch.architecture).check_layout(self.config.model.arch, args.tensor_parallel_size)
+        if args.num_gpu_blocks_override is not None:
+            check_pool_fits(self.config, args.num_gpu_blocks_override)
         env = forwarded_env()
         current = ray.util.get_current_placement_group()
         self._engine = EngineActor.options(runtime_env={"env_vars": env}).remote(self.config, env, current, placement_strategy)

@@ -37,15 +37,16 @@ def prefill_attention_ref(
         first, last = starts[s], starts[s + 1]
         new = last - first
         slots = context_slots(block_tables[s : s + 1], length, block_size)[0]
-        keys = key_cache.view(-1, kv_heads, dim)[slots].transpose(0, 1)
-        values = value_cache.view(-1, kv_heads, dim)[slots].transpose(0, 1)
-        queries = q[first:last].transpose(0, 1)
+        # [1, heads, T, D]: SDPA's fast CPU path wants a batch dimension
+        keys = key_cache.view(-1, kv_heads, dim)[slots].transpose(0, 1)[None]
+        values = value_cache.view(-1, kv_heads, dim)[slots].transpose(0, 1)[None]
+        queries = q[first:last].transpose(0, 1)[None]
         if new == length:
             attended = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, scale=scale, enable_gqa=True)
         else:
             visible = torch.arange(length, device=q.device)[None, :] <= torch.arange(length - new, length, device=q.device)[:, None]
             attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=visible, scale=scale, enable_gqa=True)
-        out[first:last] = attended.transpose(0, 1)
+        out[first:last] = attended[0].transpose(0, 1)
     return out
 
 

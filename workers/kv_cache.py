@@ -73,10 +73,13 @@ def profile_batch(config: EngineConfig) -> list[int]:
 
 @torch.inference_mode()
 def _profile_forward(worker: "Worker") -> None:
+    """The largest step: max_num_batched_tokens tokens through the model, and logits for as many
+    rows as a step samples at most (max_num_seqs)."""
     lengths = profile_batch(worker.config)
     ids = torch.zeros(sum(lengths), dtype=torch.long, device=worker.device)
     positions = torch.cat([torch.arange(n) for n in lengths]).to(worker.device)
-    worker.model.compute_logits(worker.model(ids, positions, AttentionMetadata(seq_lens=tuple(lengths))))
+    hidden = worker.model(ids, positions, AttentionMetadata(seq_lens=tuple(lengths)))
+    worker.model.compute_logits(hidden[-worker.config.scheduler.max_num_seqs :])
 
 
 def profile_memory(worker: "Worker", local_ranks: int, node_memory: int | None) -> MemoryProfile:
@@ -139,6 +142,12 @@ def choose_num_blocks(config: EngineConfig, profiles: list[MemoryProfile]) -> in
             f"({poorest.budget}), and the null block and one more take {2 * block_bytes} bytes. Raise gpu_memory_utilization or "
             "kv_cache_memory_bytes, use more ranks (tensor_parallel_size), or lower max_num_batched_tokens"
         )
+    check_pool_fits(config, blocks)
+    return blocks
+
+
+def check_pool_fits(config: EngineConfig, blocks: int) -> None:
+    """A `ConfigError` when one sequence of max_model_len tokens would not fit in `blocks` blocks."""
     block_size, max_len = config.cache.block_size, config.model.max_model_len
     capacity = blocks * block_size
     if max_len > capacity:
@@ -147,7 +156,6 @@ def choose_num_blocks(config: EngineConfig, profiles: list[MemoryProfile]) -> in
             f"of {block_size} tokens = {capacity} tokens. Set max_model_len <= {capacity}, or give the cache "
             "more memory (gpu_memory_utilization, kv_cache_memory_bytes, num_gpu_blocks_override) or more ranks"
         )
-    return blocks
 
 
 class KVCache:

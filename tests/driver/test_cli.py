@@ -11,19 +11,24 @@ import pytest
 from driver.cli import build_parser, main
 
 
-def test_generate_on_the_default_model(capsys) -> None:
-    assert main(["generate", "--max-tokens", "4", "--json", "The capital of France is"]) == 0
+SMALL_ENGINE = ["--max-model-len", "256", "--max-num-batched-tokens", "256", "--kv-cache-memory-bytes", str(16 * 2**20)]
+
+
+def test_generate_on_the_default_model(ray_cluster, capsys) -> None:
+    argv = ["generate", "--max-tokens", "4", "--temperature", "0", "--json", *SMALL_ENGINE, "The capital of France is", "Hi"]
+    assert main(argv) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["outputs"][0]["text"].startswith(" Paris")
+    assert out["outputs"][0]["text"].startswith(" Paris") and len(out["outputs"]) == 2
     rank = out["load_report"]["ranks"][0]
     assert rank["load_format"] == "gguf" and rank["bytes_read"] == rank["checkpoint_bytes"]
+    assert out["load_report"]["num_blocks"] > 0
 
 
-def test_generate_prints_the_load_report(capsys) -> None:
-    assert main(["generate", "--max-tokens", "2"]) == 0
+def test_generate_prints_the_load_report(ray_cluster, capsys) -> None:
+    assert main(["generate", "--max-tokens", "2", "--temperature", "0", *SMALL_ENGINE]) == 0
     out = capsys.readouterr().out
     assert "engine start: default (SmolLM2-135M-Instruct.Q4_1.gguf)" in out
-    assert "weights" in out and "peak host MiB" in out and "'The capital of France is' -> " in out
+    assert "weights" in out and "peak host MiB" in out and "KV cache:" in out and "'The capital of France is' -> ' Paris" in out
 
 
 def test_user_errors_are_one_line_and_exit_2(capsys, tmp_path) -> None:

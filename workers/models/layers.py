@@ -120,16 +120,17 @@ class PagedMetadata:
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Causal self-attention of each sequence over itself: q [T, h, d], k and v [T, h_kv, d].
 
-    The plain-torch path; query head i reads key/value head i // (h / h_kv).
+    The plain-torch path; query head i reads key/value head i // (h / h_kv). The inputs go to
+    SDPA as [1, heads, T, d]: given three dimensions it falls back to its slow path on CPU.
     """
     out = torch.empty_like(q)
     start = 0
     for length in meta.seq_lens:
         end = start + length
-        seq = [t[start:end].transpose(0, 1) for t in (q, k, v)]
+        seq = [t[start:end].transpose(0, 1)[None] for t in (q, k, v)]
         out[start:end] = F.scaled_dot_product_attention(
             *seq, is_causal=True, scale=scale, enable_gqa=True
-        ).transpose(0, 1)
+        )[0].transpose(0, 1)
         start = end
     return out
 
