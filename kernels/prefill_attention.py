@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from kernels import exact_dots, next_power_of_2
+from kernels.paged_chunk import fold_chunk, load_kv_chunk
 from kernels.paged_decode_attention import context_slots
 
 
@@ -83,27 +84,12 @@ def _prefill_kernel(
     for start in range(0, end, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
         valid = pos < context
-        block = tl.load(block_tables_ptr + seq * stride_table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        slot = block * BLOCK_SIZE + pos % BLOCK_SIZE
-        kv_offsets = slot[:, None] * stride_cache_slot + kv_head * stride_cache_head + d[None, :]
-        kv_mask = valid[:, None] & (d[None, :] < DIM)
-        k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
-        if IEEE:
-            scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee") * scale
-        else:
-            scores = tl.dot(q, tl.trans(k)) * scale
+        k, v = load_kv_chunk(
+            k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, pos, valid, kv_head, d,
+            stride_table, stride_cache_slot, stride_cache_head, DIM, BLOCK_SIZE,
+        )
         visible = (pos[None, :] <= q_pos[:, None]) & valid[None, :]
-        scores = tl.where(visible, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = fold_chunk(q, k, v, visible, m_i, l_i, acc, scale, IEEE)
     out = acc / l_i[:, None]
     tl.store(out_ptr + q_offsets, out.to(out_ptr.dtype.element_ty), mask=q_mask)
 
