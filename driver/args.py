@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import functools
 from dataclasses import dataclass, fields
@@ -181,10 +180,6 @@ class EngineArgs:
                 _positive_int(name, getattr(self, name))
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
-
-    def replace(self, **changes: Any) -> "EngineArgs":
-        check_keywords(type(self), changes)
-        return dataclasses.replace(self, **changes)
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:

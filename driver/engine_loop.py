@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
+import msgspec
+
 from driver.block_manager import BlockManager
 from driver.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from driver.scheduler import Scheduler, ScheduledStep
@@ -249,7 +251,7 @@ class EngineLoop:
             prompt_logprobs=list(request.prompt_logprobs) if request.prompt_logprobs is not None else None,
             outputs=completions,
             finished=request.finished,
-            metrics=msgspec_copy(request.metrics),
+            metrics=msgspec.structs.replace(request.metrics),
         )
 
     @staticmethod
@@ -268,6 +270,3 @@ def _seed(seed: int | None, index: int) -> int | None:
         return seed
     return (seed * 1_000_003 + index * 7_919) % (2**63)
 
-
-def msgspec_copy(metrics: RequestMetrics) -> RequestMetrics:
-    return RequestMetrics(**{f: getattr(metrics, f) for f in metrics.__struct_fields__})

@@ -1,4 +1,5 @@
-"""Bringing up the model in this process, at one rank: config, weights, tokenizer, timed."""
+"""Bringing up the model in this process, at one rank, without Ray: config, weights, tokenizer,
+timed. For checking the model against a reference and for debugging; `driver.LLM` is the engine."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 from driver.args import EngineArgs
 from driver.report import LoadReport
 from driver.tokenizer import load_tokenizer
+from parallel.errors import ConfigError
 from workers.config import EngineConfig
 from workers.worker import Worker
 
@@ -31,7 +33,7 @@ class LoadedModel:
 def load_in_process(args: EngineArgs) -> LoadedModel:
     """Resolve `args`, load the weights at one rank and set up the tokenizer; report each phase."""
     if args.tensor_parallel_size != 1:
-        raise NotImplementedError("tensor_parallel_size > 1 runs on Ray workers, not in this process")
+        raise ConfigError("load_in_process runs one rank; use driver.LLM for tensor_parallel_size > 1")
     phases: dict[str, float] = {}
     start = time.perf_counter()
     config = args.create_engine_config()

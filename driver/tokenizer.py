@@ -108,7 +108,6 @@ class IncrementalDetokenizer:
         self.token_ids: list[int] = list(prompt_ids or [])
         self.prefix_offset = max(len(self.token_ids) - 5, 0)
         self.read_offset = len(self.token_ids)
-        self.output_start = len(self.token_ids)
         self.text = ""
 
     def _decode(self, ids: list[int]) -> str:
@@ -136,6 +135,3 @@ class IncrementalDetokenizer:
         self.prefix_offset = self.read_offset = len(self.token_ids)
         self.text += delta
         return delta
-
-    def output_ids(self) -> list[int]:
-        return self.token_ids[self.output_start :]

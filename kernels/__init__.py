@@ -12,15 +12,6 @@ import os
 import torch
 
 
-def use_triton(t: torch.Tensor) -> bool:
-    """Whether to launch the Triton kernel for a tensor on this device.
-
-    CUDA tensors always; CPU tensors only under TRITON_INTERPRET=1 when asked (tests), since the
-    interpreter is far slower than the torch reference.
-    """
-    return t.is_cuda
-
-
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 

@@ -11,7 +11,6 @@ import os
 import socket
 
 import msgspec
-import psutil
 import torch
 
 from parallel.errors import ModelNotFound
@@ -94,10 +93,6 @@ class Worker:
             if stop_ids and token in stop_ids:
                 break
         return ids[len(prompt) :]
-
-    def host_memory(self) -> int:
-        """This process's resident memory now."""
-        return psutil.Process().memory_info().rss
 
     def shutdown(self) -> None:
         """Drop the model and the KV pool and leave the process group."""
