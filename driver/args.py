@@ -109,19 +109,30 @@ class EngineArgs:
     def from_kwargs(cls, **kwargs: Any) -> "EngineArgs":
         return cls(**kwargs)
 
-    def create_engine_config(self, device: str | None = None, capability: tuple[int, int] | None = None) -> EngineConfig:
+    def find_model(self) -> tuple[ModelFiles, Any, ModelArch]:
+        """Find the model and read its config: (files, config, architecture). Raises on a model
+        that is missing or unsupported, before anything else is set up."""
+        self.validate()
+        files = find_model(self.model, self.revision, self.download_dir, self.load_format)
+        hf_config = load_hf_config(files)
+        return files, hf_config, model_arch(hf_config, files)
+
+    def create_engine_config(
+        self,
+        device: str | None = None,
+        capability: tuple[int, int] | None = None,
+        found: tuple[ModelFiles, Any, ModelArch] | None = None,
+    ) -> EngineConfig:
         """Validate every field, find the model, read its config, and resolve what was left "auto".
 
         `device` and `capability` override what this process sees (a Ray driver resolves
-        device="auto" by the cluster's GPUs, which this process may not have).
+        device="auto" by the cluster's GPUs, which this process may not have); `found` is what
+        `find_model` already answered.
         """
-        self.validate()
+        files, hf_config, arch = found or self.find_model()
         device = device or resolve_device(self.device)
         if device == "cuda" and capability is None:
             capability = torch.cuda.get_device_capability()
-        files = find_model(self.model, self.revision, self.download_dir, self.load_format)
-        hf_config = load_hf_config(files)
-        arch = model_arch(hf_config, files)
         dtype = resolve_dtype(self.dtype, checkpoint_dtype(hf_config), device, capability)
         max_model_len = resolve_max_model_len(hf_config, arch, self.max_model_len)
         batched = self.max_num_batched_tokens or (8192 if device == "cuda" else 2048)

@@ -50,10 +50,10 @@ class LLM:
         self._tokenizer = None
         self._request_counter = itertools.count()
         args = EngineArgs(model=model, **engine_args)
-        args.validate()
+        found = args.find_model()  # a missing model or a layout that cannot split: before any cluster starts
+        model_class(found[2].architecture).check_layout(found[2], args.tensor_parallel_size)
         connect(ray_address, num_cpus=args.tensor_parallel_size)
-        self.config = args.create_engine_config(**_cluster_device(args.device))
-        model_class(self.config.model.arch.architecture).check_layout(self.config.model.arch, args.tensor_parallel_size)
+        self.config = args.create_engine_config(**_cluster_device(args.device), found=found)
         if args.num_gpu_blocks_override is not None:
             check_pool_fits(self.config, args.num_gpu_blocks_override)
         env = forwarded_env()
