@@ -3,6 +3,7 @@ from then on drives every worker through one collective-call helper."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import time
@@ -53,6 +54,7 @@ class Engine:
     def _start(self, placement_timeout_s: float) -> LoadReport:
         config, phases = self.config, {}
         world = config.parallel.tensor_parallel_size
+        tokenizer = None if config.model.skip_tokenizer_init else self._load_tokenizer_meanwhile()
         with _timed(phases, "placement"):
             self.placement = acquire_placement(
                 world, config.model.device == "cuda", self.strategy, placement_timeout_s, self.current_group
@@ -71,11 +73,9 @@ class Engine:
         with _timed(phases, "kv_allocation"):
             num_blocks = choose_num_blocks(config, profiles)
             kv_bytes = self.workers.call("allocate_kv_cache", num_blocks, timeout_s=TIMEOUTS_S["allocate_kv_cache"])
-        if not config.model.skip_tokenizer_init:
-            with _timed(phases, "tokenizer"):
-                from driver.tokenizer import load_tokenizer
-
-                self.tokenizer = load_tokenizer(config.model)
+        if tokenizer is not None:
+            with _timed(phases, "tokenizer"):  # what is left of it after the workers' phases
+                self.tokenizer = tokenizer.result()
         self.loop = EngineLoop(config, num_blocks, self.tokenizer, self._execute)
         return LoadReport(
             model=config.model.model or f"default ({config.model.gguf_file})",
@@ -87,6 +87,15 @@ class Engine:
             kv_cache_bytes=kv_bytes,
             nodes=nodes,
         )
+
+    def _load_tokenizer_meanwhile(self) -> concurrent.futures.Future:
+        """Load the tokenizer in a thread while the workers start and load (the driver only waits then)."""
+        from driver.tokenizer import load_tokenizer
+
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
+        future = pool.submit(load_tokenizer, self.config.model)
+        pool.shutdown(wait=False)
+        return future
 
     @staticmethod
     def _node_shares(nodes: list[str]) -> list[tuple[int, int | None]]:
