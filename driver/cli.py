@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print machine-readable JSON")
     add_engine_args(gen)
 
+    plan = sub.add_parser("plan", help="does it fit? weights and KV capacity per rank, without loading weights or a GPU")
+    plan.add_argument("--gpu-memory", default=None, help="memory of each GPU, e.g. 80GiB (or give --kv-cache-memory-bytes)")
+    plan.add_argument("--gpu-capability", default="9.0", help="compute capability, for dtype=auto (default: 9.0)")
+    plan.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    add_engine_args(plan)
+
     bench = sub.add_parser("bench", help="measure shardlm beside transformers")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     load = bench_sub.add_parser("load", help="load time and peak memory against from_pretrained")
@@ -107,6 +113,24 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(ns: argparse.Namespace) -> int:
+    from driver.planner import parse_size, plan
+
+    args = engine_args_from(ns)
+    device = "cpu" if args.device == "cpu" else "cuda"
+    capability = tuple(int(x) for x in ns.gpu_capability.split("."))
+    gpu_memory = parse_size(ns.gpu_memory) if ns.gpu_memory else None
+    result = plan(args, device, gpu_memory, capability)
+    print(json.dumps(msgspec_to_builtins(result)) if ns.json else result.format())
+    return 0 if result.fits else 1
+
+
+def msgspec_to_builtins(obj: object) -> object:
+    import msgspec
+
+    return msgspec.to_builtins(obj)
+
+
 def cmd_bench(ns: argparse.Namespace) -> int:
     if ns.bench_command == "throughput":
         return cmd_bench_throughput(ns)
@@ -144,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if ns.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"generate": cmd_generate, "bench": cmd_bench}[ns.command](ns)
+        return {"generate": cmd_generate, "plan": cmd_plan, "bench": cmd_bench}[ns.command](ns)
     except (ShardLMError, TypeError, ValueError) as exc:
         if ns.debug:
             raise

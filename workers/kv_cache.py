@@ -19,6 +19,7 @@ import torch
 
 from parallel.errors import ConfigError, InsufficientMemory
 from workers.config import EngineConfig
+from workers.loader import parameter_bytes
 from workers.models.layers import AttentionMetadata
 
 if TYPE_CHECKING:
@@ -85,7 +86,7 @@ def _profile_forward(worker: "Worker") -> None:
 def profile_memory(worker: "Worker", local_ranks: int, node_memory: int | None) -> MemoryProfile:
     """Measure this rank's memory around one profiling forward pass (see the module docstring)."""
     config, start = worker.config, time.perf_counter()
-    weights = sum(p.numel() * p.element_size() for p in worker.model.parameters())
+    weights = parameter_bytes(worker.model)
     on_cuda = worker.device.type == "cuda"
     if on_cuda:
         torch.cuda.empty_cache()
@@ -124,6 +125,16 @@ def _cpu_budget(config: EngineConfig, local_ranks: int, node_memory: int | None)
     return kv, available, f"{CPU_KV_SHARE} x {available} B available on the node / {local_ranks} ranks there"
 
 
+def kv_bytes_per_token(config: EngineConfig, tp_size: int) -> int:
+    """KV-cache bytes one token takes on one rank."""
+    return kv_block_bytes(config, tp_size) // config.cache.block_size
+
+
+def usable_blocks(kv_bytes: int, block_bytes: int) -> int:
+    """Blocks a budget of `kv_bytes` holds besides the null block."""
+    return max(0, kv_bytes // block_bytes - NULL_BLOCKS)
+
+
 def choose_num_blocks(config: EngineConfig, profiles: list[MemoryProfile]) -> int:
     """The block count every rank allocates: the minimum over ranks, or num_gpu_blocks_override.
 
@@ -133,7 +144,7 @@ def choose_num_blocks(config: EngineConfig, profiles: list[MemoryProfile]) -> in
     tp = config.parallel.tensor_parallel_size
     block_bytes = kv_block_bytes(config, tp)
     poorest = min(profiles, key=lambda p: p.kv_cache_bytes)
-    blocks = max(0, poorest.kv_cache_bytes // block_bytes - NULL_BLOCKS)
+    blocks = usable_blocks(poorest.kv_cache_bytes, block_bytes)
     if config.cache.num_gpu_blocks_override is not None:
         blocks = config.cache.num_gpu_blocks_override
     elif blocks < 1:

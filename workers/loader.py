@@ -52,17 +52,26 @@ class WeightLoadReport(msgspec.Struct, frozen=True, kw_only=True):
         return self.bytes_read / self.seconds / 1e9 if self.seconds > 0 else 0.0
 
 
-def build_model(config: EngineConfig, tp: TensorParallelGroup, device: torch.device) -> nn.Module:
-    """The model with uninitialised parameters on `device` and its computed buffers filled in."""
+def build_on_meta(config: EngineConfig, tp: TensorParallelGroup) -> nn.Module:
+    """This rank's model on the meta device: every parameter's shape and dtype, no memory."""
     model_cfg = config.model
-    dtype = getattr(torch, model_cfg.dtype)
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
+    torch.set_default_dtype(getattr(torch, model_cfg.dtype))
     try:
         with torch.device("meta"):
-            model = model_class(model_cfg.arch.architecture)(model_cfg.arch, tp, model_cfg.max_model_len)
+            return model_class(model_cfg.arch.architecture)(model_cfg.arch, tp, model_cfg.max_model_len)
     finally:
         torch.set_default_dtype(previous)
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters (a shared parameter counted once)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def build_model(config: EngineConfig, tp: TensorParallelGroup, device: torch.device) -> nn.Module:
+    """The model with uninitialised parameters on `device` and its computed buffers filled in."""
+    model = build_on_meta(config, tp)
     materialize(model, device)
     for module in model.modules():
         if hasattr(module, "init_buffers"):
@@ -117,7 +126,7 @@ def load_model(config: EngineConfig, tp: TensorParallelGroup, device: torch.devi
         checkpoint_bytes=total,
         seconds=time.perf_counter() - start,
         peak_host_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        weight_device_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+        weight_device_bytes=parameter_bytes(model),
     )
     return model, report
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from driver import LLM
+from driver import LLM, EngineArgs
+from driver.planner import plan
 from parallel.errors import ConfigError
 from tests.helpers import reference_logits
 from workers.kv_cache import kv_block_bytes
@@ -40,6 +41,9 @@ def test_tiny_llama_logits_match_transformers(ray_cluster, tiny_checkpoint, fami
 
 def check_every_rank_allocates_the_minimum(llm: LLM, tp: int) -> None:
     report = llm.load_report
+    planned = plan(EngineArgs(model=llm.config.model.model, tensor_parallel_size=tp, skip_tokenizer_init=True, **SMALL), device="cpu")
+    assert [r.weight_device_bytes for r in report.ranks] == [planned.weight_bytes_per_rank] * tp
+    assert (planned.num_blocks, planned.token_capacity) == (report.num_blocks, report.token_capacity)
     block = kv_block_bytes(llm.config, tp)
     assert report.num_blocks == min(p.kv_cache_bytes for p in report.memory) // block - 1  # the null block
     assert report.kv_cache_bytes == [(report.num_blocks + 1) * block] * tp
