@@ -50,8 +50,10 @@ class LLM:
         self._tokenizer = None
         self._request_counter = itertools.count()
         args = EngineArgs(model=model, **engine_args)
+        started = time.perf_counter()
         found = args.find_model()  # a missing model or a layout that cannot split: before any cluster starts
         model_class(found[2].architecture).check_layout(found[2], args.tensor_parallel_size)
+        discover = time.perf_counter() - started
         connect(ray_address, num_cpus=args.tensor_parallel_size)
         self.config = args.create_engine_config(**_cluster_device(args.device), found=found)
         if args.num_gpu_blocks_override is not None:
@@ -64,6 +66,7 @@ class LLM:
         except BaseException:
             self._kill_engine()
             raise
+        self.load_report.phases = {"discover": discover, **self.load_report.phases}
 
     # -- generation ---------------------------------------------------------------------------
 

@@ -28,7 +28,8 @@ def test_generate_prints_the_load_report(ray_cluster, capsys) -> None:
     assert main(["generate", "--max-tokens", "2", "--temperature", "0", *SMALL_ENGINE]) == 0
     out = capsys.readouterr().out
     assert "engine start: default (SmolLM2-135M-Instruct.Q4_1.gguf)" in out
-    assert "weights" in out and "peak host MiB" in out and "KV cache:" in out and "'The capital of France is' -> ' Paris" in out
+    assert all(f"  {phase} " in out for phase in ("discover", "placement", "workers", "weights", "profile", "kv_allocation", "tokenizer"))
+    assert "peak host MiB" in out and "KV cache:" in out and "'The capital of France is' -> ' Paris" in out
 
 
 def test_user_errors_are_one_line_and_exit_2(capsys, tmp_path) -> None:
