@@ -17,6 +17,7 @@ from cluster.worker_group import WorkerGroup
 from driver.engine_loop import EngineLoop
 from driver.outputs import RequestOutput
 from driver.report import LoadReport
+from parallel.errors import EngineDeadError
 from workers.batch import Batch, StepResult
 from workers.config import EngineConfig
 from workers.kv_cache import choose_num_blocks
@@ -42,6 +43,7 @@ class Engine:
         self.workers: WorkerGroup | None = None
         self.tokenizer: Any = None
         self.loop: EngineLoop | None = None
+        self.dead: EngineDeadError | None = None
 
     def start(self, placement_timeout_s: float = 60.0) -> LoadReport:
         """Bring every rank up; on any failure release everything and raise what went wrong."""
@@ -114,10 +116,22 @@ class Engine:
     # -- generation ---------------------------------------------------------------------------
 
     def _execute(self, batch: Batch) -> StepResult:
-        return self.workers.call("execute_model", batch, timeout_s=TIMEOUTS_S["execute_model"])[0]
+        """Run one step on every rank. A failure there ends the engine: the ranks' caches and
+        process group are in an unknown state, so every later call gets EngineDeadError."""
+        self._check_alive()
+        try:
+            return self.workers.call("execute_model", batch, timeout_s=TIMEOUTS_S["execute_model"])[0]
+        except Exception as exc:
+            self.dead = EngineDeadError(f"the engine stopped: a worker failed during a step: {exc}")
+            raise self.dead from exc
+
+    def _check_alive(self) -> None:
+        if self.dead is not None:
+            raise EngineDeadError(f"{self.dead}; every request in flight is lost: create a new LLM")
 
     def add_requests(self, requests: list[tuple[str, str | None, list[int] | None, SamplingParams]]) -> None:
         """Queue requests (id, text, token ids, params); all are checked before any is queued."""
+        self._check_alive()
         prepared = []
         for request_id, text, token_ids, params in requests:
             if token_ids is None:

@@ -100,3 +100,20 @@ def test_switching_models_in_one_process(ray_cluster, tiny_checkpoint) -> None:
         ref = reference_logits(qwen_hf, [[5, 6, 7, 8]])[0]
         torch.testing.assert_close(second.prompt_logits([[5, 6, 7, 8]])[0], ref, atol=1e-4, rtol=0)
     assert not live_groups()
+
+
+def test_a_worker_dying_mid_generation_ends_the_engine_with_engine_dead_error(ray_cluster, tiny_checkpoint) -> None:
+    import ray
+
+    from driver import EngineDeadError, SamplingParams
+
+    folder, _ = tiny_checkpoint("llama_8h4kv")
+    with LLM(str(folder), tensor_parallel_size=2, **SMALL) as llm:
+        assert llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2), use_tqdm=False)[0].finished
+        worker = ray.get(llm._engine.__ray_call__.remote(lambda engine: engine.workers.actors[1]))
+        ray.kill(worker, no_restart=True)
+        with pytest.raises(EngineDeadError, match="rank 1 died during execute_model"):
+            llm.generate([[1, 2, 3], [4, 5]], SamplingParams(max_tokens=4), use_tqdm=False)
+        with pytest.raises(EngineDeadError, match="create a new LLM"):
+            llm.generate([[1, 2, 3]], use_tqdm=False)
+    assert not live_groups()
