@@ -82,7 +82,11 @@ def test_no_room_for_one_block(ray_cluster, tiny_checkpoint) -> None:
     assert not live_groups()
 
 
-def test_switching_models_in_one_process(ray_cluster, tiny_checkpoint) -> None:
+def test_a_dead_worker_ends_the_engine_and_another_model_starts_in_the_same_process(ray_cluster, tiny_checkpoint) -> None:
+    import ray
+
+    from driver import EngineDeadError, SamplingParams
+
     llama, llama_hf = tiny_checkpoint("llama_8h4kv")
     qwen, qwen_hf = tiny_checkpoint("qwen2")
     cpus = ray_cluster.available_resources()["CPU"]
@@ -90,6 +94,13 @@ def test_switching_models_in_one_process(ray_cluster, tiny_checkpoint) -> None:
     assert len(live_groups()) == 1
     ref = reference_logits(llama_hf, [[1, 2, 3]])[0]
     torch.testing.assert_close(first.prompt_logits([[1, 2, 3]])[0], ref, atol=1e-4, rtol=0)
+    assert first.generate([[1, 2, 3]], SamplingParams(max_tokens=2), use_tqdm=False)[0].finished
+    worker = ray.get(first._engine.__ray_call__.remote(lambda engine: engine.workers.actors[1]))
+    ray.kill(worker, no_restart=True)
+    with pytest.raises(EngineDeadError, match="rank 1 died during execute_model"):
+        first.generate([[1, 2, 3], [4, 5]], SamplingParams(max_tokens=4), use_tqdm=False)
+    with pytest.raises(EngineDeadError, match="create a new LLM"):
+        first.generate([[1, 2, 3]], use_tqdm=False)
     first.shutdown()
     first.shutdown()  # twice is harmless
     assert not live_groups()
@@ -101,19 +112,3 @@ def test_switching_models_in_one_process(ray_cluster, tiny_checkpoint) -> None:
         torch.testing.assert_close(second.prompt_logits([[5, 6, 7, 8]])[0], ref, atol=1e-4, rtol=0)
     assert not live_groups()
 
-
-def test_a_worker_dying_mid_generation_ends_the_engine_with_engine_dead_error(ray_cluster, tiny_checkpoint) -> None:
-    import ray
-
-    from driver import EngineDeadError, SamplingParams
-
-    folder, _ = tiny_checkpoint("llama_8h4kv")
-    with LLM(str(folder), tensor_parallel_size=2, **SMALL) as llm:
-        assert llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2), use_tqdm=False)[0].finished
-        worker = ray.get(llm._engine.__ray_call__.remote(lambda engine: engine.workers.actors[1]))
-        ray.kill(worker, no_restart=True)
-        with pytest.raises(EngineDeadError, match="rank 1 died during execute_model"):
-            llm.generate([[1, 2, 3], [4, 5]], SamplingParams(max_tokens=4), use_tqdm=False)
-        with pytest.raises(EngineDeadError, match="create a new LLM"):
-            llm.generate([[1, 2, 3]], use_tqdm=False)
-    assert not live_groups()
