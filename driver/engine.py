@@ -130,7 +130,7 @@ class Engine:
             raise EngineDeadError(f"{self.dead}; every request in flight is lost: create a new LLM")
 
     def add_requests(self, requests: list[tuple[str, str | None, list[int] | None, SamplingParams]]) -> None:
-        """Queue requests (id, text, token ids, params); all are checked before any is queued."""
+        """Queue requests (id, text, token ids, params), tokenizing text; none is queued unless all are valid."""
         self._check_alive()
         prepared = []
         for request_id, text, token_ids, params in requests:
@@ -138,11 +138,9 @@ class Engine:
                 if self.tokenizer is None:
                     raise ValueError("this engine started with skip_tokenizer_init=True: give prompts as token ids")
                 token_ids = self.tokenizer(text)["input_ids"]
-            self.loop.check_prompt(token_ids, f"prompt {request_id!r}" if text is None else f"prompt {_preview(text)}")
-            prepared.append((request_id, text, token_ids, params))
-        arrival = time.time()
-        for request_id, text, token_ids, params in prepared:
-            self.loop.add_request(request_id, text, token_ids, params, arrival)
+            where = f"prompt {request_id!r}" if text is None else f"prompt {_preview(text)}"
+            prepared.append((request_id, text, token_ids, params, where))
+        self.loop.add_requests(prepared, time.time())
 
     def render_chat(self, conversations: list[list[dict]], chat_template: str | None, add_generation_prompt: bool, kwargs: dict) -> list[list[int]]:
         """Each conversation through the tokenizer's chat template, as token ids."""

@@ -49,11 +49,19 @@ class EngineLoop:
         if bad:
             raise ValueError(f"{where} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
 
-    def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams, arrival_time: float | None = None) -> None:
-        if request_id in self.requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        self.check_prompt(prompt_token_ids, f"prompt of request {request_id!r}")
-        request = Request(request_id, prompt, list(prompt_token_ids), params, RequestMetrics(arrival_time=arrival_time or time.time()))
+    def add_requests(self, requests: list[tuple[str, str | None, list[int], SamplingParams, str]], arrival_time: float) -> None:
+        """Queue (id, text, token ids, params, how to name it in errors) for each request; every
+        prompt and id is checked before any request is queued."""
+        ids = [r[0] for r in requests]
+        for request_id, _, token_ids, _, where in requests:
+            if request_id in self.requests or ids.count(request_id) > 1:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            self.check_prompt(token_ids, where)
+        for request_id, text, token_ids, params, _ in requests:
+            self._add(request_id, text, token_ids, params, arrival_time)
+
+    def _add(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams, arrival_time: float) -> None:
+        request = Request(request_id, prompt, list(prompt_token_ids), params, RequestMetrics(arrival_time=arrival_time))
         for index in range(params.n):
             seq = Sequence(self.next_seq_id, request, index, _seed(params.seed, index))
             self.next_seq_id += 1
