@@ -12,20 +12,29 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kernels.quant import e4m3_decode
+
 
 @triton.jit
 def load_kv_chunk(
     k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, pos, valid, kv_head, d,
-    stride_table, stride_cache_slot, stride_cache_head,
-    DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    stride_table, stride_cache_slot, stride_cache_head, k_scale, v_scale,
+    DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, FP8: tl.constexpr,
 ):
-    """K and V [N, BLOCK_D] of context positions `pos` (zero where not `valid`)."""
+    """K and V [N, BLOCK_D] of context positions `pos` (zero where not `valid`).
+
+    With FP8 the caches hold float8 e4m3fn codes (passed as uint8), and K and V come back in
+    float32 as code x k_scale and code x v_scale; otherwise in the cache's dtype, unscaled.
+    """
     block = tl.load(block_tables_ptr + seq * stride_table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
     slot = block * BLOCK_SIZE + pos % BLOCK_SIZE
     offsets = slot[:, None] * stride_cache_slot + kv_head * stride_cache_head + d[None, :]
     mask = valid[:, None] & (d[None, :] < DIM)
     k = tl.load(k_cache_ptr + offsets, mask=mask, other=0.0)
     v = tl.load(v_cache_ptr + offsets, mask=mask, other=0.0)
+    if FP8:
+        k = e4m3_decode(k).to(tl.float32) * k_scale
+        v = e4m3_decode(v).to(tl.float32) * v_scale
     return k, v
 
 

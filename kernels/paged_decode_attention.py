@@ -10,6 +10,9 @@ key/value head), over the context positions j < L_b:
 Layouts: q [B, H, D]; key_cache, value_cache [num_blocks, block_size, H_kv, D];
 block_tables [B, max_blocks] (int32); context_lens [B] (int32, >= 1). The torch reference reads
 slot 0 for positions past a context: block 0 must hold finite values (the engine keeps it zero).
+
+A float8_e4m3fn cache holds K / k_scale and V / v_scale (kernels.reshape_and_cache): it is read as
+K = fp8 x k_scale and V = fp8 x v_scale, in q's dtype. Other caches ignore the scales.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import triton.language as tl
 
 from kernels import exact_dots, next_power_of_2
 from kernels.paged_chunk import fold_chunk, load_kv_chunk
+from kernels.quant import dequantize_fp8, is_fp8
 
 
 def context_slots(block_tables: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
@@ -44,13 +48,14 @@ def decode_gather_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, b
 
 
 def paged_decode_attention_gathered(
-    q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, slots: torch.Tensor, visible: torch.Tensor, scale: float
+    q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, slots: torch.Tensor, visible: torch.Tensor, scale: float,
+    *, k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> torch.Tensor:
     """The reference's maths given its gather plan: gather each context, then masked attention."""
     batch, heads, dim = q.shape
     kv_heads = key_cache.shape[2]
-    keys = key_cache.view(-1, kv_heads, dim)[slots].transpose(1, 2)  # [B, H_kv, L, D]
-    values = value_cache.view(-1, kv_heads, dim)[slots].transpose(1, 2)
+    keys = dequantize_fp8(key_cache.view(-1, kv_heads, dim)[slots], k_scale, q.dtype).transpose(1, 2)  # [B, H_kv, L, D]
+    values = dequantize_fp8(value_cache.view(-1, kv_heads, dim)[slots], v_scale, q.dtype).transpose(1, 2)
     out = F.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=visible, scale=scale, enable_gqa=True)
     return out.view(batch, heads, dim)
 
@@ -62,20 +67,21 @@ def paged_decode_attention_ref(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    *, k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> torch.Tensor:
     slots, visible = decode_gather_plan(block_tables, context_lens, key_cache.shape[1])
-    return paged_decode_attention_gathered(q, key_cache, value_cache, slots, visible, scale)
+    return paged_decode_attention_gathered(q, key_cache, value_cache, slots, visible, scale, k_scale=k_scale, v_scale=v_scale)
 
 
 @triton.jit
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr,
-    scale,
+    scale, k_scale, v_scale,
     stride_q_seq, stride_q_head,
     stride_cache_slot, stride_cache_head,
     stride_table,
     GROUP: tl.constexpr, DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, FP8: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -93,9 +99,9 @@ def _paged_decode_kernel(
         valid = pos < context
         k, v = load_kv_chunk(
             k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, pos, valid, kv_head, d,
-            stride_table, stride_cache_slot, stride_cache_head, DIM, BLOCK_SIZE,
+            stride_table, stride_cache_slot, stride_cache_head, k_scale, v_scale, DIM, BLOCK_SIZE, FP8,
         )
-        m_i, l_i, acc = fold_chunk(q, k, v, valid[None, :], m_i, l_i, acc, scale, IEEE)
+        m_i, l_i, acc = fold_chunk(q, k.to(q.dtype), v.to(q.dtype), valid[None, :], m_i, l_i, acc, scale, IEEE)
     out = acc / l_i[:, None]
     tl.store(out_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + d[None, :], out.to(out_ptr.dtype.element_ty), mask=q_mask)
 
@@ -107,6 +113,7 @@ def paged_decode_attention_triton(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    *, k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> torch.Tensor:
     batch, heads, dim = q.shape
     _, block_size, kv_heads, cache_dim = key_cache.shape
@@ -118,18 +125,22 @@ def paged_decode_attention_triton(
     )
     assert block_tables.stride(1) == 1, "block_tables rows must be contiguous"
     assert context_lens.dtype == torch.int32 and context_lens.shape == (batch,), f"context_lens must be int32 [{batch}]"
+    assert value_cache.dtype == key_cache.dtype
     out = torch.empty_like(q)
     if batch == 0:
         return out
     group = heads // kv_heads
+    fp8 = is_fp8(key_cache)
+    if fp8:
+        key_cache, value_cache = key_cache.view(torch.uint8), value_cache.view(torch.uint8)
     _paged_decode_kernel[(batch, kv_heads)](
         q, key_cache, value_cache, block_tables, context_lens, out,
-        scale,
+        scale, k_scale, v_scale,
         q.stride(0), q.stride(1),
         key_cache.stride(1), key_cache.stride(2),
         block_tables.stride(0),
         GROUP=group, DIM=dim, BLOCK_SIZE=block_size,
         BLOCK_G=max(16, next_power_of_2(group)), BLOCK_D=max(16, next_power_of_2(dim)), BLOCK_N=32,
-        IEEE=exact_dots(q),
+        IEEE=exact_dots(q), FP8=fp8,
     )
     return out

@@ -8,6 +8,9 @@ and a preempted sequence being recomputed.
 Layouts: q [T, H, D] (the new tokens of every sequence, back to back); key_cache, value_cache
 [num_blocks, block_size, H_kv, D]; block_tables [S, max_blocks] (int32); query_start [S + 1]
 (int32, cumulative Q_s); context_lens [S] (int32, L_s).
+
+A float8_e4m3fn cache holds K / k_scale and V / v_scale (kernels.reshape_and_cache): it is read as
+K = fp8 x k_scale and V = fp8 x v_scale, in q's dtype. Other caches ignore the scales.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import triton.language as tl
 from kernels import exact_dots, next_power_of_2
 from kernels.paged_chunk import fold_chunk, load_kv_chunk
 from kernels.paged_decode_attention import context_slots
+from kernels.quant import dequantize_fp8, is_fp8
 
 
 def prefill_attention_ref(
@@ -30,6 +34,7 @@ def prefill_attention_ref(
     query_start: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    *, k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> torch.Tensor:
     _, block_size, kv_heads, dim = key_cache.shape
     out = torch.empty_like(q)
@@ -39,8 +44,8 @@ def prefill_attention_ref(
         new = last - first
         slots = context_slots(block_tables[s : s + 1], length, block_size)[0]
         # [1, heads, T, D]: SDPA's fast CPU path wants a batch dimension
-        keys = key_cache.view(-1, kv_heads, dim)[slots].transpose(0, 1)[None]
-        values = value_cache.view(-1, kv_heads, dim)[slots].transpose(0, 1)[None]
+        keys = dequantize_fp8(key_cache.view(-1, kv_heads, dim)[slots], k_scale, q.dtype).transpose(0, 1)[None]
+        values = dequantize_fp8(value_cache.view(-1, kv_heads, dim)[slots], v_scale, q.dtype).transpose(0, 1)[None]
         queries = q[first:last].transpose(0, 1)[None]
         if new == length:
             attended = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, scale=scale, enable_gqa=True)
@@ -54,12 +59,12 @@ def prefill_attention_ref(
 @triton.jit
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_ptr, context_lens_ptr, out_ptr,
-    scale,
+    scale, k_scale, v_scale,
     stride_q_tok, stride_q_head,
     stride_cache_slot, stride_cache_head,
     stride_table,
     GROUP: tl.constexpr, DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, FP8: tl.constexpr,
 ):
     seq = tl.program_id(0)
     m_block = tl.program_id(1)
@@ -86,10 +91,10 @@ def _prefill_kernel(
         valid = pos < context
         k, v = load_kv_chunk(
             k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, pos, valid, kv_head, d,
-            stride_table, stride_cache_slot, stride_cache_head, DIM, BLOCK_SIZE,
+            stride_table, stride_cache_slot, stride_cache_head, k_scale, v_scale, DIM, BLOCK_SIZE, FP8,
         )
         visible = (pos[None, :] <= q_pos[:, None]) & valid[None, :]
-        m_i, l_i, acc = fold_chunk(q, k, v, visible, m_i, l_i, acc, scale, IEEE)
+        m_i, l_i, acc = fold_chunk(q, k.to(q.dtype), v.to(q.dtype), visible, m_i, l_i, acc, scale, IEEE)
     out = acc / l_i[:, None]
     tl.store(out_ptr + q_offsets, out.to(out_ptr.dtype.element_ty), mask=q_mask)
 
@@ -103,6 +108,7 @@ def prefill_attention_triton(
     context_lens: torch.Tensor,
     scale: float,
     max_query_len: int | None = None,
+    *, k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> torch.Tensor:
     tokens, heads, dim = q.shape
     _, block_size, kv_heads, cache_dim = key_cache.shape
@@ -115,6 +121,7 @@ def prefill_attention_triton(
     )
     assert query_start.dtype == torch.int32 and query_start.shape == (seqs + 1,), f"query_start must be int32 [{seqs + 1}]"
     assert context_lens.dtype == torch.int32, "context_lens must be int32"
+    assert value_cache.dtype == key_cache.dtype
     out = torch.empty_like(q)
     if seqs == 0:
         return out
@@ -122,13 +129,16 @@ def prefill_attention_triton(
         max_query_len = int((query_start[1:] - query_start[:-1]).max())
     block_m = 16 if max_query_len <= 16 else 64
     grid = (seqs, triton.cdiv(max_query_len, block_m), heads)
+    fp8 = is_fp8(key_cache)
+    if fp8:
+        key_cache, value_cache = key_cache.view(torch.uint8), value_cache.view(torch.uint8)
     _prefill_kernel[grid](
         q, key_cache, value_cache, block_tables, query_start, context_lens, out,
-        scale,
+        scale, k_scale, v_scale,
         q.stride(0), q.stride(1),
         key_cache.stride(1), key_cache.stride(2),
         block_tables.stride(0),
         GROUP=heads // kv_heads, DIM=dim, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_D=max(16, next_power_of_2(dim)), BLOCK_N=32, IEEE=exact_dots(q),
+        BLOCK_M=block_m, BLOCK_D=max(16, next_power_of_2(dim)), BLOCK_N=32, IEEE=exact_dots(q), FP8=fp8,
     )
     return out

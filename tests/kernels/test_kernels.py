@@ -1,8 +1,11 @@
-"""Each Triton kernel against its torch reference (on CPU under TRITON_INTERPRET=1: small sizes).
+"""Each Triton kernel against its torch reference (on CPU under TRITON_INTERPRET=1: small sizes;
+on a GPU when there is one).
 
 Tolerances: in float32 both sides sum the same products in another order (the kernel in blocks
 with an online softmax), so they agree to a few ulps, 1e-5 here; bfloat16 keeps 8 bits of
-mantissa, so 2e-2.
+mantissa, so 2e-2. An FP8 cache is checked against the same maths on its dequantized copy, so the
+same tolerances hold there; what float8 itself loses (2^-4 relative per element at most, 3
+mantissa bits rounded to nearest) is checked where the cache is written.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ import torch
 
 from kernels.paged_decode_attention import paged_decode_attention_ref, paged_decode_attention_triton
 from kernels.prefill_attention import prefill_attention_ref, prefill_attention_triton
+from kernels.quant import FP8, FP8_MAX, dequantize_fp8, quantize_fp8
 from kernels.reshape_and_cache import reshape_and_cache_ref, reshape_and_cache_triton
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def paged_setup(block_size: int, kv_heads: int, dim: int, lengths: list[int], dtype, seed: int = 0):
@@ -39,8 +44,8 @@ def paged_setup(block_size: int, kv_heads: int, dim: int, lengths: list[int], dt
     for _ in range(2):
         cache = torch.randn(num_blocks, block_size, kv_heads, dim).masked_fill(~written[:, :, None, None], float("nan"))
         cache[0] = 0.0
-        caches.append(cache.to(dtype))
-    return caches[0], caches[1], tables
+        caches.append(cache.to(DEVICE, dtype))
+    return caches[0], caches[1], tables.to(DEVICE)
 
 
 @pytest.mark.parametrize("block_size", [8, 16, 128])
@@ -48,10 +53,10 @@ def paged_setup(block_size: int, kv_heads: int, dim: int, lengths: list[int], dt
 def test_reshape_and_cache(block_size, dtype) -> None:
     torch.manual_seed(1)
     kv_heads, dim, tokens = 2, 16, 11
-    key_cache = torch.zeros(6, block_size, kv_heads, dim, dtype=dtype)
+    key_cache = torch.zeros(6, block_size, kv_heads, dim, dtype=dtype, device=DEVICE)
     value_cache = torch.zeros_like(key_cache)
-    slots = torch.randperm(6 * block_size)[:tokens]
-    key, value = torch.randn(tokens, kv_heads, dim).to(dtype), torch.randn(tokens, kv_heads, dim).to(dtype)
+    slots = torch.randperm(6 * block_size)[:tokens].to(DEVICE)
+    key, value = torch.randn(tokens, kv_heads, dim).to(DEVICE, dtype), torch.randn(tokens, kv_heads, dim).to(DEVICE, dtype)
     expected_k, expected_v = key_cache.clone(), value_cache.clone()
     reshape_and_cache_ref(key, value, expected_k, expected_v, slots)
     reshape_and_cache_triton(key, value, key_cache, value_cache, slots)
@@ -67,8 +72,8 @@ def test_paged_decode_attention(block_size, heads, kv_heads, dtype) -> None:
     lengths = [1, 7, 33, 70]
     dim = 16
     key_cache, value_cache, tables = paged_setup(block_size, kv_heads, dim, lengths, dtype)
-    q = torch.randn(len(lengths), heads, dim).to(dtype)
-    lens = torch.tensor(lengths, dtype=torch.int32)
+    q = torch.randn(len(lengths), heads, dim).to(DEVICE, dtype)
+    lens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
     expected = paged_decode_attention_ref(q, key_cache, value_cache, tables, lens, dim**-0.5)
     got = paged_decode_attention_triton(q, key_cache, value_cache, tables, lens, dim**-0.5)
     assert torch.isfinite(expected).all() and torch.isfinite(got).all()
@@ -78,8 +83,8 @@ def test_paged_decode_attention(block_size, heads, kv_heads, dtype) -> None:
 def test_decode_reference_is_plain_attention() -> None:
     """The reference itself against attention written out on the gathered context."""
     key_cache, value_cache, tables = paged_setup(8, 2, 16, [13], torch.float32)
-    q = torch.randn(1, 4, 16)
-    out = paged_decode_attention_ref(q, key_cache, value_cache, tables, torch.tensor([13], dtype=torch.int32), 0.25)
+    q = torch.randn(1, 4, 16, device=DEVICE)
+    out = paged_decode_attention_ref(q, key_cache, value_cache, tables, torch.tensor([13], dtype=torch.int32, device=DEVICE), 0.25)
     slots = [int(tables[0, j // 8]) * 8 + j % 8 for j in range(13)]
     keys = key_cache.view(-1, 2, 16)[slots]
     values = value_cache.view(-1, 2, 16)[slots]
@@ -99,9 +104,9 @@ def test_prefill_attention_against_cached_context(block_size, heads, kv_heads, d
     starts = [0]
     for new, _ in shapes:
         starts.append(starts[-1] + new)
-    q = torch.randn(starts[-1], heads, dim).to(dtype)
-    query_start = torch.tensor(starts, dtype=torch.int32)
-    lens = torch.tensor([c for _, c in shapes], dtype=torch.int32)
+    q = torch.randn(starts[-1], heads, dim).to(DEVICE, dtype)
+    query_start = torch.tensor(starts, dtype=torch.int32, device=DEVICE)
+    lens = torch.tensor([c for _, c in shapes], dtype=torch.int32, device=DEVICE)
     expected = prefill_attention_ref(q, key_cache, value_cache, tables, query_start, lens, dim**-0.5)
     got = prefill_attention_triton(q, key_cache, value_cache, tables, query_start, lens, dim**-0.5)
     assert torch.isfinite(expected).all() and torch.isfinite(got).all()
@@ -111,19 +116,115 @@ def test_prefill_attention_against_cached_context(block_size, heads, kv_heads, d
 def test_prefill_reference_matches_decode_for_single_tokens() -> None:
     """One new token attending its cached context is exactly a decode step."""
     key_cache, value_cache, tables = paged_setup(16, 2, 16, [3, 30], torch.float32, seed=4)
-    q = torch.randn(2, 4, 16)
-    lens = torch.tensor([3, 30], dtype=torch.int32)
-    prefill = prefill_attention_ref(q, key_cache, value_cache, tables, torch.tensor([0, 1, 2], dtype=torch.int32), lens, 0.3)
+    q = torch.randn(2, 4, 16, device=DEVICE)
+    lens = torch.tensor([3, 30], dtype=torch.int32, device=DEVICE)
+    prefill = prefill_attention_ref(q, key_cache, value_cache, tables, torch.tensor([0, 1, 2], dtype=torch.int32, device=DEVICE), lens, 0.3)
     decode = paged_decode_attention_ref(q, key_cache, value_cache, tables, lens, 0.3)
     torch.testing.assert_close(prefill, decode, atol=1e-6, rtol=1e-6)
 
 
 def test_wrappers_refuse_layouts_they_do_not_handle() -> None:
     key_cache, value_cache, tables = paged_setup(16, 2, 16, [5], torch.float32)
-    q = torch.randn(1, 4, 16)
+    q = torch.randn(1, 4, 16, device=DEVICE)
+    lens = torch.tensor([5], dtype=torch.int32, device=DEVICE)
     with pytest.raises(AssertionError, match="block_tables must be int32"):
-        paged_decode_attention_triton(q, key_cache, value_cache, tables.long(), torch.tensor([5], dtype=torch.int32), 1.0)
+        paged_decode_attention_triton(q, key_cache, value_cache, tables.long(), lens, 1.0)
     with pytest.raises(AssertionError, match="does not fit"):
-        paged_decode_attention_triton(torch.randn(1, 3, 16), key_cache, value_cache, tables, torch.tensor([5], dtype=torch.int32), 1.0)
+        paged_decode_attention_triton(torch.randn(1, 3, 16, device=DEVICE), key_cache, value_cache, tables, lens, 1.0)
     with pytest.raises(AssertionError, match="contiguous"):
-        paged_decode_attention_triton(torch.randn(1, 16, 4).transpose(1, 2), key_cache, value_cache, tables, torch.tensor([5], dtype=torch.int32), 1.0)
+        paged_decode_attention_triton(torch.randn(1, 16, 4, device=DEVICE).transpose(1, 2), key_cache, value_cache, tables, lens, 1.0)
+
+
+# FP8 KV cache (kv_cache_dtype="fp8"): float8_e4m3fn codes, one scale per layer for K and one for V
+
+FP8_SCALES = (0.005, 2.0)
+"""k_scale and v_scale: for standard normal keys and values, a few keys saturate
+(|k| / 0.005 > 448) and a few values land among the subnormal codes (|v| / 2 < 2^-6)."""
+
+
+def fp8_caches(key_cache: torch.Tensor, value_cache: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """(fp8 key cache, fp8 value cache, their dequantized copies in dtype): the NaN of unwritten
+    slots stays NaN (code 0x7F) and block 0 stays zero."""
+    k_scale, v_scale = FP8_SCALES
+    key8, value8 = quantize_fp8(key_cache, k_scale), quantize_fp8(value_cache, v_scale)
+    return key8, value8, dequantize_fp8(key8, k_scale, dtype), dequantize_fp8(value8, v_scale, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reshape_and_cache_fp8(dtype) -> None:
+    """The Triton kernel writes the very codes torch's saturating cast gives (both round to
+    nearest even), and each code is within 2^-4 relative (2^-10 x scale for subnormal codes) of
+    the value it stores; saturated values read back as +-448 x scale."""
+    torch.manual_seed(3)
+    kv_heads, dim, tokens, block_size = 2, 16, 13, 8
+    k_scale, v_scale = FP8_SCALES
+    key_cache = torch.zeros(4, block_size, kv_heads, dim, dtype=FP8, device=DEVICE)
+    value_cache = torch.zeros_like(key_cache)
+    slots = torch.randperm(4 * block_size)[:tokens].to(DEVICE)
+    key, value = torch.randn(tokens, kv_heads, dim).to(DEVICE, dtype), torch.randn(tokens, kv_heads, dim).to(DEVICE, dtype)
+    expected_k, expected_v = key_cache.clone(), value_cache.clone()
+    reshape_and_cache_ref(key, value, expected_k, expected_v, slots, k_scale=k_scale, v_scale=v_scale)
+    reshape_and_cache_triton(key, value, key_cache, value_cache, slots, k_scale=k_scale, v_scale=v_scale)
+    assert torch.equal(key_cache.view(torch.uint8), expected_k.view(torch.uint8))
+    assert torch.equal(value_cache.view(torch.uint8), expected_v.view(torch.uint8))
+    for new, cache, scale in ((key, key_cache, k_scale), (value, value_cache, v_scale)):
+        stored = cache.view(-1, kv_heads, dim)[slots].float() * scale
+        target = new.float().clamp(-FP8_MAX * scale, FP8_MAX * scale)
+        assert ((stored - target).abs() <= 2**-4 * target.abs() + 2**-10 * scale).all()
+    assert (key.float().abs() > FP8_MAX * k_scale).any() and (value.float().abs() < 2**-6 * v_scale).any()
+
+
+def test_kv_scales_leave_other_caches_alone() -> None:
+    """With a bfloat16 cache the scales play no part: writes and reads are those of today."""
+    torch.manual_seed(5)
+    key_cache, value_cache, tables = paged_setup(16, 2, 16, [20], torch.bfloat16)
+    q = torch.randn(1, 4, 16).to(DEVICE, torch.bfloat16)
+    lens = torch.tensor([20], dtype=torch.int32, device=DEVICE)
+    plain = paged_decode_attention_triton(q, key_cache, value_cache, tables, lens, 0.25)
+    scaled = paged_decode_attention_triton(q, key_cache, value_cache, tables, lens, 0.25, k_scale=3.0, v_scale=0.5)
+    assert torch.equal(plain, scaled)
+    key = torch.randn(3, 2, 16).to(DEVICE, torch.bfloat16)
+    written = key_cache.clone()
+    reshape_and_cache_triton(key, key, written, written.clone(), torch.tensor([0, 5, 9], device=DEVICE), k_scale=3.0, v_scale=0.5)
+    assert torch.equal(written.view(-1, 2, 16)[[0, 5, 9]], key)
+
+
+@pytest.mark.parametrize("block_size", [8, 32])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (6, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_decode_attention_fp8(block_size, heads, kv_heads, dtype) -> None:
+    lengths = [1, 7, 33, 70]
+    dim = 16
+    key_cache, value_cache, tables = paged_setup(block_size, kv_heads, dim, lengths, torch.float32, seed=6)
+    key8, value8, key_deq, value_deq = fp8_caches(key_cache, value_cache, dtype)
+    q = torch.randn(len(lengths), heads, dim).to(DEVICE, dtype)
+    lens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    k_scale, v_scale = FP8_SCALES
+    expected = paged_decode_attention_ref(q, key_deq, value_deq, tables, lens, dim**-0.5)
+    reference = paged_decode_attention_ref(q, key8, value8, tables, lens, dim**-0.5, k_scale=k_scale, v_scale=v_scale)
+    got = paged_decode_attention_triton(q, key8, value8, tables, lens, dim**-0.5, k_scale=k_scale, v_scale=v_scale)
+    assert torch.isfinite(expected).all() and torch.isfinite(got).all()
+    torch.testing.assert_close(reference, expected, atol=0, rtol=0)
+    torch.testing.assert_close(got.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("block_size", [8, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_attention_fp8(block_size, dtype) -> None:
+    shapes = [(5, 5), (6, 20), (1, 9), (40, 45)]
+    heads, kv_heads, dim = 4, 2, 16
+    key_cache, value_cache, tables = paged_setup(block_size, kv_heads, dim, [c for _, c in shapes], torch.float32, seed=7)
+    key8, value8, key_deq, value_deq = fp8_caches(key_cache, value_cache, dtype)
+    starts = [0]
+    for new, _ in shapes:
+        starts.append(starts[-1] + new)
+    q = torch.randn(starts[-1], heads, dim).to(DEVICE, dtype)
+    query_start = torch.tensor(starts, dtype=torch.int32, device=DEVICE)
+    lens = torch.tensor([c for _, c in shapes], dtype=torch.int32, device=DEVICE)
+    k_scale, v_scale = FP8_SCALES
+    expected = prefill_attention_ref(q, key_deq, value_deq, tables, query_start, lens, dim**-0.5)
+    reference = prefill_attention_ref(q, key8, value8, tables, query_start, lens, dim**-0.5, k_scale=k_scale, v_scale=v_scale)
+    got = prefill_attention_triton(q, key8, value8, tables, query_start, lens, dim**-0.5, k_scale=k_scale, v_scale=v_scale)
+    assert torch.isfinite(expected).all() and torch.isfinite(got).all()
+    torch.testing.assert_close(reference, expected, atol=0, rtol=0)
+    torch.testing.assert_close(got.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])

@@ -1,0 +1,138 @@
+"""Linear layer with float8 e4m3fn weights and one float32 scale per output channel.
+
+    y[m, n] = (sum_k x[m, k] W8[n, k]) s[n] + b[n],   W[n, k] ~ W8[n, k] s[n]
+
+Layouts: x [..., K]; weight [N, K] float8_e4m3fn (row n is output channel n); scale [N] float32;
+bias [N] or None; y [..., N] in x's dtype.
+
+Three ways to compute it, chosen by `fp8_linear`:
+- CPU: `fp8_linear_ref`, the maths in torch.
+- CUDA from compute capability 8.9 with bfloat16 activations: `fp8_linear_scaled_mm`, which also
+  quantizes each activation row to float8 with its own scale and runs the float8 matrix units
+  through torch._scaled_mm (row-wise scaling takes bfloat16 output on every torch that has it).
+- Any other CUDA: `fp8_linear_triton`, weight-only (activations stay in their dtype).
+
+On an H200 (kernels/bench.py) the weight-only Triton path beats _scaled_mm at M = 1 and 64: the
+activation quantization costs several small torch kernels there, which a decode step feels.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels import exact_dots
+from kernels.quant import FP8, FP8_MAX, as_rows, e4m3_decode, linear_blocks, row_scales, to_fp8
+
+__all__ = [
+    "FP8_MAX", "quantize_fp8_rows", "fp8_linear", "fp8_linear_ref", "fp8_linear_scaled_mm", "fp8_linear_triton",
+]
+
+SCALED_MM_DTYPES = (torch.bfloat16,)
+"""Output dtypes torch._scaled_mm's row-wise scaling takes everywhere (float16 and float32 came later)."""
+
+
+def quantize_fp8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (q [N, K] float8_e4m3fn, scale [N] float32), scale[n] = max_k |w[n, k]| / 448,
+    q = clamp(w / scale, +-448) rounded to nearest even. An all-zero row gets scale 1."""
+    scale = row_scales(w.abs().amax(dim=1), FP8_MAX)
+    return to_fp8(w.float() / scale[:, None]), scale
+
+
+def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    y = F.linear(x, weight.to(x.dtype)) * scale
+    if bias is not None:
+        y = y + bias
+    return y.to(x.dtype)
+
+
+def fp8_linear_scaled_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Activations quantized per row on the fly (x ~ x8 s_x), then y = (x8 W8^T) s_x s^T + b on the
+    float8 matrix units. Needs K and N multiples of 16 and a bfloat16 x."""
+    n, k = weight.shape
+    x2 = as_rows(x, k)
+    if x2.shape[0] == 0:
+        return x.new_empty(*x.shape[:-1], n)
+    x8, x_scale = quantize_fp8_rows(x2)
+    # weight.t() of a contiguous [N, K] is the column-major [K, N] operand _scaled_mm wants
+    y = torch._scaled_mm(x8, weight.t(), scale_a=x_scale[:, None], scale_b=scale[None, :], out_dtype=x.dtype)
+    if bias is not None:
+        y += bias
+    return y.view(*x.shape[:-1], n)
+
+
+@triton.jit
+def _fp8_linear_kernel(
+    x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr,
+    M, N, K,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+    NATIVE: tl.constexpr,
+):
+    """NATIVE: w_ptr is Triton's float8 e4m3 type, converted by the hardware; otherwise it holds
+    the codes as uint8, decoded with bit operations (GPUs before compute capability 8.9)."""
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask, n_mask = m < M, n < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for start in range(0, K, BLOCK_K):
+        k = start + tl.arange(0, BLOCK_K)
+        k_mask = k < K
+        x = tl.load(x_ptr + m[:, None].to(tl.int64) * K + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        # the [BLOCK_K, BLOCK_N] tile of W^T
+        w = tl.load(w_ptr + n[None, :].to(tl.int64) * K + k[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if not NATIVE:
+            w = e4m3_decode(w)
+        if IEEE:
+            acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, w.to(x.dtype), acc)
+    y = acc * tl.load(scale_ptr + n, mask=n_mask, other=0.0)[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + m[:, None].to(tl.int64) * N + n[None, :], y.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def fp8_linear_triton(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None, *, native: bool | None = None
+) -> torch.Tensor:
+    """Weight-only: float8 weight tiles converted to x's dtype in the kernel, dot products
+    accumulated in float32, then the per-column scale and the bias. `native` (default: where
+    Triton has float8 e4m3, from compute capability 8.9 and under the interpreter) converts with
+    the hardware; otherwise the kernel decodes the codes' bits (kernels.quant.e4m3_decode)."""
+    n, k = weight.shape
+    assert weight.dtype == FP8 and weight.is_contiguous(), "weight must be a contiguous float8_e4m3fn [N, K]"
+    assert scale.dtype == torch.float32 and scale.shape == (n,), f"scale must be float32 [{n}]"
+    assert bias is None or (bias.shape == (n,) and bias.is_contiguous()), f"bias must be [{n}]"
+    x2 = as_rows(x, k)
+    out = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
+    if x2.shape[0] == 0:
+        return out.view(*x.shape[:-1], n)
+    block_m, block_n, block_k, stages = linear_blocks(x2.shape[0], n, x2.element_size())
+    grid = (triton.cdiv(x2.shape[0], block_m), triton.cdiv(n, block_n))
+    if native is None:
+        native = not x.is_cuda or _has_fp8_units(x.device.index or 0)
+    _fp8_linear_kernel[grid](
+        x2, weight if native else weight.view(torch.uint8), scale, bias if bias is not None else scale, out,
+        x2.shape[0], n, k,
+        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=exact_dots(x2),
+        NATIVE=native, num_stages=stages,
+    )
+    return out.view(*x.shape[:-1], n)
+
+
+@functools.cache
+def _has_fp8_units(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (8, 9)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if not x.is_cuda:
+        return fp8_linear_ref(x, weight, scale, bias)
+    n, k = weight.shape
+    if x.dtype in SCALED_MM_DTYPES and n % 16 == 0 and k % 16 == 0 and _has_fp8_units(x.device.index or 0):
+        return fp8_linear_scaled_mm(x, weight, scale, bias)
+    return fp8_linear_triton(x, weight, scale, bias)

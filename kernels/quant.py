@@ -1,0 +1,102 @@
+"""Pieces the quantized kernels share: the float8 e4m3fn codec, per-row scales, and the tiling of
+the weight-only linear kernels.
+
+float8 e4m3fn: 1 sign, 4 exponent (bias 7) and 3 mantissa bits, no infinities, code 0x7F/0xFF is
+NaN. Normal codes are 2^(e-7) (1 + m/8) for e in 1..15, subnormal ones m 2^-9; the largest finite
+value is 448. Rounding to nearest even keeps |x - fp8(x)| <= 2^-4 |x| for normal values and
+<= 2^-10 for subnormal ones.
+
+The Triton kernels never name Triton's own float8 type: they read and write the codes as uint8
+and convert with the bit operations below. That works on every GPU (Triton refuses its e4m3 type
+before compute capability 8.9) and under TRITON_INTERPRET=1, whose float32 -> float8 cast rounds
+wrongly where the mantissa carries into the exponent (7.95 becomes 4, not 8).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+FP8_MAX = 448.0
+"""The largest finite float8 e4m3fn value."""
+
+FP8 = torch.float8_e4m3fn
+
+
+def is_fp8(t: torch.Tensor) -> bool:
+    return t.dtype == FP8
+
+
+def row_scales(amax: torch.Tensor, qmax: float) -> torch.Tensor:
+    """Symmetric scales amax / qmax in float32; an all-zero row gets scale 1 (never 0 or NaN)."""
+    amax = amax.float()
+    return torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+
+
+def to_fp8(t: torch.Tensor) -> torch.Tensor:
+    """Saturating cast to float8 e4m3fn (torch's own cast does not promise to saturate)."""
+    return t.float().clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def dequantize_fp8(t: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """fp8 codes -> float32 x scale -> dtype; any other tensor is returned as it is."""
+    if not is_fp8(t):
+        return t
+    return (t.float() * scale).to(dtype)
+
+
+def quantize_fp8(t: torch.Tensor, scale: float) -> torch.Tensor:
+    """clamp(t x (1 / scale), +-448) -> float8 e4m3fn (rounded to nearest even)."""
+    return to_fp8(t.float() * (1.0 / scale))
+
+
+@triton.jit
+def e4m3_decode(code):
+    """float16 values of float8 e4m3fn codes (uint8), exact. The code's bits placed as a float16
+    (sign at bit 15, exponent at bits 10-13, mantissa at bits 7-9) are the value x 2^-8, for
+    subnormal codes too; 0x7F/0xFF decode to NaN."""
+    bits = code.to(tl.uint16)
+    half = (((bits & 0x80) << 8) | ((bits & 0x7F) << 7)).to(tl.float16, bitcast=True)
+    value = half * 256.0
+    return tl.where((bits & 0x7F) == 0x7F, float("nan"), value)
+
+
+@triton.jit
+def e4m3_encode(x):
+    """float8 e4m3fn codes (uint8) of float32 x: saturated to +-448, rounded to nearest even.
+
+    |x| >= 2^-6 (normal): round the float32 mantissa to 3 bits (the carry may step into the
+    exponent), then re-bias the exponent from 127 to 7. |x| < 2^-6 (subnormal, multiples of 2^-9):
+    in 2^14 + |x| the float32 unit is 2^-9, so the add rounds and the low bits count the units.
+    """
+    x = tl.minimum(tl.maximum(x, -448.0), 448.0)
+    sign = (x.to(tl.uint32, bitcast=True) >> 24) & 0x80
+    a = tl.abs(x)
+    bits = a.to(tl.uint32, bitcast=True)
+    rounded = bits + 0x7FFFF + ((bits >> 20) & 1)
+    normal = (rounded >> 20) - (120 << 3)
+    subnormal = (a + 16384.0).to(tl.uint32, bitcast=True) - 0x46800000
+    code = tl.where(a < 0.015625, subnormal, normal)
+    return (code | sign).to(tl.uint8)
+
+
+def linear_blocks(m: int, n: int, x_bytes: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_stages) for a weight-only linear kernel with m activation
+    rows of x_bytes-wide elements and n outputs (from a sweep on an H200 at M = 1 and 64, N x K =
+    4096 x 4096, 4096 x 14336 and 14336 x 4096).
+
+    Decode (small m) reads each weight once and is bound by memory: N tiles of 32 make enough
+    programs to keep every multiprocessor loading unless N is large, and long K tiles keep more
+    bytes in flight per program, as far as four stages of activation tiles fit in shared memory.
+    """
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+    block_n = 64 if n >= 8192 else 32
+    block_k = 128 if (block_m == 64 and block_n == 64) or (block_m > 16 and x_bytes > 2) else 256
+    return block_m, block_n, block_k, 4
+
+
+def as_rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x [..., K] as a contiguous [M, K] matrix."""
+    assert x.shape[-1] == k, f"activations end in {x.shape[-1]}, the weight takes {k}"
+    return x.reshape(-1, k).contiguous()
