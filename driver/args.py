@@ -6,11 +6,13 @@ from __future__ import annotations
 import difflib
 import functools
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from parallel.errors import ConfigError
+from parallel.quantization import QUANTIZATION_METHODS, QuantConfig, checkpoint_quant_config, resolve_quantization
 from workers.config import (
     CacheConfig,
     EngineConfig,
@@ -27,6 +29,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 TOKENIZER_MODES = ("auto", "slow")
 DEVICES = ("auto", "cuda", "cpu")
 BLOCK_SIZES = (8, 16, 32, 64, 128)
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 
 
 def _suggest_unknown_keywords(cls: type) -> type:
@@ -79,7 +82,9 @@ class EngineArgs:
     """Compute dtype: "float32", "bfloat16", "float16", or "auto": the checkpoint's own on CUDA
     (float32 checkpoints become bfloat16 from compute capability 8.0, float16 below) and float32 on CPU."""
     quantization: str | None = None
-    """Quantize weights while loading; no method is available yet, so only None is accepted."""
+    """How the decoder's linear layers hold their weights: None (the model dtype, or what the
+    checkpoint's quantization_config says), "fp8" or "int8" (quantized while loading, a scale per
+    output channel), "gptq" or "awq" (4-bit checkpoints, which declare it themselves)."""
     trust_remote_code: bool = False
     """Let transformers run code shipped with the model or tokenizer. Off: weights never run code."""
     tensor_parallel_size: int = 1
@@ -90,6 +95,9 @@ class EngineArgs:
     """Bytes of KV cache per rank, instead of deriving it from gpu_memory_utilization (and on CPU)."""
     block_size: int = 16
     """Tokens per KV-cache block: 8, 16, 32, 64 or 128."""
+    kv_cache_dtype: str = "auto"
+    """"auto": the model dtype; "fp8" (or "fp8_e4m3"): float8 e4m3 keys and values with a scale
+    per layer, half of bfloat16's bytes per token."""
     max_model_len: int | None = None
     """The longest sequence, prompt plus output; None: what the model's config allows."""
     max_num_seqs: int = 256
@@ -134,6 +142,9 @@ class EngineArgs:
         if device == "cuda" and capability is None:
             capability = torch.cuda.get_device_capability()
         dtype = resolve_dtype(self.dtype, checkpoint_dtype(hf_config), device, capability)
+        where = str(Path(files.folder) / (files.gguf_file or "config.json"))
+        found_quant = checkpoint_quant_config(getattr(hf_config, "quantization_config", None), where)
+        quant = resolve_quantization(self.quantization, found_quant, where)
         max_model_len = resolve_max_model_len(hf_config, arch, self.max_model_len)
         batched = self.max_num_batched_tokens or (8192 if device == "cuda" else 2048)
         if batched < self.max_num_seqs:
@@ -142,10 +153,11 @@ class EngineArgs:
                 "so that every running sequence can decode in one step"
             )
         return EngineConfig(
-            model=self._model_config(files, arch, dtype, device, max_model_len),
+            model=self._model_config(files, arch, dtype, device, max_model_len, quant),
             load=LoadConfig(load_format=files.weight_format, weight_files=files.weight_files, download_dir=self.download_dir),
             cache=CacheConfig(
                 block_size=self.block_size,
+                kv_cache_dtype="fp8" if self.kv_cache_dtype.startswith("fp8") else "auto",
                 gpu_memory_utilization=self.gpu_memory_utilization,
                 kv_cache_memory_bytes=self.kv_cache_memory_bytes,
                 num_gpu_blocks_override=self.num_gpu_blocks_override,
@@ -154,7 +166,9 @@ class EngineArgs:
             scheduler=SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=batched, max_model_len=max_model_len),
         )
 
-    def _model_config(self, files: ModelFiles, arch: ModelArch, dtype: str, device: str, max_len: int) -> ModelConfig:
+    def _model_config(
+        self, files: ModelFiles, arch: ModelArch, dtype: str, device: str, max_len: int, quant: QuantConfig | None
+    ) -> ModelConfig:
         tokenizer = self.tokenizer or files.folder
         return ModelConfig(
             model=self.model or "",
@@ -172,6 +186,7 @@ class EngineArgs:
             max_model_len=max_len,
             seed=self.seed,
             enforce_eager=self.enforce_eager,
+            quantization=quant,
             arch=arch,
         )
 
@@ -183,7 +198,8 @@ class EngineArgs:
         _choice("device", self.device, DEVICES)
         _choice("block_size", self.block_size, BLOCK_SIZES)
         if self.quantization is not None:
-            raise ConfigError(f"quantization={self.quantization!r} is not supported yet; leave it None")
+            _choice("quantization", self.quantization, QUANTIZATION_METHODS)
+        _choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
         for name in ("tensor_parallel_size", "max_num_seqs"):
             _positive_int(name, getattr(self, name))
         for name in ("kv_cache_memory_bytes", "max_model_len", "max_num_batched_tokens", "num_gpu_blocks_override"):

@@ -43,7 +43,7 @@ def load_in_process(args: EngineArgs) -> LoadedModel:
     weights = worker.load_model()
     phases["weights"] = weights.seconds
     start = time.perf_counter()
-    tokenizer = load_tokenizer(config.model)
+    tokenizer = None if config.model.skip_tokenizer_init else load_tokenizer(config.model)
     phases["tokenizer"] = time.perf_counter() - start
     report = LoadReport(model=config.model.model or f"default ({config.model.gguf_file})", phases=phases, ranks=[weights])
     return LoadedModel(config, worker, tokenizer, report)

@@ -19,7 +19,7 @@ from parallel.errors import ConfigError
 from parallel.state import TensorParallelGroup
 from workers.config import EngineConfig
 from workers.kv_cache import kv_block_bytes, kv_bytes_per_token, usable_blocks
-from workers.loader import build_on_meta, parameter_bytes
+from workers.loader import build_on_meta, parameter_bytes, process_weights_after_loading
 
 CUDA_RESERVE_BYTES = 768 * 2**20
 """Planned for the CUDA context, NCCL buffers and allocator slack (the engine measures them)."""
@@ -34,6 +34,9 @@ class Plan(msgspec.Struct, kw_only=True):
     tensor_parallel_size: int
     dtype: str
     device: str
+    quantization: str | None = None
+    """The linear layers' weights: None (dtype), "fp8", "int8", "gptq" or "awq"."""
+    kv_cache_dtype: str = "auto"
     valid: bool
     """Whether the layout splits at this tensor-parallel size."""
     problem: str | None = None
@@ -56,7 +59,12 @@ class Plan(msgspec.Struct, kw_only=True):
 
     def format(self) -> str:
         gib = 2**30
-        head = f"plan: {self.model} ({self.architecture}), {self.dtype} on {self.device}, tensor_parallel_size={self.tensor_parallel_size}"
+        weights = f", {self.quantization} weights" if self.quantization else ""
+        kv = f", {self.kv_cache_dtype} KV cache" if self.kv_cache_dtype != "auto" else ""
+        head = (
+            f"plan: {self.model} ({self.architecture}), {self.dtype}{weights}{kv} on {self.device}, "
+            f"tensor_parallel_size={self.tensor_parallel_size}"
+        )
         if not self.valid:
             return f"{head}\n  does not split: {self.problem}"
         lines = [
@@ -104,10 +112,13 @@ def plan(args: EngineArgs, device: str = "cuda", gpu_memory: int | None = None, 
     base = dict(
         model=config.model.model or f"default ({config.model.gguf_file})", architecture=arch.architecture,
         tensor_parallel_size=tp, dtype=config.model.dtype, device=device, block_size=config.cache.block_size,
+        quantization=config.model.quantization.method if config.model.quantization else None,
+        kv_cache_dtype=config.cache.kv_cache_dtype,
         max_model_len=config.model.max_model_len,
     )
     try:
         model = build_on_meta(config, TensorParallelGroup(rank=0, size=tp))
+        process_weights_after_loading(model)  # 4-bit layers: the kernel's layout, as the engine keeps it
     except ConfigError as exc:
         return Plan(**base, valid=False, problem=str(exc))
     weights = parameter_bytes(model)

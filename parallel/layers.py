@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from parallel.errors import ConfigError
+from parallel.quantization import QuantConfig, linear_method
 from parallel.state import TensorParallelGroup, split_evenly
 from parallel.weights import ShardId, WeightSource, attach_loader, full_index, replicated
 
@@ -42,26 +43,56 @@ class RowRange:
         return self.stop - self.start
 
 
-class _RowSplitLinear(nn.Module):
-    """A linear layer whose rows are split over the ranks, filled from one or more checkpoint tensors."""
+class ParallelLinear(nn.Module):
+    """A linear layer's slice on one rank: output rows `out_shards` of its checkpoint tensors (one
+    shard, or one per tensor fused into it) and input columns [in_start, in_stop).
 
-    def __init__(self, in_features: int, shards: dict[ShardId, RowRange], bias: bool) -> None:
+    How the slice is stored and multiplied is its `LinearMethod`'s business (model dtype,
+    quantized while loading, or 4-bit from the checkpoint: `parallel.quantization`); the layer
+    says which part of each checkpoint tensor the rank owns and reads it (`read_weight`).
+    """
+
+    def __init__(
+        self, in_features: int, shards: dict[ShardId, RowRange], in_range: tuple[int, int], quant: QuantConfig | None
+    ) -> None:
         super().__init__()
         self.in_features = in_features
+        self.out_shards = shards
+        self.in_start, self.in_stop = in_range
+        self.local_out = sum(r.size for r in shards.values())
+        self.local_in = self.in_stop - self.in_start
+        self.method = linear_method(quant)
+        self.method.create_weights(self)
+
+    def weight_full_shapes(self) -> dict[ShardId, tuple[int, int]]:
+        """The checkpoint shape of each shard's full-precision weight."""
+        return {k: (r.full_rows, self.in_features) for k, r in self.out_shards.items()}
+
+    def read_weight(self, source: WeightSource, shard_id: ShardId, out: torch.Tensor) -> None:
+        """Read this rank's part of shard `shard_id`'s weight (its rows x its columns) into `out`."""
+        raise NotImplementedError
+
+    def process_weights_after_loading(self) -> None:
+        self.method.process_after_loading(self)
+
+
+class _RowSplitLinear(ParallelLinear):
+    """A linear layer whose rows are split over the ranks, filled from one or more checkpoint tensors."""
+
+    def __init__(self, in_features: int, shards: dict[ShardId, RowRange], bias: bool, quant: QuantConfig | None = None) -> None:
+        super().__init__(in_features, shards, (0, in_features), quant)
         self.shards = shards
-        local_rows = sum(r.size for r in shards.values())
-        self.weight = attach_loader(
-            nn.Parameter(torch.empty(local_rows, in_features), requires_grad=False),
-            self.load_rows,
-            {k: (r.full_rows, in_features) for k, r in shards.items()},
-        )
         self.bias = None
         if bias:
             self.bias = attach_loader(
-                nn.Parameter(torch.empty(local_rows), requires_grad=False),
+                nn.Parameter(torch.empty(self.local_out), requires_grad=False),
                 self.load_rows,
                 {k: (r.full_rows,) for k, r in shards.items()},
             )
+
+    def read_weight(self, source: WeightSource, shard_id: ShardId, out: torch.Tensor) -> None:
+        rows = self.shards[shard_id]
+        source.read((slice(rows.start, rows.stop), slice(None)), out=out)
 
     def load_rows(self, param: nn.Parameter, source: WeightSource, shard_id: ShardId = None) -> None:
         """Read this rank's rows of shard `shard_id` into their place in `param`."""
@@ -70,7 +101,7 @@ class _RowSplitLinear(nn.Module):
         source.read(index, out=param.data.narrow(0, rows.offset, rows.size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.method.apply(self, x, self.bias)
 
 
 class ColumnParallelLinear(_RowSplitLinear):
@@ -80,9 +111,11 @@ class ColumnParallelLinear(_RowSplitLinear):
     nothing is communicated.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallelGroup) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, tp: TensorParallelGroup, quant: QuantConfig | None = None
+    ) -> None:
         rows = divide(out_features, tp.size, f"Output size of {type(self).__name__}")
-        super().__init__(in_features, {None: RowRange(out_features, tp.rank * rows, (tp.rank + 1) * rows, 0)}, bias)
+        super().__init__(in_features, {None: RowRange(out_features, tp.rank * rows, (tp.rank + 1) * rows, 0)}, bias, quant)
 
 
 def _stacked(row_counts: dict[ShardId, tuple[int, int, int]]) -> dict[ShardId, RowRange]:
@@ -100,12 +133,14 @@ class MergedColumnParallelLinear(_RowSplitLinear):
     With A = [G; U] (shards 0 and 1), rank r holds [G_r; U_r]: its slice of each.
     """
 
-    def __init__(self, in_features: int, out_features: list[int], bias: bool, tp: TensorParallelGroup) -> None:
+    def __init__(
+        self, in_features: int, out_features: list[int], bias: bool, tp: TensorParallelGroup, quant: QuantConfig | None = None
+    ) -> None:
         counts = {}
         for i, size in enumerate(out_features):
             rows = divide(size, tp.size, f"Output size {i} of {type(self).__name__}")
             counts[i] = (size, tp.rank * rows, (tp.rank + 1) * rows)
-        super().__init__(in_features, _stacked(counts), bias)
+        super().__init__(in_features, _stacked(counts), bias, quant)
 
 
 class QKVParallelLinear(_RowSplitLinear):
@@ -124,6 +159,7 @@ class QKVParallelLinear(_RowSplitLinear):
         num_kv_heads: int,
         bias: bool,
         tp: TensorParallelGroup,
+        quant: QuantConfig | None = None,
     ) -> None:
         q_heads = divide(num_heads, tp.size, "Total number of attention heads")
         if num_kv_heads >= tp.size:
@@ -139,7 +175,7 @@ class QKVParallelLinear(_RowSplitLinear):
         q_rows, kv_rows = num_heads * head_dim, num_kv_heads * head_dim
         kv = (kv_rows, first_kv * head_dim, (first_kv + kv_heads) * head_dim)
         counts = {"q": (q_rows, tp.rank * q_heads * head_dim, (tp.rank + 1) * q_heads * head_dim), "k": kv, "v": kv}
-        super().__init__(hidden_size, _stacked(counts), bias)
+        super().__init__(hidden_size, _stacked(counts), bias, quant)
         self.num_heads, self.num_kv_heads, self.head_dim = q_heads, kv_heads, head_dim
 
     def split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -149,7 +185,7 @@ class QKVParallelLinear(_RowSplitLinear):
         return q, k, v
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(ParallelLinear):
     """Y = X A^T + b with A split along its columns (the inputs): A = [A_1 ... A_p].
 
     X arrives split along its last dimension as [X_1 ... X_p] (the output of a column-parallel
@@ -157,33 +193,30 @@ class RowParallelLinear(nn.Module):
     rank, is added once after the reduction.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallelGroup) -> None:
-        super().__init__()
-        self.tp = tp
-        self.in_features = in_features
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, tp: TensorParallelGroup, quant: QuantConfig | None = None
+    ) -> None:
         cols = divide(in_features, tp.size, f"Input size of {type(self).__name__}")
-        self.col_start, self.col_stop = tp.rank * cols, (tp.rank + 1) * cols
-        self.weight = attach_loader(
-            nn.Parameter(torch.empty(out_features, cols), requires_grad=False),
-            self.load_cols,
-            {None: (out_features, in_features)},
-        )
+        shards = {None: RowRange(out_features, 0, out_features, 0)}
+        super().__init__(in_features, shards, (tp.rank * cols, (tp.rank + 1) * cols), quant)
+        self.tp = tp
+        self.col_start, self.col_stop = self.in_start, self.in_stop
         self.bias = replicated(nn.Parameter(torch.empty(out_features), requires_grad=False)) if bias else None
 
-    def load_cols(self, param: nn.Parameter, source: WeightSource, shard_id: ShardId = None) -> None:
+    def read_weight(self, source: WeightSource, shard_id: ShardId, out: torch.Tensor) -> None:
         """This rank's columns of the checkpoint tensor, read as a block of whole rows and
         exchanged with the other ranks (see `TensorParallelGroup.rows_to_columns`); a rank without
         a process group reads its columns directly."""
         if self.tp.size == 1 or self.tp.group is None:
-            source.read((slice(None), slice(self.col_start, self.col_stop)), out=param.data)
+            source.read((slice(None), slice(self.col_start, self.col_stop)), out=out)
             return
-        start, stop = split_evenly(param.shape[0], self.tp.size)[self.tp.rank]
-        block = torch.empty(stop - start, self.in_features, dtype=param.dtype, device=param.device)
+        start, stop = split_evenly(out.shape[0], self.tp.size)[self.tp.rank]
+        block = torch.empty(stop - start, self.in_features, dtype=out.dtype, device=out.device)
         source.read((slice(start, stop), slice(None)), out=block)
-        param.data.copy_(self.tp.rows_to_columns(block, param.shape[0]))
+        out.copy_(self.tp.rows_to_columns(block, out.shape[0]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.all_reduce(F.linear(x, self.weight))
+        y = self.tp.all_reduce(self.method.apply(self, x, None))
         return y if self.bias is None else y + self.bias
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import msgspec
 
+from parallel.quantization import QuantConfig
+
 
 class RopeScaling(msgspec.Struct, frozen=True, kw_only=True):
     """How rotary frequencies are rescaled for long contexts (Hugging Face's `rope_scaling`)."""
@@ -78,6 +80,8 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
     """The longest sequence (prompt plus output) the engine accepts."""
     seed: int = 0
     enforce_eager: bool = False
+    quantization: QuantConfig | None = None
+    """How the decoder's linear layers hold their weights (None: in `dtype`)."""
     arch: ModelArch
 
 
@@ -96,6 +100,8 @@ class CacheConfig(msgspec.Struct, frozen=True, kw_only=True):
     """How each rank sizes its paged KV cache."""
 
     block_size: int = 16
+    kv_cache_dtype: str = "auto"
+    """"auto" (the model dtype) or "fp8" (float8 e4m3 with a scale per layer)."""
     gpu_memory_utilization: float = 0.9
     kv_cache_memory_bytes: int | None = None
     num_gpu_blocks_override: int | None = None

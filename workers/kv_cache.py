@@ -55,10 +55,15 @@ def kv_heads_per_rank(num_kv_heads: int, tp_size: int) -> int:
     return max(1, num_kv_heads // tp_size)
 
 
+def kv_cache_dtype(config: EngineConfig) -> torch.dtype:
+    """The dtype the pools store: the model's, or float8 e4m3 with kv_cache_dtype="fp8"."""
+    return torch.float8_e4m3fn if config.cache.kv_cache_dtype == "fp8" else getattr(torch, config.model.dtype)
+
+
 def kv_block_bytes(config: EngineConfig, tp_size: int) -> int:
     """Bytes of one block on one rank: 2 (K, V) x layers x block_size x kv_heads_per_rank x head_dim x dtype."""
     arch = config.model.arch
-    dtype_bytes = getattr(torch, config.model.dtype).itemsize
+    dtype_bytes = kv_cache_dtype(config).itemsize
     heads = kv_heads_per_rank(arch.num_kv_heads, tp_size)
     return 2 * arch.num_layers * config.cache.block_size * heads * arch.head_dim * dtype_bytes
 
@@ -189,7 +194,7 @@ class KVCache:
     def allocate(cls, config: EngineConfig, tp_size: int, num_blocks: int, device: torch.device) -> "KVCache":
         arch = config.model.arch
         shape = (num_blocks + NULL_BLOCKS, config.cache.block_size, kv_heads_per_rank(arch.num_kv_heads, tp_size), arch.head_dim)
-        dtype = getattr(torch, config.model.dtype)
+        dtype = kv_cache_dtype(config)
         try:
             keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(arch.num_layers)]
             values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(arch.num_layers)]

@@ -37,6 +37,22 @@ def test_smollm2_on_gpus(smollm2_gguf) -> None:
     assert result.max_len_sequences == result.token_capacity // 8192
 
 
+def test_smollm2_quantized_with_an_fp8_kv_cache(smollm2_gguf) -> None:
+    """int8 / fp8 linear weights: one byte each plus a float32 scale per output row; embeddings and
+    norms stay bfloat16. An FP8 KV cache halves the bytes per token."""
+    bf16 = plan(EngineArgs(model=str(smollm2_gguf), tensor_parallel_size=3), "cuda", 80 * GIB)
+    embedding_and_norms = 16384 * 576 * 2 + (30 * 2 + 1) * 576 * 2
+    rows = (3 * 64 + 2 * 64) + 576 + 2 * 512 + 576  # qkv, o, gate/up, down: output rows per rank
+    linear = 30 * ((3 * 64 + 2 * 64) * 576 + 576 * 192 + 2 * 512 * 576 + 576 * 512)
+    for method in ("int8", "fp8"):
+        args = EngineArgs(model=str(smollm2_gguf), tensor_parallel_size=3, quantization=method, kv_cache_dtype="fp8")
+        result = plan(args, "cuda", 80 * GIB)
+        assert result.fits and result.quantization == method and result.kv_cache_dtype == "fp8"
+        assert result.weight_bytes_per_rank == embedding_and_norms + linear + 30 * rows * 4
+        assert result.kv_bytes_per_token_per_rank * 2 == bf16.kv_bytes_per_token_per_rank
+        assert f"{method} weights, fp8 KV cache" in result.format()
+
+
 def test_layouts_that_do_not_split_say_so_as_the_engine_does(smollm2_gguf) -> None:
     result = plan(EngineArgs(model=str(smollm2_gguf), tensor_parallel_size=2), "cuda", 80 * GIB)
     assert not result.valid and result.problem == "Total number of attention heads (9) must be divisible by tensor parallel size (2)."

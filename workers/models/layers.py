@@ -140,13 +140,14 @@ class Attention(nn.Module):
 
     With `PagedMetadata` the new keys and values are written to the cache first, then decodes and
     prompt chunks attend through their block tables: Triton kernels on CUDA, their torch
-    references elsewhere.
+    references elsewhere. An FP8 cache stores K / k_scale and V / v_scale (one scale per layer).
     """
 
     def __init__(self, scale: float) -> None:
         super().__init__()
         self.scale = scale
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.k_scale = self.v_scale = 1.0
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata | PagedMetadata) -> torch.Tensor:
         if isinstance(meta, AttentionMetadata):
@@ -156,24 +157,30 @@ class Attention(nn.Module):
         key_cache, value_cache = self.kv_cache
         triton = q.is_cuda
         write = cache.reshape_and_cache_triton if triton else cache.reshape_and_cache_ref
-        write(k.to(key_cache.dtype).contiguous(), v.to(value_cache.dtype).contiguous(), key_cache, value_cache, meta.slot_mapping)
+        scales = {}
+        if key_cache.dtype == torch.float8_e4m3fn:  # the kernels scale and convert
+            scales = dict(k_scale=self.k_scale, v_scale=self.v_scale)
+        else:
+            k, v = k.to(key_cache.dtype), v.to(value_cache.dtype)
+        write(k.contiguous(), v.contiguous(), key_cache, value_cache, meta.slot_mapping, **scales)
         out = torch.empty_like(q)
         n = meta.num_decodes
         if n and triton:
             out[:n] = decode.paged_decode_attention_triton(
-                q[:n].contiguous(), key_cache, value_cache, meta.decode_block_tables, meta.decode_context_lens, self.scale
+                q[:n].contiguous(), key_cache, value_cache, meta.decode_block_tables, meta.decode_context_lens, self.scale,
+                **scales,
             )
         elif n:
-            out[:n] = decode.paged_decode_attention_gathered(q[:n], key_cache, value_cache, *meta.decode_plan, self.scale)
+            out[:n] = decode.paged_decode_attention_gathered(q[:n], key_cache, value_cache, *meta.decode_plan, self.scale, **scales)
         if q.shape[0] > n:
             if triton:
                 out[n:] = prefill.prefill_attention_triton(
                     q[n:].contiguous(), key_cache, value_cache, meta.prefill_block_tables, meta.prefill_query_start,
-                    meta.prefill_context_lens, self.scale, meta.max_prefill_query_len,
+                    meta.prefill_context_lens, self.scale, meta.max_prefill_query_len, **scales,
                 )
             else:
                 out[n:] = prefill.prefill_attention_ref(
                     q[n:], key_cache, value_cache, meta.prefill_block_tables, meta.prefill_query_start,
-                    meta.prefill_context_lens, self.scale,
+                    meta.prefill_context_lens, self.scale, **scales,
                 )
         return out

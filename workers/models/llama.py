@@ -21,6 +21,7 @@ from parallel.layers import (
     divide,
 )
 from parallel.errors import ConfigError
+from parallel.quantization import QuantConfig
 from parallel.state import TensorParallelGroup
 from workers.config import ModelArch
 from workers.models.layers import Attention, AttentionMetadata, PagedMetadata, RMSNorm, RotaryEmbedding, apply_rotary
@@ -30,12 +31,12 @@ Rope = tuple[torch.Tensor, torch.Tensor]
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, arch: ModelArch, tp: TensorParallelGroup) -> None:
+    def __init__(self, arch: ModelArch, tp: TensorParallelGroup, quant: QuantConfig | None) -> None:
         super().__init__()
         self.qkv_proj = QKVParallelLinear(
-            arch.hidden_size, arch.head_dim, arch.num_heads, arch.num_kv_heads, arch.qkv_bias, tp
+            arch.hidden_size, arch.head_dim, arch.num_heads, arch.num_kv_heads, arch.qkv_bias, tp, quant
         )
-        self.o_proj = RowParallelLinear(arch.num_heads * arch.head_dim, arch.hidden_size, arch.o_bias, tp)
+        self.o_proj = RowParallelLinear(arch.num_heads * arch.head_dim, arch.hidden_size, arch.o_bias, tp, quant)
         self.attn = Attention(arch.head_dim**-0.5)
 
     def forward(self, rope: Rope, hidden: torch.Tensor, meta: Metadata) -> torch.Tensor:
@@ -49,11 +50,11 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     """down(silu(gate(x)) * up(x)), with gate and up fused into one column-parallel layer."""
 
-    def __init__(self, arch: ModelArch, tp: TensorParallelGroup) -> None:
+    def __init__(self, arch: ModelArch, tp: TensorParallelGroup, quant: QuantConfig | None) -> None:
         super().__init__()
         size = arch.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(arch.hidden_size, [size, size], arch.mlp_bias, tp)
-        self.down_proj = RowParallelLinear(size, arch.hidden_size, arch.mlp_bias, tp)
+        self.gate_up_proj = MergedColumnParallelLinear(arch.hidden_size, [size, size], arch.mlp_bias, tp, quant)
+        self.down_proj = RowParallelLinear(size, arch.hidden_size, arch.mlp_bias, tp, quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -61,12 +62,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArch, tp: TensorParallelGroup) -> None:
+    def __init__(self, arch: ModelArch, tp: TensorParallelGroup, quant: QuantConfig | None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.self_attn = LlamaAttention(arch, tp)
+        self.self_attn = LlamaAttention(arch, tp, quant)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.mlp = LlamaMLP(arch, tp)
+        self.mlp = LlamaMLP(arch, tp, quant)
 
     def forward(self, rope: Rope, hidden: torch.Tensor, meta: Metadata) -> torch.Tensor:
         hidden = hidden + self.self_attn(rope, self.input_layernorm(hidden), meta)
@@ -74,11 +75,11 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, arch: ModelArch, tp: TensorParallelGroup, max_positions: int) -> None:
+    def __init__(self, arch: ModelArch, tp: TensorParallelGroup, max_positions: int, quant: QuantConfig | None) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, tp)
         self.rotary_emb = RotaryEmbedding(arch.head_dim, arch.rope_theta, arch.rope_scaling, max_positions)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, tp) for _ in range(arch.num_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, tp, quant) for _ in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: Metadata) -> torch.Tensor:
@@ -101,11 +102,15 @@ class LlamaForCausalLM(nn.Module):
     }
     """Checkpoint module name -> (fused module name, shard id)."""
 
-    def __init__(self, arch: ModelArch, tp: TensorParallelGroup, max_positions: int) -> None:
+    def __init__(
+        self, arch: ModelArch, tp: TensorParallelGroup, max_positions: int, quant: QuantConfig | None = None
+    ) -> None:
+        """`quant`: how the linear layers of the decoder hold their weights (None: the model dtype);
+        the embeddings, norms and LM head always stay in the model dtype."""
         super().__init__()
         self.check_layout(arch, tp.size)
         self.arch = arch
-        self.model = LlamaModel(arch, tp, max_positions)
+        self.model = LlamaModel(arch, tp, max_positions, quant)
         self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, tp)
         if arch.tie_word_embeddings:
             self.lm_head.tie_to(self.model.embed_tokens)
