@@ -7,7 +7,7 @@ import os
 
 import ray
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"shardlm.{__name__}")
 
 FORWARDED_ENV_PREFIXES = ("HF_", "HUGGING_FACE_", "TRANSFORMERS_", "TOKENIZERS_", "SHARDLM_", "TQDM_")
 FORWARDED_ENV = ("XDG_CACHE_HOME",)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import time
 from typing import Any, Sequence
@@ -12,11 +11,13 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from cluster.logs import configure_actor_logging
 from cluster.placement import Placement
 from parallel.errors import EngineDeadError, ShardLMError
 from workers.config import EngineConfig
+from workers.progress import RankProgress
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"shardlm.{__name__}")
 
 
 class WorkerActor:
@@ -25,8 +26,12 @@ class WorkerActor:
     def __init__(self, config: EngineConfig, rank: int, world_size: int) -> None:
         from workers.worker import Worker
 
-        logging.basicConfig(level=os.environ.get("SHARDLM_LOG_LEVEL", "WARNING"), format=f"rank {rank}: %(levelname)s %(name)s: %(message)s")
+        configure_actor_logging()
+        self.rank = rank
         self.worker = Worker(config, rank, world_size)
+
+    def __repr__(self) -> str:
+        return f"shardlm-rank{self.rank}"  # Ray's prefix of this actor's log lines: (shardlm-rank1 pid=...)
 
     def rendezvous_address(self) -> tuple[str, int]:
         """This node's address and a port free on it now, for the process group's rendezvous."""
@@ -40,8 +45,13 @@ class WorkerActor:
     def execute(self, method: str, *args: Any) -> Any:
         return getattr(self.worker, method)(*args)
 
+    @ray.method(concurrency_group="progress")
+    def progress(self) -> RankProgress:
+        """Where the rank's start-up has got: answered by a second thread while `execute` runs."""
+        return self.worker.progress_snapshot()
 
-RemoteWorker = ray.remote(WorkerActor)
+
+RemoteWorker = ray.remote(concurrency_groups={"progress": 1})(WorkerActor)
 
 
 def worker_error(rank: int, method: str, error: Exception) -> ShardLMError:
@@ -111,6 +121,19 @@ class WorkerGroup:
         """Run a method of the actor itself (not of its Worker) on `ranks` (all by default)."""
         chosen = list(range(len(self.actors))) if ranks is None else list(ranks)
         return gather([getattr(self.actors[r], method).remote() for r in chosen], method, timeout_s)
+
+    def poll_progress(self, timeout_s: float = 1.0) -> list[RankProgress]:
+        """The start-up progress of the ranks that answer within `timeout_s` (a rank still being
+        created, or gone, is left out; the start-up calls report real failures)."""
+        refs = [actor.progress.remote() for actor in list(self.actors)]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        answers = []
+        for ref in ready:
+            try:
+                answers.append(ray.get(ref))
+            except (RayTaskError, RayActorError):
+                continue
+        return sorted(answers, key=lambda p: p.rank)
 
     def shutdown(self, timeout_s: float = 30) -> None:
         """Ask every rank to leave its process group, then end the actors whatever they answered."""

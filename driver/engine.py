@@ -12,10 +12,12 @@ from typing import Any, Iterator
 
 import ray
 
+from cluster.logs import configure_actor_logging
 from cluster.placement import Placement, acquire_placement, release_placement
 from cluster.worker_group import WorkerGroup
 from driver.engine_loop import EngineLoop
 from driver.outputs import RequestOutput
+from driver.progress import StartProgress
 from driver.report import LoadReport
 from parallel.errors import EngineDeadError
 from workers.batch import Batch, StepResult
@@ -23,7 +25,7 @@ from workers.config import EngineConfig
 from workers.kv_cache import choose_num_blocks
 from workers.sampling_params import SamplingParams
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"shardlm.{__name__}")
 
 TIMEOUTS_S = {
     "init_device": 300.0, "load_model": 3600.0, "profile_memory": 1800.0, "allocate_kv_cache": 300.0, "execute_model": 600.0,
@@ -35,6 +37,8 @@ class Engine:
     """Runs in the driver actor (`EngineActor`); one per `LLM`."""
 
     def __init__(self, config: EngineConfig, env: dict[str, str], placement_group: Any = None, strategy: str = "PACK") -> None:
+        if ray.get_runtime_context().get_actor_id() is not None:
+            configure_actor_logging()
         self.config = config
         self.env = env
         self.current_group = placement_group
@@ -44,6 +48,11 @@ class Engine:
         self.tokenizer: Any = None
         self.loop: EngineLoop | None = None
         self.dead: EngineDeadError | None = None
+        self.phase = ""
+        """The start-up phase running ("placement", "workers", "weights", ...), "ready" after."""
+
+    def __repr__(self) -> str:
+        return "shardlm-engine"  # Ray's prefix of this actor's log lines: (shardlm-engine pid=...)
 
     def start(self, placement_timeout_s: float = 60.0) -> LoadReport:
         """Bring every rank up; on any failure release everything and raise what went wrong."""
@@ -57,28 +66,29 @@ class Engine:
         config, phases = self.config, {}
         world = config.parallel.tensor_parallel_size
         tokenizer = None if config.model.skip_tokenizer_init else self._load_tokenizer_meanwhile()
-        with _timed(phases, "placement"):
+        with self._phase(phases, "placement"):
             self.placement = acquire_placement(
                 world, config.model.device == "cuda", self.strategy, placement_timeout_s, self.current_group
             )
-        with _timed(phases, "workers"):
+        with self._phase(phases, "workers"):
             self.workers = WorkerGroup.start(config, self.placement, self.env)
             address, port = self.workers.call_actor("rendezvous_address", ranks=[0], timeout_s=TIMEOUTS_S["init_device"])[0]
             nodes = self.node_ids()
             threads = [(address, port, n) for n in self._cpu_threads(nodes)]
             self.workers.call("init_device", rank_args=threads, timeout_s=TIMEOUTS_S["init_device"])
-        with _timed(phases, "weights"):
+        with self._phase(phases, "weights"):
             weights = self.workers.call("load_model", timeout_s=TIMEOUTS_S["load_model"])
-        with _timed(phases, "profile"):
+        with self._phase(phases, "profile"):
             shares = self._node_shares(nodes)
             profiles = self.workers.call("profile_memory", rank_args=shares, timeout_s=TIMEOUTS_S["profile_memory"])
-        with _timed(phases, "kv_allocation"):
+        with self._phase(phases, "kv_allocation"):
             num_blocks = choose_num_blocks(config, profiles)
             kv_bytes = self.workers.call("allocate_kv_cache", num_blocks, timeout_s=TIMEOUTS_S["allocate_kv_cache"])
         if tokenizer is not None:
-            with _timed(phases, "tokenizer"):  # what is left of it after the workers' phases
+            with self._phase(phases, "tokenizer"):  # what is left of it after the workers' phases
                 self.tokenizer = tokenizer.result()
         self.loop = EngineLoop(config, num_blocks, self.tokenizer, self._execute)
+        self.phase = "ready"
         return LoadReport(
             model=config.model.model or f"default ({config.model.gguf_file})",
             phases=phases,
@@ -89,6 +99,20 @@ class Engine:
             kv_cache_bytes=kv_bytes,
             nodes=nodes,
         )
+
+    @contextlib.contextmanager
+    def _phase(self, phases: dict[str, float], name: str) -> Iterator[None]:
+        self.phase = name
+        with _timed(phases, name):
+            yield
+
+    @ray.method(concurrency_group="progress")
+    def progress(self, timeout_s: float = 1.0) -> StartProgress:
+        """Where the start has got, with each rank's own progress: answered by a second thread
+        of this actor while `start` runs, so the caller's progress bars can follow it."""
+        workers = self.workers
+        ranks = workers.poll_progress(timeout_s) if workers is not None else []
+        return StartProgress(phase=self.phase, world_size=self.config.parallel.tensor_parallel_size, ranks=ranks)
 
     def _load_tokenizer_meanwhile(self) -> concurrent.futures.Future:
         """Load the tokenizer in a thread while the workers start and load (the driver only waits then)."""
@@ -194,7 +218,7 @@ class Engine:
         self.placement = None
 
 
-EngineActor = ray.remote(num_cpus=0)(Engine)
+EngineActor = ray.remote(num_cpus=0, concurrency_groups={"progress": 1})(Engine)
 
 
 @contextlib.contextmanager
@@ -204,7 +228,7 @@ def _timed(phases: dict[str, float], name: str) -> Iterator[None]:
         yield
     finally:
         phases[name] = time.perf_counter() - start
-        logger.info("%s took %.2f s", name, phases[name])
+        logger.debug("%s took %.2f s", name, phases[name])
 
 
 def _node_resource(name: str) -> dict[str, float]:

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import time
 from typing import Any, Iterator, Sequence, Union
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from cluster.connect import cluster_has_gpus, connect, forwarded_env, gpu_capability
 from driver.args import EngineArgs
 from driver.engine import EngineActor
 from driver.outputs import RequestOutput
+from driver.progress import POLL_S, StartBars, bars_enabled, progress_bar
 from driver.report import LoadReport
 from parallel.errors import EngineDeadError, ShardLMError
 from workers.kv_cache import check_pool_fits
@@ -25,7 +27,7 @@ RUN_SLICE_S = 0.25
 """How long the driver actor steps before answering a blocking `generate` (finished requests only)."""
 STREAM_SLICE_S = 0.05
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"shardlm.{__name__}")
 
 
 class LLM:
@@ -35,6 +37,10 @@ class LLM:
     layout, joins Ray (RAY_ADDRESS, `ray_address`, or a new local cluster), and starts the driver
     actor, which places N ranks, loads each one's weight slices, sizes one KV pool per rank from a
     collective memory profile, and reports what each phase cost (`llm.load_report`).
+
+    `show_progress`: progress bars on stderr, drawn by this process: one per phase of the start
+    (weights: every rank's tensors, summed) and, unless `generate(use_tqdm=False)`, one over
+    generation. The TQDM_DISABLE environment variable turns them all off.
     """
 
     def __init__(
@@ -44,9 +50,11 @@ class LLM:
         ray_address: str | None = None,
         placement_strategy: str = "PACK",
         placement_timeout_s: float = 60.0,
+        show_progress: bool = True,
         **engine_args: Any,
     ) -> None:
         self._engine = None
+        self.show_progress = show_progress
         self._tokenizer = None
         self._request_counter = itertools.count()
         args = EngineArgs(model=model, **engine_args)
@@ -56,17 +64,46 @@ class LLM:
         discover = time.perf_counter() - started
         connect(ray_address, num_cpus=args.tensor_parallel_size)
         self.config = args.create_engine_config(**_cluster_device(args.device), found=found)
+        logger.info(
+            "starting an engine: %s, tensor_parallel_size=%d, %s on %s, max_model_len=%d",
+            self.config.model.model or "the embedded default", args.tensor_parallel_size, self.config.model.dtype,
+            self.config.model.device, self.config.model.max_model_len,
+        )
         if args.num_gpu_blocks_override is not None:
             check_pool_fits(self.config, args.num_gpu_blocks_override)
         env = forwarded_env()
         current = ray.util.get_current_placement_group()
         self._engine = EngineActor.options(runtime_env={"env_vars": env}).remote(self.config, env, current, placement_strategy)
         try:
-            self.load_report: LoadReport = _result(self._engine.start.remote(placement_timeout_s))
+            self.load_report: LoadReport = self._wait_started(self._engine.start.remote(placement_timeout_s))
         except BaseException:
             self._kill_engine()
             raise
         self.load_report.phases = {"discover": discover, **self.load_report.phases}
+        logger.info(
+            "engine ready in %.1f s: %d KV-cache blocks of %d tokens per rank",
+            sum(self.load_report.phases.values()), self.load_report.num_blocks, self.load_report.block_size,
+        )
+
+    def _wait_started(self, start: ray.ObjectRef) -> LoadReport:
+        """The driver actor's answer to `start`, drawing the start's progress bars meanwhile."""
+        if not bars_enabled(self.show_progress):
+            return _result(start)
+        bars = StartBars()
+        try:
+            while not ray.wait([start], timeout=POLL_S)[0]:
+                try:
+                    bars.update(ray.get(self._engine.progress.remote(), timeout=10))
+                except GetTimeoutError:
+                    continue
+                except (RayActorError, RayTaskError):
+                    break  # the driver actor is gone: `start` says why
+            report = _result(start)
+            with contextlib.suppress(GetTimeoutError, RayActorError, RayTaskError):
+                bars.update(ray.get(self._engine.progress.remote(), timeout=10))  # every bar full
+            return report
+        finally:
+            bars.close()
 
     # -- generation ---------------------------------------------------------------------------
 
@@ -74,13 +111,14 @@ class LLM:
         self,
         prompts: PromptInput,
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-        use_tqdm: bool = True,
+        use_tqdm: bool | None = None,
     ) -> list[RequestOutput]:
         """Complete every prompt; outputs in the order of the prompts.
 
         `prompts`: a string, a {"prompt": str} or {"prompt_token_ids": [...]} dict, a list of
         token ids, or a list of any of these. `sampling_params`: one for all, or one per prompt
-        (default: SamplingParams()).
+        (default: SamplingParams()). `use_tqdm`: a "Processed prompts" bar on stderr (default:
+        the LLM's `show_progress`).
         """
         request_ids = self._submit(normalize_prompts(prompts), sampling_params)
         return self._collect(request_ids, use_tqdm)
@@ -89,7 +127,7 @@ class LLM:
         self,
         messages: list[dict] | list[list[dict]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-        use_tqdm: bool = True,
+        use_tqdm: bool | None = None,
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict | None = None,
@@ -97,10 +135,28 @@ class LLM:
         """Answer one conversation (a list of {"role", "content"} messages) or a list of them,
         rendered by the tokenizer's chat template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        token_ids = _result(
-            self._live_engine().render_chat.remote(conversations, chat_template, add_generation_prompt, chat_template_kwargs or {})
-        )
+        token_ids = self._render_chat(conversations, chat_template, add_generation_prompt, chat_template_kwargs)
         return self.generate([{"prompt_token_ids": ids} for ids in token_ids], sampling_params, use_tqdm)
+
+    def stream_chat(
+        self,
+        messages: list[dict],
+        sampling_params: SamplingParams | None = None,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict | None = None,
+    ) -> Iterator[RequestOutput]:
+        """`chat` for one conversation, streamed as `stream` does: its output (cumulative text)
+        as tokens arrive, the last with finished=True."""
+        token_ids = self._render_chat([messages], chat_template, add_generation_prompt, chat_template_kwargs)[0]
+        return self.stream({"prompt_token_ids": token_ids}, sampling_params)
+
+    def _render_chat(
+        self, conversations: list[list[dict]], chat_template: str | None, add_generation_prompt: bool, kwargs: dict | None
+    ) -> list[list[int]]:
+        return _result(
+            self._live_engine().render_chat.remote(conversations, chat_template, add_generation_prompt, kwargs or {})
+        )
 
     def stream(
         self, prompts: PromptInput, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
@@ -141,20 +197,23 @@ class LLM:
         _result(self._live_engine().add_requests.remote(requests))
         return request_ids
 
-    def _collect(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
-        from tqdm.auto import tqdm
-
+    def _collect(self, request_ids: list[str], use_tqdm: bool | None) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
         wanted = set(request_ids)
-        with tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm, unit="prompt") as bar:
-            generated, started = 0, time.perf_counter()
+        show = bars_enabled(self.show_progress if use_tqdm is None else use_tqdm)
+        with progress_bar(total=len(request_ids), desc="Processed prompts", disable=not show, unit="prompt") as bar:
+            prompt_tokens, generated, started = 0, 0, time.perf_counter()
             while len(done) < len(wanted):
                 finished = [o for o in _result(self._live_engine().run.remote(RUN_SLICE_S, False)) if o.request_id in wanted]
                 for out in finished:
                     done[out.request_id] = out
+                    prompt_tokens += len(out.prompt_token_ids)
                     generated += sum(len(c.token_ids) for c in out.outputs)
+                seconds = max(1e-9, time.perf_counter() - started)
+                bar.set_postfix_str(
+                    f"est. speed input: {prompt_tokens / seconds:.1f} toks/s, output: {generated / seconds:.1f} toks/s", refresh=False
+                )
                 bar.update(len(finished))
-                bar.set_postfix_str(f"output {generated / max(1e-9, time.perf_counter() - started):.1f} tok/s", refresh=False)
         return [done[rid] for rid in request_ids]
 
     def prompt_logits(self, prompt_token_ids: list[list[int]]) -> list[Any]:

@@ -13,7 +13,7 @@ from typing import Any
 from parallel.errors import ConfigError, ModelNotFound
 from workers.config import ModelConfig
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"shardlm.{__name__}")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "*.tiktoken")
 
 

@@ -39,6 +39,9 @@ FAMILIES: dict[str, dict[str, Any]] = {
         arch="llama", hidden_size=1024, intermediate_size=2048, num_hidden_layers=1, num_attention_heads=8,
         num_key_value_heads=4,
     ),
+    "llama_quant": dict(  # 4-bit tests: a row-parallel split of 256 or 512 inputs falls on groups of 128
+        arch="llama", hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=2,
+    ),
 }
 FORMATS = ("safetensors", "sharded", "bin", "sharded_bin")
 
@@ -134,3 +137,36 @@ def make_hub_cache(cache: Path, repo_id: str, source: Path, revision: str = "012
     (repo / "refs").mkdir(exist_ok=True)
     (repo / "refs" / ref).write_text(revision)
     return snapshot
+
+
+BYTE_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def with_byte_tokenizer(checkpoint: Path, folder: Path) -> Path:
+    """A copy of a tiny checkpoint with a tokenizer that fits TINY's vocabulary: the 256 bytes,
+    then <|end|> (id 256, the end of sequence), and a chat template; for text prompts and chat."""
+    import shutil
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    shutil.copytree(checkpoint, folder)
+    byte_level = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}, merges=[]))
+    byte_level.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=byte_level, eos_token="<|end|>")
+    tokenizer.chat_template = BYTE_CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def greedy_ids(model: Any, prompt: list[int], steps: int) -> list[int]:
+    """transformers' greedy continuation of `prompt`, `steps` tokens, no stop token."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt) :]

