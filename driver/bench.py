@@ -144,20 +144,24 @@ def run_shardlm_throughput(engine_args: dict, prompts: list[list[int]], output_l
 
 
 def run_transformers_throughput(model: str, dtype: str, prompts: list[list[int]], output_len: int) -> dict[str, float]:
-    """transformers' batched greedy `generate` on the same prompts (left-padded when lengths differ)."""
+    """transformers' batched greedy `generate` on the same prompts (left-padded when lengths differ),
+    on the GPU where there is one, as the engine runs."""
     import torch
 
-    hf = _load_transformers_model(model, dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hf = _load_transformers_model(model, dtype).to(device)
     longest = max(len(p) for p in prompts)
     pad = 0
-    ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+    ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=device)
     start = time.perf_counter()
     with torch.no_grad():
         out = hf.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=output_len, min_new_tokens=output_len,
             do_sample=False, pad_token_id=pad,
         )
+    if device == "cuda":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     generated = (out.shape[1] - longest) * len(prompts)
     return {"seconds": seconds, "output_tokens": generated, "tokens_per_s": generated / seconds}
