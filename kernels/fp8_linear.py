@@ -13,7 +13,9 @@ Three ways to compute it, chosen by `fp8_linear`:
 - Any other CUDA: `fp8_linear_triton`, weight-only (activations stay in their dtype).
 
 On an H200 (kernels/bench.py) the weight-only Triton path beats _scaled_mm at M = 1 and 64: the
-activation quantization costs several small torch kernels there, which a decode step feels.
+activation quantization costs several small torch kernels there, which a decode step feels. So
+`fp8_linear` takes _scaled_mm only for more than SCALED_MM_MIN_ROWS rows (prompt chunks), where
+the matrix units' work outweighs the quantization.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ __all__ = [
 ]
 
 SCALED_MM_DTYPES = (torch.bfloat16,)
+SCALED_MM_MIN_ROWS = 64
+"""Up to this many rows (decode batches) the weight-only Triton kernel was faster on an H200."""
 """Output dtypes torch._scaled_mm's row-wise scaling takes everywhere (float16 and float32 came later)."""
 
 
@@ -133,6 +137,10 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias:
     if not x.is_cuda:
         return fp8_linear_ref(x, weight, scale, bias)
     n, k = weight.shape
-    if x.dtype in SCALED_MM_DTYPES and n % 16 == 0 and k % 16 == 0 and _has_fp8_units(x.device.index or 0):
+    rows = x.numel() // k if k else 0
+    if (
+        rows > SCALED_MM_MIN_ROWS and x.dtype in SCALED_MM_DTYPES and n % 16 == 0 and k % 16 == 0
+        and _has_fp8_units(x.device.index or 0)
+    ):
         return fp8_linear_scaled_mm(x, weight, scale, bias)
     return fp8_linear_triton(x, weight, scale, bias)
