@@ -49,6 +49,13 @@ class EngineLoop:
         if bad:
             raise ValueError(f"{where} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
 
+    def check_params(self, params: SamplingParams, where: str) -> None:
+        """Refuse what SamplingParams cannot know alone: stop token ids past the vocabulary."""
+        vocab = self.config.model.arch.vocab_size
+        bad = [t for t in params.stop_token_ids if t >= vocab]
+        if bad:
+            raise ValueError(f"stop_token_ids of {where} lie outside the vocabulary [0, {vocab}): {bad[:5]}")
+
     def add_requests(self, requests: list[tuple[str, str | None, list[int], SamplingParams, str]], arrival_time: float) -> None:
         """Queue (id, text, token ids, params, how to name it in errors) for each request; every
         prompt and id is checked before any request is queued."""
@@ -57,6 +64,8 @@ class EngineLoop:
             if request_id in self.requests or ids.count(request_id) > 1:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self.check_prompt(token_ids, where)
+        for _, _, _, params, where in requests:
+            self.check_params(params, where)
         for request_id, text, token_ids, params, _ in requests:
             self._add(request_id, text, token_ids, params, arrival_time)
 
