@@ -13,6 +13,7 @@ writes DIR/kernels.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -87,6 +88,9 @@ def kernels_for(n: int, k: int) -> dict[str, tuple[Callable, Callable, list[tupl
         "fp8_triton": (fp8_linear_triton, fp8_linear_ref, fp8, n * k),
         "int8_triton": (int8_linear_triton, int8_linear_ref, copies(qi, si), n * k),
         f"int4_g{GROUP}_triton": (int4_linear_triton, int4_linear_ref, copies(packed, scales, zeros, g_idx), n * k // 2),
+        f"int4_g{GROUP}_grouped": (
+            functools.partial(int4_linear_triton, group_size=GROUP), int4_linear_ref, copies(packed, scales, zeros, g_idx), n * k // 2
+        ),
     }
     if torch.cuda.get_device_capability() >= (8, 9):
         table["fp8_scaled_mm"] = (fp8_linear_scaled_mm, fp8_linear_ref, fp8, n * k)

@@ -68,8 +68,9 @@ def int4_linear_ref(
 @triton.jit
 def _int4_linear_kernel(
     x_ptr, qweight_ptr, scales_ptr, zeros_ptr, g_idx_ptr, bias_ptr, out_ptr,
-    M, N, K,
+    M, N, K, GROUP,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+    GROUPED: tl.constexpr,
 ):
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -83,30 +84,56 @@ def _int4_linear_kernel(
         # [BLOCK_K, BLOCK_N] of W^T: each packed word serves 8 consecutive rows k
         words = tl.load(qweight_ptr + (k // 8)[:, None].to(tl.int64) * N + n[None, :], mask=tile_mask, other=0)
         q = (words >> ((k % 8) * 4)[:, None]) & 0xF
-        group = tl.load(g_idx_ptr + k, mask=k_mask, other=0).to(tl.int64)
-        params = group[:, None] * N + n[None, :]
-        scale = tl.load(scales_ptr + params, mask=tile_mask, other=0.0).to(tl.float32)
-        zero = tl.load(zeros_ptr + params, mask=tile_mask, other=0.0).to(tl.float32)
-        w = (q.to(tl.float32) - zero) * scale
-        if IEEE:
-            acc = tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")
+        if GROUPED:
+            # the whole tile lies in group start // GROUP, so sum_k x_k (q_kn - z_n) s_n
+            # = s_n (x . q_n - z_n sum_k x_k): one scale and one zero per output and tile
+            params = (start // GROUP) * N + n
+            scale = tl.load(scales_ptr + params, mask=n_mask, other=0.0).to(tl.float32)
+            zero = tl.load(zeros_ptr + params, mask=n_mask, other=0.0).to(tl.float32)
+            if IEEE:
+                xq = tl.dot(x.to(tl.float32), q.to(tl.float32), input_precision="ieee")
+            else:
+                xq = tl.dot(x, q.to(x.dtype))  # 0..15 are exact in every float type
+            x_sum = tl.sum(x.to(tl.float32), axis=1)
+            acc += (xq - x_sum[:, None] * zero[None, :]) * scale[None, :]
         else:
-            acc = tl.dot(x, w.to(x.dtype), acc)
+            group = tl.load(g_idx_ptr + k, mask=k_mask, other=0).to(tl.int64)
+            params = group[:, None] * N + n[None, :]
+            scale = tl.load(scales_ptr + params, mask=tile_mask, other=0.0).to(tl.float32)
+            zero = tl.load(zeros_ptr + params, mask=tile_mask, other=0.0).to(tl.float32)
+            w = (q.to(tl.float32) - zero) * scale
+            if IEEE:
+                acc = tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, w.to(x.dtype), acc)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + m[:, None].to(tl.int64) * N + n[None, :], acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
+def grouped_block_k(group_size: int | None) -> int | None:
+    """The K tile for contiguous groups of `group_size` rows: the largest power of two up to
+    INT4_BLOCK_K that divides it, so that no tile straddles two groups (None: none of 16 or more)."""
+    if not group_size:
+        return None
+    block = INT4_BLOCK_K
+    while block >= 16 and group_size % block:
+        block //= 2
+    return block if block >= 16 else None
+
+
 def int4_linear_triton(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
-    bias: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None, group_size: int | None = None,
 ) -> torch.Tensor:
-    """Dequantizes [BLOCK_K, BLOCK_N] weight tiles in the kernel (scales and zeros gathered through
-    g_idx, so act-order needs nothing more) and accumulates the dot products in float32.
-
-    Simple, general and slow: every weight loads its whole packed word and its own scale and zero
-    (L1 hits, but 8 bytes of loads per 4-bit weight), so on an H200 it runs slower than
-    bfloat16 F.linear, 4 to 7 times at M = 1 and 64 (kernels/bench.py).
+    """Two kernels in one, accumulating in float32:
+    - `group_size` given (the caller promises g_idx[k] = k // group_size: contiguous groups, as
+      without act-order, or with it once the rows are sorted by group): no K tile straddles two
+      groups, so the tile's products are taken on the raw 4-bit values and scaled once per
+      output, s_n (x . q_n - z_n sum x), loading one scale and zero per output and tile.
+    - otherwise each weight is dequantized in the tile, its scale and zero gathered through
+      g_idx: general, and slow (8 bytes of parameters loaded per 4-bit weight); on an H200 it ran
+      4 to 7 times slower than bfloat16 F.linear at M = 1 and 64 (kernels/bench.py).
     """
     words, n = qweight.shape
     k = words * PACK
@@ -122,10 +149,12 @@ def int4_linear_triton(
         return out.view(*x.shape[:-1], n)
     block_m, block_n, _, _ = linear_blocks(x2.shape[0], n, x2.element_size())
     grid = (triton.cdiv(x2.shape[0], block_m), triton.cdiv(n, block_n))
+    block_k = grouped_block_k(group_size)
     _int4_linear_kernel[grid](
         x2, qweight, scales, zeros, g_idx, bias if bias is not None else scales, out,
-        x2.shape[0], n, k,
-        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=INT4_BLOCK_K, IEEE=exact_dots(x2),
+        x2.shape[0], n, k, group_size or 1,
+        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k or INT4_BLOCK_K,
+        IEEE=exact_dots(x2), GROUPED=block_k is not None,
         num_stages=2,  # words, scales and zeros per weight: large tiles, so two stages fit for float32 x too
     )
     return out.view(*x.shape[:-1], n)
@@ -133,8 +162,9 @@ def int4_linear_triton(
 
 def int4_linear(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
-    bias: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None, group_size: int | None = None,
 ) -> torch.Tensor:
+    """`group_size`: see `int4_linear_triton` (the torch path reads g_idx either way)."""
     if x.is_cuda:
-        return int4_linear_triton(x, qweight, scales, zeros, g_idx, bias)
+        return int4_linear_triton(x, qweight, scales, zeros, g_idx, bias, group_size)
     return int4_linear_ref(x, qweight, scales, zeros, g_idx, bias)

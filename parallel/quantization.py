@@ -289,13 +289,19 @@ class Int4(LinearMethod):
         param.data.copy_(values)
         layer._g_idx_from = shard_id
 
+    def sorts_rows(self, layer: "ParallelLinear") -> bool:
+        """Whether the layer reorders its input rows by group (act-order, all rows held): then its
+        groups are contiguous runs, which the 4-bit kernel multiplies fastest."""
+        return self.quant.desc_act and layer.local_in == layer.in_features
+
     def process_after_loading(self, layer: "ParallelLinear") -> None:
         if layer.qweight.is_meta:  # the planner: the final layout's shapes, no values
-            self._replace(layer, torch.empty(layer.local_in // PACK, layer.local_out, dtype=torch.int32, device="meta"),
+            meta = dict(dtype=torch.int32, device="meta")
+            self._replace(layer, torch.empty(layer.local_in // PACK, layer.local_out, **meta),
                           torch.empty(layer.scales.shape, dtype=layer.scales.dtype, device="meta"),
-                          torch.empty(layer.local_in, dtype=torch.int32, device="meta"))
+                          torch.empty(layer.local_in, **meta), torch.empty(layer.local_in, **meta) if self.sorts_rows(layer) else None)
             return
-        from kernels.int4_linear import pack_int4_rows
+        from kernels.int4_linear import pack_int4_rows, unpack_int4_rows
 
         zeros = unpack_columns(layer.qzeros.data, self.quant.method == "awq") + self.quant.zero_offset
         if self.quant.method == "awq":
@@ -311,20 +317,35 @@ class Int4(LinearMethod):
                 f"{type(layer).__name__}: g_idx refers to groups outside [0, {layer.scales.shape[0]}); "
                 "the checkpoint's g_idx and its quantization_config (group_size, desc_act) disagree"
             )
-        self._replace(layer, qweight.contiguous(), zeros.to(layer.scales.dtype), g_idx.to(torch.int32).contiguous())
+        perm = None
+        if self.sorts_rows(layer):  # y = x W^T = x[:, perm] (W[:, perm])^T
+            perm = torch.argsort(g_idx, stable=True).to(torch.int32)
+            qweight = pack_int4_rows(unpack_int4_rows(qweight)[perm.long()])
+            g_idx = g_idx[perm.long()]
+        self._replace(layer, qweight.contiguous(), zeros.to(layer.scales.dtype), g_idx.to(torch.int32).contiguous(), perm)
 
-    @staticmethod
-    def _replace(layer: "ParallelLinear", qweight: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor) -> None:
-        """Hold the kernel's layout (`kernels.int4_linear`) in place of the checkpoint's."""
+    def _replace(
+        self, layer: "ParallelLinear", qweight: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor, perm: torch.Tensor | None
+    ) -> None:
+        """Hold the kernel's layout (`kernels.int4_linear`) in place of the checkpoint's, and note
+        whether its groups are contiguous runs of one size (`int4_group_size`)."""
         del layer.qzeros
         layer.qweight = derived(nn.Parameter(qweight, requires_grad=False))
         layer.zeros = derived(nn.Parameter(zeros, requires_grad=False))
         layer.g_idx = derived(nn.Parameter(g_idx, requires_grad=False))
+        layer.input_perm = None if perm is None else derived(nn.Parameter(perm, requires_grad=False))
+        layer.int4_group_size = None
+        if not g_idx.is_meta:
+            size = self.group_rows(layer.in_features)
+            contiguous = torch.arange(layer.local_in, device=g_idx.device, dtype=torch.int32) // size
+            layer.int4_group_size = size if torch.equal(g_idx, contiguous) else None
 
     def apply(self, layer: "ParallelLinear", x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         from kernels.int4_linear import int4_linear
 
-        return int4_linear(x, layer.qweight, layer.scales, layer.zeros, layer.g_idx, bias)
+        if layer.input_perm is not None:
+            x = x.index_select(-1, layer.input_perm)
+        return int4_linear(x, layer.qweight, layer.scales, layer.zeros, layer.g_idx, bias, layer.int4_group_size)
 
 
 def unpack_columns(packed: torch.Tensor, awq: bool) -> torch.Tensor:

@@ -10,12 +10,14 @@ real SmolLM2 file is too big to carry to the GPU machine), then:
   of the same model (written by tests/quant_packer.py), against transformers on the
   dequantized weights where the weights are exactly known (GPTQ) and as agreement otherwise.
 
-Usage: python tests/gpu/engine_check.py OUT_DIR [--tiny]   (--tiny: a small model, for a CPU dry run)
+Usage: python tests/gpu/engine_check.py OUT_DIR [--tiny]   (--tiny: a small model, for a CPU dry run;
+ENGINE_ONLY=bfloat16,gptq runs only the checks whose names start so)
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import traceback
@@ -96,7 +98,11 @@ def main(out: Path, tiny: bool) -> None:
     greedy_prompts = [p[:24] for p in PROMPTS] + [[7, 8, 9, 10] * 4]
     results: dict[str, object] = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
 
+    only = [c for c in os.environ.get("ENGINE_ONLY", "").split(",") if c]
+
     def check(name: str, ref_dtype: torch.dtype, ref_model=None, **kwargs) -> None:
+        if only and not any(name.startswith(c) for c in only):
+            return
         try:
             ref_model = ref_model or hf
             run = engine_run(folder if "model" not in kwargs else Path(kwargs.pop("model")), device, greedy_prompts, 24, **kwargs)
@@ -116,6 +122,8 @@ def main(out: Path, tiny: bool) -> None:
     check("float32", torch.float32, dtype="float32")
     check("fp8_weights_fp8_kv", torch.bfloat16, dtype="bfloat16", quantization="fp8", kv_cache_dtype="fp8")
     check("int8_weights", torch.bfloat16, dtype="bfloat16", quantization="int8")
+    if only and not any("gptq_4bit_act_order".startswith(c) for c in only):
+        return
     try:
         from tests.quant_packer import Scheme, write_quantized_checkpoint
 

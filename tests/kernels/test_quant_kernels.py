@@ -226,6 +226,23 @@ def test_int4_linear_triton(group, act_order, m) -> None:
     assert relative_error(got, int4_linear_ref(x, qweight, scales, zeros, g_idx, bias)) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("group", [32, 64, 256, 24])
+@pytest.mark.parametrize("m", [1, 37])
+def test_int4_linear_triton_grouped(group, m) -> None:
+    """Contiguous groups (g_idx = k // group): each tile in one group, scaled once per output; a
+    group of 24 rows fits no tile of 16 or more and takes the gathering kernel."""
+    n, k = 40, 768 if group == 24 else 256
+    q, scales, zeros, g_idx = int4_layer(n, k, group, False, torch.float16, seed=30 + m)
+    qweight, bias = pack_int4_rows(q), torch.randn(n, device=DEVICE)
+    x = torch.randn(m, k, device=DEVICE)
+    got = int4_linear_triton(x, qweight, scales, zeros, g_idx, bias, group_size=group)
+    assert relative_error(got, int4_linear_ref(x, qweight, scales, zeros, g_idx, bias)) < TOL[torch.float32]
+    if DEVICE == "cuda":
+        xb, sb, zb = x.to(torch.bfloat16), scales.bfloat16(), zeros.bfloat16()
+        got = int4_linear_triton(xb, qweight, sb, zb, g_idx, group_size=group)
+        assert relative_error(got, int4_linear_ref(xb, qweight, sb, zb, g_idx)) < TOL[torch.bfloat16]
+
+
 @pytest.mark.parametrize("m", [1, 37])
 def test_int4_linear_triton_bfloat16(m) -> None:
     n, k = 48, 256
