@@ -16,7 +16,9 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on the CPU, interpreted
 
-from tests.helpers import convert_gguf_to_safetensors, hf_model, write_checkpoint  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    SMOLLM2_PROMPTS, convert_gguf_to_safetensors, hf_model, transformers_greedy, write_checkpoint,
+)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -55,6 +57,16 @@ def smollm2_reference(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFacto
     folder = tmp_path_factory.mktemp("smollm2-safetensors")
     hf = convert_gguf_to_safetensors(smollm2_gguf, folder)
     return folder, hf
+
+
+@pytest.fixture(scope="session")
+def smollm2_greedy_references(smollm2_reference: tuple[Path, Any], smollm2_gguf: Path) -> list[list[int]]:
+    """transformers' greedy tokens (16, no stop) for each of SMOLLM2_PROMPTS alone, float32."""
+    from driver.args import EngineArgs
+    from driver.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(EngineArgs(model=str(smollm2_gguf)).create_engine_config().model)
+    return [transformers_greedy(smollm2_reference[1], tokenizer(p)["input_ids"], 16) for p in SMOLLM2_PROMPTS]
 
 
 @pytest.fixture(scope="session")

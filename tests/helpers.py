@@ -170,3 +170,37 @@ def greedy_ids(model: Any, prompt: list[int], steps: int) -> list[int]:
         for _ in range(steps):
             ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
     return ids[len(prompt) :]
+
+
+PARAGRAPH = (
+    "The history of the city began with a small fishing village on the river bank. Over the centuries it grew "
+    "into a busy port, trading grain, wool and timber with towns along the coast, and its merchants built "
+    "the stone houses that still line the old market square. "
+)
+SMOLLM2_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Once upon a time",
+    "1, 2, 3, 4,",
+    PARAGRAPH + "What did the merchants build?",
+    "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n",
+    "The best way to learn a new language is",
+    PARAGRAPH * 3 + "Summarise the text above in one sentence:",
+    "import numpy as np\n\n",
+    "Q: What is the boiling point of water?\nA:",
+    "Roses are red,",
+    PARAGRAPH * 2,
+    "Translate to French: good morning",
+    "The three laws of motion are",
+    "My favourite food is",
+    "In 1492,",
+]
+"""Sixteen prompts for SmolLM2: short and long (up to ~190 tokens), prose, code, chat, lists."""
+
+
+def transformers_greedy(hf, ids: list[int], new_tokens: int) -> list[int]:
+    """transformers' greedy continuation, going on past end-of-sequence as ignore_eos does (its
+    generate(min_new_tokens=...) would instead forbid end-of-sequence, another distribution)."""
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    return out[0, len(ids) :].tolist()

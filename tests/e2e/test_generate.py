@@ -8,52 +8,17 @@ import pytest
 import torch
 
 from driver import LLM, SamplingParams
-from tests.helpers import reference_logits
+from tests.helpers import SMOLLM2_PROMPTS as PROMPTS, reference_logits
 
-PARAGRAPH = (
-    "The history of the city began with a small fishing village on the river bank. Over the centuries it grew "
-    "into a busy port, trading grain, wool and timber with towns along the coast, and its merchants built "
-    "the stone houses that still line the old market square. "
-)
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):\n    ",
-    "Once upon a time",
-    "1, 2, 3, 4,",
-    PARAGRAPH + "What did the merchants build?",
-    "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n",
-    "The best way to learn a new language is",
-    PARAGRAPH * 3 + "Summarise the text above in one sentence:",
-    "import numpy as np\n\n",
-    "Q: What is the boiling point of water?\nA:",
-    "Roses are red,",
-    PARAGRAPH * 2,
-    "Translate to French: good morning",
-    "The three laws of motion are",
-    "My favourite food is",
-    "In 1492,",
-]
 NEW_TOKENS = 16
 ENGINE = dict(max_model_len=512, max_num_batched_tokens=512, kv_cache_memory_bytes=64 * 2**20, device="cpu")
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
 
 
-def transformers_greedy(hf, ids: list[int], new_tokens: int) -> list[int]:
-    """transformers' greedy continuation, going on past end-of-sequence as ignore_eos does (its
-    generate(min_new_tokens=...) would instead forbid end-of-sequence, another distribution)."""
-    with torch.no_grad():
-        out = hf.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
-    return out[0, len(ids) :].tolist()
-
-
 @pytest.fixture(scope="module")
-def references(smollm2_reference, smollm2_gguf) -> list[list[int]]:
-    """transformers' greedy tokens for each prompt alone."""
-    from driver.args import EngineArgs
-    from driver.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(EngineArgs(model=str(smollm2_gguf)).create_engine_config().model)
-    return [transformers_greedy(smollm2_reference[1], tokenizer(p)["input_ids"], NEW_TOKENS) for p in PROMPTS]
+def references(smollm2_greedy_references) -> list[list[int]]:
+    """transformers' greedy tokens (16) for each prompt alone."""
+    return smollm2_greedy_references
 
 
 @pytest.fixture(scope="module")

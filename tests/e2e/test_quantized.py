@@ -21,7 +21,7 @@ from driver.loading import load_in_process
 from driver.planner import plan
 from parallel.errors import WeightLoadError
 from parallel.layers import ParallelLinear
-from tests.helpers import hf_model, reference_logits
+from tests.helpers import SMOLLM2_PROMPTS, hf_model, reference_logits
 from tests.quant_packer import Scheme, write_quantized_checkpoint
 
 PROMPTS = [[1, 17, 42, 99, 5, 250, 299, 3, 64, 128, 7], [2, 200], list(range(30, 60))]
@@ -51,13 +51,40 @@ def test_4bit_checkpoint_at_one_rank_matches_its_dequantized_weights(quantized_c
     assert 0.25 <= linear / bfloat16_linear_bytes(loaded.worker.model) <= 0.33
 
 
-def test_4bit_checkpoint_at_two_ranks(ray_cluster, quantized_checkpoint) -> None:
-    folder, hf, _ = quantized_checkpoint
-    with LLM(str(folder), tensor_parallel_size=2, **SMALL) as llm:
+def test_4bit_checkpoint_at_two_ranks_with_an_fp8_kv_cache(ray_cluster, quantized_checkpoint) -> None:
+    """GPTQ act-order at two ranks (AWQ's two-rank slices: tests/parallel/test_quantization.py),
+    with keys and values stored as float8 e4m3 (one byte, a quarter of float32's): logits (dense
+    attention, no cache) as the dequantized weights give them, and the logprobs of the prompt and
+    of the generated tokens through the paged cache near transformers' float32 ones."""
+    from workers.kv_cache import kv_bytes_per_token
+    from workers.sampling_params import SamplingParams
+
+    folder, hf, scheme = quantized_checkpoint
+    if scheme.method != "gptq":
+        pytest.skip("one engine start for both: GPTQ act-order covers the packed slicing end to end")
+    with LLM(str(folder), tensor_parallel_size=2, kv_cache_dtype="fp8", **SMALL) as llm:
         for mine, ref in zip(llm.prompt_logits(PROMPTS), reference_logits(hf, PROMPTS)):
             torch.testing.assert_close(mine, ref, atol=TOLERANCE, rtol=0)
-        planned = plan(EngineArgs(model=str(folder), tensor_parallel_size=2, **SMALL), device="cpu")
+        planned = plan(EngineArgs(model=str(folder), tensor_parallel_size=2, kv_cache_dtype="fp8", **SMALL), device="cpu")
         assert [r.weight_device_bytes for r in llm.load_report.ranks] == [planned.weight_bytes_per_rank] * 2
+        arch = llm.config.model.arch
+        assert kv_bytes_per_token(llm.config, 2) == 2 * arch.num_layers * (arch.num_kv_heads // 2) * arch.head_dim
+        params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=0, prompt_logprobs=0)
+        outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
+    # the paged path read every key and value back from the float8 pool: prompt chunks through
+    # the prefill kernel, each new token through the decode kernel. transformers, given the same
+    # tokens, scores them within e4m3's rounding of K and V (2^-4 relative) of what the engine did
+    worst = 0.0
+    for prompt, out in zip(PROMPTS, outputs):
+        tokens = list(out.outputs[0].token_ids)
+        ours = [lp[t].logprob for lp, t in zip(out.prompt_logprobs[1:], prompt[1:])]
+        ours += [lp[t].logprob for lp, t in zip(out.outputs[0].logprobs, tokens)]
+        with torch.no_grad():
+            ref = hf(torch.tensor([prompt + tokens])).logits[0].float().log_softmax(-1)
+        theirs = ref[torch.arange(len(prompt) + len(tokens) - 1), torch.tensor(prompt[1:] + tokens)]
+        worst = max(worst, float((torch.tensor(ours) - theirs).abs().max()))
+    print(f"\nfp8 KV cache: largest logprob difference from transformers' float32 {worst:.4f}")
+    assert worst < 0.05
 
 
 def test_a_missing_4bit_tensor_is_named(quantized_checkpoint, tmp_path) -> None:
@@ -79,14 +106,6 @@ def bfloat16_linear_bytes(model: torch.nn.Module) -> int:
     return sum(2 * m.local_out * m.local_in for m in model.modules() if isinstance(m, ParallelLinear))
 
 
-SMOLLM2_PROMPTS = [
-    "The capital of France is", "The largest planet in the solar system is", "Water boils at a temperature of",
-    "def add(a, b):\n    return", "Once upon a time, there was a", "The three primary colours are",
-    "A healthy breakfast includes", "The opposite of hot is", "import numpy as np\n\nx = np.",
-    "The first president of the United States was", "Photosynthesis is the process by which",
-    "To make a cup of tea, you", "The chemical symbol for gold is", "My favourite season is autumn because",
-    "In 1969, astronauts landed on", "A list of fruits: apple, banana,",
-]
 NEW_TOKENS = 8
 
 
@@ -99,29 +118,18 @@ def batched_greedy(worker, prompts: list[list[int]], steps: int) -> list[list[in
     return [seq[len(p) :] for seq, p in zip(sequences, prompts)]
 
 
-@pytest.fixture(scope="module")
-def float32_greedy(smollm2_reference) -> tuple[object, list[list[int]], list[list[int]]]:
-    """(tokenizer, prompts' ids, transformers' float32 greedy tokens) for SMOLLM2_PROMPTS."""
-    from transformers import AutoTokenizer
-
-    folder, hf = smollm2_reference
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    ids = [tokenizer(p)["input_ids"] for p in SMOLLM2_PROMPTS]
-    with torch.no_grad():
-        ref = [hf.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(p) :].tolist() for p in ids]
-    return tokenizer, ids, ref
-
-
-# Prompts (of 16) whose first 8 greedy tokens, and whose first token, equal float32's. Measured:
-# int8 15 and 16, fp8 8 and 14. SmolLM2's weights (dequantized from Q4_1) have rows with max/std
-# ~4, where int8's even steps lose 0.9% of a weight matrix's norm and e4m3's 3-bit mantissa 2.6%.
-AGREEMENT = {"int8": (14, 16), "fp8": (8, 14)}
+# Prompts (of tests.helpers.SMOLLM2_PROMPTS' 16) whose first 8 greedy tokens, and whose first
+# token, equal transformers' float32 ones. Measured: int8 12 and 15, fp8 9 and 14. SmolLM2's weights
+# (dequantized from Q4_1) have rows with max/std ~4, where int8's even steps lose 0.9% of a
+# weight matrix's norm and e4m3's 3-bit mantissa 2.6%.
+AGREEMENT = {"int8": (12, 15), "fp8": (9, 14)}
 
 
 @pytest.mark.parametrize("method", ["int8", "fp8"])
-def test_smollm2_quantized_while_loading_keeps_its_greedy_text(smollm2_gguf, float32_greedy, method) -> None:
-    _, ids, reference = float32_greedy
-    loaded = load_in_process(EngineArgs(model=str(smollm2_gguf), device="cpu", quantization=method, max_model_len=256))
+def test_smollm2_quantized_while_loading_keeps_its_greedy_text(smollm2_gguf, smollm2_greedy_references, method) -> None:
+    loaded = load_in_process(EngineArgs(model=str(smollm2_gguf), device="cpu", quantization=method, max_model_len=512))
+    ids = [loaded.tokenizer(p)["input_ids"] for p in SMOLLM2_PROMPTS]
+    reference = [r[:NEW_TOKENS] for r in smollm2_greedy_references]
     ours = batched_greedy(loaded.worker, ids, NEW_TOKENS)
     same = sum(mine == ref for mine, ref in zip(ours, reference))
     first = sum(mine[0] == ref[0] for mine, ref in zip(ours, reference))
@@ -131,24 +139,3 @@ def test_smollm2_quantized_while_loading_keeps_its_greedy_text(smollm2_gguf, flo
     ratio = linear_bytes(loaded.worker.model) / bfloat16_linear_bytes(loaded.worker.model)
     assert 0.5 <= ratio < 0.51
 
-
-def test_fp8_kv_cache_at_two_ranks(ray_cluster, tiny_checkpoint) -> None:
-    """Keys and values stored as float8 e4m3 (one byte, a quarter of float32's): the greedy text
-    through the paged cache keeps transformers' float32 text, for the first 8 tokens at least."""
-    from workers.kv_cache import kv_bytes_per_token
-    from workers.sampling_params import SamplingParams
-
-    folder, hf = tiny_checkpoint("llama_8h4kv")
-    prompts = [p[:12] for p in PROMPTS]
-    with LLM(str(folder), tensor_parallel_size=2, kv_cache_dtype="fp8", **SMALL) as llm:
-        arch = llm.config.model.arch
-        assert kv_bytes_per_token(llm.config, 2) == 2 * arch.num_layers * (arch.num_kv_heads // 2) * arch.head_dim
-        params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
-        ours = [list(o.outputs[0].token_ids) for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
-    hf.generation_config.eos_token_id = None
-    with torch.no_grad():
-        ref = [hf.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False, pad_token_id=0)[0, len(p) :].tolist() for p in prompts]
-    # a random tiny model's top logits lie close together: with e4m3 keys and values (2^-4 relative
-    # error) one of the three prompts leaves transformers' path at its 9th token
-    assert [o[:8] for o in ours] == [r[:8] for r in ref]
-    assert sum(o == r for o, r in zip(ours, ref)) >= 2
