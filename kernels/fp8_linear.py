@@ -24,11 +24,8 @@ import functools
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
-from kernels import exact_dots
-from kernels.quant import FP8, FP8_MAX, as_rows, e4m3_decode, linear_blocks, row_scales, to_fp8
+from kernels.quant import FP8, FP8_MAX, as_rows, row_scales, scaled_weight_linear, to_fp8
 
 __all__ = [
     "FP8_MAX", "quantize_fp8_rows", "fp8_linear", "fp8_linear_ref", "fp8_linear_scaled_mm", "fp8_linear_triton",
@@ -69,37 +66,6 @@ def fp8_linear_scaled_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Ten
     return y.view(*x.shape[:-1], n)
 
 
-@triton.jit
-def _fp8_linear_kernel(
-    x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr,
-    M, N, K,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
-    NATIVE: tl.constexpr,
-):
-    """NATIVE: w_ptr is Triton's float8 e4m3 type, converted by the hardware; otherwise it holds
-    the codes as uint8, decoded with bit operations (GPUs before compute capability 8.9)."""
-    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask, n_mask = m < M, n < N
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for start in range(0, K, BLOCK_K):
-        k = start + tl.arange(0, BLOCK_K)
-        k_mask = k < K
-        x = tl.load(x_ptr + m[:, None].to(tl.int64) * K + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        # the [BLOCK_K, BLOCK_N] tile of W^T
-        w = tl.load(w_ptr + n[None, :].to(tl.int64) * K + k[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        if not NATIVE:
-            w = e4m3_decode(w)
-        if IEEE:
-            acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, w.to(x.dtype), acc)
-    y = acc * tl.load(scale_ptr + n, mask=n_mask, other=0.0)[None, :]
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + m[:, None].to(tl.int64) * N + n[None, :], y.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
-
-
 def fp8_linear_triton(
     x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None, *, native: bool | None = None
 ) -> torch.Tensor:
@@ -111,21 +77,9 @@ def fp8_linear_triton(
     assert weight.dtype == FP8 and weight.is_contiguous(), "weight must be a contiguous float8_e4m3fn [N, K]"
     assert scale.dtype == torch.float32 and scale.shape == (n,), f"scale must be float32 [{n}]"
     assert bias is None or (bias.shape == (n,) and bias.is_contiguous()), f"bias must be [{n}]"
-    x2 = as_rows(x, k)
-    out = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
-    if x2.shape[0] == 0:
-        return out.view(*x.shape[:-1], n)
-    block_m, block_n, block_k, stages = linear_blocks(x2.shape[0], n, x2.element_size())
-    grid = (triton.cdiv(x2.shape[0], block_m), triton.cdiv(n, block_n))
     if native is None:
         native = not x.is_cuda or _has_fp8_units(x.device.index or 0)
-    _fp8_linear_kernel[grid](
-        x2, weight if native else weight.view(torch.uint8), scale, bias if bias is not None else scale, out,
-        x2.shape[0], n, k,
-        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=exact_dots(x2),
-        NATIVE=native, num_stages=stages,
-    )
-    return out.view(*x.shape[:-1], n)
+    return scaled_weight_linear(x, weight if native else weight.view(torch.uint8), scale, bias, decode_e4m3=not native)
 
 
 @functools.cache

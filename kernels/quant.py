@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import exact_dots
+
 FP8_MAX = 448.0
 """The largest finite float8 e4m3fn value."""
 
@@ -100,3 +102,55 @@ def as_rows(x: torch.Tensor, k: int) -> torch.Tensor:
     """x [..., K] as a contiguous [M, K] matrix."""
     assert x.shape[-1] == k, f"activations end in {x.shape[-1]}, the weight takes {k}"
     return x.reshape(-1, k).contiguous()
+
+
+@triton.jit
+def scaled_weight_linear_kernel(
+    x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr,
+    M, N, K,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+    DECODE_E4M3: tl.constexpr,
+):
+    """y = (x W8^T) s + b for one-byte weights W8 [N, K] with a scale per output: int8 or float8
+    tiles converted to x's dtype (exact for both), or with DECODE_E4M3 float8 codes held as uint8
+    and decoded with bit operations (GPUs before compute capability 8.9); float32 accumulation."""
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask, n_mask = m < M, n < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for start in range(0, K, BLOCK_K):
+        k = start + tl.arange(0, BLOCK_K)
+        k_mask = k < K
+        x = tl.load(x_ptr + m[:, None].to(tl.int64) * K + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        # the [BLOCK_K, BLOCK_N] tile of W^T
+        w = tl.load(w_ptr + n[None, :].to(tl.int64) * K + k[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if DECODE_E4M3:
+            w = e4m3_decode(w)
+        if IEEE:
+            acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, w.to(x.dtype), acc)
+    y = acc * tl.load(scale_ptr + n, mask=n_mask, other=0.0)[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + m[:, None].to(tl.int64) * N + n[None, :], y.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def scaled_weight_linear(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, decode_e4m3: bool = False
+) -> torch.Tensor:
+    """Launch `scaled_weight_linear_kernel` on x [..., K] (the callers check the operands)."""
+    n, k = weight.shape
+    x2 = as_rows(x, k)
+    out = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
+    if x2.shape[0] == 0:
+        return out.view(*x.shape[:-1], n)
+    block_m, block_n, block_k, stages = linear_blocks(x2.shape[0], n, x2.element_size())
+    grid = (triton.cdiv(x2.shape[0], block_m), triton.cdiv(n, block_n))
+    scaled_weight_linear_kernel[grid](
+        x2, weight, scale, bias if bias is not None else scale, out,
+        x2.shape[0], n, k,
+        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=exact_dots(x2),
+        DECODE_E4M3=decode_e4m3, num_stages=stages,
+    )
+    return out.view(*x.shape[:-1], n)
