@@ -88,6 +88,8 @@ class Engine:
             with self._phase(phases, "tokenizer"):  # what is left of it after the workers' phases
                 self.tokenizer = tokenizer.result()
         self.loop = EngineLoop(config, num_blocks, self.tokenizer, self._execute)
+        with self._phase(phases, "warmup"):
+            self._warm_up()
         self.phase = "ready"
         return LoadReport(
             model=config.model.model or f"default ({config.model.gguf_file})",
@@ -99,6 +101,16 @@ class Engine:
             kv_cache_bytes=kv_bytes,
             nodes=nodes,
         )
+
+    def _warm_up(self) -> None:
+        """One short request through a prompt step and a decode step before the engine says it is
+        ready: on CUDA the Triton kernels compile here rather than in the first user request, and
+        a rank that cannot run a step fails the start instead."""
+        params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+        self.loop.add_requests([("shardlm-warmup", None, [0] * 4, params, "the warm-up request")], time.time())
+        while self.loop.has_unfinished():
+            self.loop.step()
+        self.loop.steps = 0
 
     @contextlib.contextmanager
     def _phase(self, phases: dict[str, float], name: str) -> Iterator[None]:

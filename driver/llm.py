@@ -79,7 +79,9 @@ class LLM:
         except BaseException:
             self._kill_engine()
             raise
-        self.load_report.phases = {"discover": discover, **self.load_report.phases}
+        download = found[0].download_seconds
+        first = {"discover": discover - download, "download": download} if found[0].source == "hub" else {"discover": discover}
+        self.load_report.phases = {**first, **self.load_report.phases}
         logger.info(
             "engine ready in %.1f s: %d KV-cache blocks of %d tokens per rank",
             sum(self.load_report.phases.values()), self.load_report.num_blocks, self.load_report.block_size,

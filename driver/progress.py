@@ -17,7 +17,7 @@ import msgspec
 
 from workers.progress import RankProgress
 
-PHASES = ("placement", "workers", "weights", "profile", "kv_allocation", "tokenizer", "ready")
+PHASES = ("placement", "workers", "weights", "profile", "kv_allocation", "tokenizer", "warmup", "ready")
 """The engine's start-up phases, in order (`Engine.phase`)."""
 BARS = {"weights": "Loading weights", "profile": "Profiling memory", "kv_allocation": "Allocating KV cache"}
 """The phases that get a bar, and its description."""

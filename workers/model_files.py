@@ -13,6 +13,7 @@ import importlib.util
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import msgspec
@@ -46,6 +47,8 @@ class ModelFiles(msgspec.Struct, frozen=True, kw_only=True):
     """"safetensors", "pt", "gguf" or "dummy"."""
     weight_files: tuple[str, ...] = ()
     """Relative to `folder`, in load order."""
+    download_seconds: float = 0.0
+    """Time spent fetching from the Hub (or checking its cache), for the load report."""
 
 
 def default_model_path() -> Path:
@@ -178,9 +181,11 @@ def _hub_files(repo_id: str, revision: str | None, download_dir: str | None, loa
         raise ModelNotFound(
             f"model {repo_id!r} is neither an existing file or folder nor a valid Hugging Face repo id: {exc}"
         ) from exc
+    started = time.perf_counter()
     with FileLock(_lock_path(repo_id, download_dir)):
         folder = _download(repo_id, revision, download_dir, load_format)
-    return folder_files(folder, "hub", load_format)
+    files = folder_files(folder, "hub", load_format)
+    return msgspec.structs.replace(files, download_seconds=time.perf_counter() - started)
 
 
 def _download(repo_id: str, revision: str | None, download_dir: str | None, load_format: str) -> Path:

@@ -31,7 +31,7 @@ def test_generate_on_the_default_model(ray_cluster, capsys) -> None:
     report = msgspec.json.decode(json.dumps(out["load_report"]), type=LoadReport)
     table = report.format()
     assert "engine start: default (SmolLM2-135M-Instruct.Q4_1.gguf)" in table
-    assert all(f"  {phase} " in table for phase in ("discover", "placement", "workers", "weights", "profile", "kv_allocation", "tokenizer"))
+    assert all(f"  {phase} " in table for phase in ("discover", "placement", "workers", "weights", "profile", "kv_allocation", "tokenizer", "warmup"))
     assert "peak host MiB" in table and f"KV cache: {report.num_blocks} blocks of 16 tokens" in table
 
 

@@ -111,6 +111,7 @@ def test_repo_id_resolves_from_the_cache(tiny_checkpoint, tmp_path, offline) -> 
     snapshot = make_hub_cache(tmp_path / "hub", "tiny-org/tiny-llama", source, REVISION)
     files = find_model("tiny-org/tiny-llama", download_dir=str(tmp_path / "hub"))
     assert files.source == "hub" and Path(files.folder) == snapshot
+    assert files.download_seconds > 0 and find_model(str(source)).download_seconds == 0  # the report's download phase
     assert files.weight_files == find_model(str(source)).weight_files
     by_commit = find_model("tiny-org/tiny-llama", revision=REVISION, download_dir=str(tmp_path / "hub"))
     assert Path(by_commit.folder) == snapshot
