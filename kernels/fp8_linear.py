@@ -23,9 +23,8 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 
-from kernels.quant import FP8, FP8_MAX, as_rows, row_scales, scaled_weight_linear, to_fp8
+from kernels.quant import FP8, FP8_MAX, as_rows, row_scales, scaled_weight_linear, scaled_weight_linear_ref, to_fp8
 
 __all__ = [
     "FP8_MAX", "quantize_fp8_rows", "fp8_linear", "fp8_linear_ref", "fp8_linear_scaled_mm", "fp8_linear_triton",
@@ -45,10 +44,7 @@ def quantize_fp8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    y = F.linear(x, weight.to(x.dtype)) * scale
-    if bias is not None:
-        y = y + bias
-    return y.to(x.dtype)
+    return scaled_weight_linear_ref(x, weight, scale, bias)
 
 
 def fp8_linear_scaled_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -10,9 +10,8 @@ weight tile to x's dtype and accumulates the dot products in float32.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from kernels.quant import row_scales, scaled_weight_linear
+from kernels.quant import row_scales, scaled_weight_linear, scaled_weight_linear_ref
 
 INT8_MAX = 127.0
 
@@ -26,10 +25,7 @@ def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def int8_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    y = F.linear(x, weight.to(x.dtype)) * scale
-    if bias is not None:
-        y = y + bias
-    return y.to(x.dtype)
+    return scaled_weight_linear_ref(x, weight, scale, bias)
 
 
 def int8_linear_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

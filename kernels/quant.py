@@ -15,6 +15,7 @@ wrongly where the mantissa carries into the exponent (7.95 becomes 4, not 8).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -102,6 +103,15 @@ def as_rows(x: torch.Tensor, k: int) -> torch.Tensor:
     """x [..., K] as a contiguous [M, K] matrix."""
     assert x.shape[-1] == k, f"activations end in {x.shape[-1]}, the weight takes {k}"
     return x.reshape(-1, k).contiguous()
+
+
+def scaled_weight_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The torch path for one-byte weights with a scale per output: widen, multiply, scale the
+    outputs (cheaper than scaling the weight), add the bias."""
+    y = F.linear(x, weight.to(x.dtype)) * scale
+    if bias is not None:
+        y = y + bias
+    return y.to(x.dtype)
 
 
 @triton.jit
