@@ -104,10 +104,14 @@ class Engine:
 
     def _warm_up(self) -> None:
         """One short request through a prompt step and a decode step before the engine says it is
-        ready: on CUDA the Triton kernels compile here rather than in the first user request, and
-        a rank that cannot run a step fails the start instead."""
-        params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
-        self.loop.add_requests([("shardlm-warmup", None, [0] * 4, params, "the warm-up request")], time.time())
+        ready: a rank that cannot run a step fails the start, and on CUDA the kernels for small
+        batches compile here rather than in the first user request (larger batches' tile sizes
+        still compile when they first come)."""
+        if self.config.model.max_model_len < 2:  # no prompt fits: nothing to warm up with
+            return
+        params = SamplingParams(temperature=0.0, max_tokens=1 if self.config.model.max_model_len <= 2 else 2, ignore_eos=True)
+        prompt = [0] * max(1, min(4, self.config.model.max_model_len - 2))
+        self.loop.add_requests([("shardlm-warmup", None, prompt, params, "the warm-up request")], time.time())
         while self.loop.has_unfinished():
             self.loop.step()
         self.loop.steps = 0

@@ -183,13 +183,15 @@ class EngineLoop:
         if seq.logprobs is not None:
             seq.logprobs.append(self._logprob_entry(token.token_id, token.logprob, token.rank, token.top))
             seq.cumulative_logprob += token.logprob
+        searched = len(seq.text)
         if seq.detokenizer is not None:
             seq.text += seq.detokenizer.add(token.token_id)
-        reason, stop_reason = self._stop_reason(seq, token.token_id)
+        reason, stop_reason = self._stop_reason(seq, token.token_id, searched)
         if reason is not None:
             self._finish(seq, reason, stop_reason)
 
-    def _stop_reason(self, seq: Sequence, token_id: int) -> tuple[str | None, int | str | None]:
+    def _stop_reason(self, seq: Sequence, token_id: int, searched: int) -> tuple[str | None, int | str | None]:
+        """Why `seq` stops after `token_id`, if it does; `searched`: the text's length before it."""
         params = seq.request.params
         generated = len(seq.output_token_ids)
         if generated >= params.min_tokens:
@@ -197,7 +199,7 @@ class EngineLoop:
                 return "stop", None
             if token_id in params.stop_token_ids:
                 return "stop", token_id
-            matched = self._match_stop_string(seq)
+            matched = self._match_stop_string(seq, searched)
             if matched is not None:
                 return "stop", matched
         if params.max_tokens is not None and generated >= params.max_tokens:
@@ -206,13 +208,13 @@ class EngineLoop:
             return "length", None
         return None, None
 
-    def _match_stop_string(self, seq: Sequence) -> str | None:
-        """The first stop string in the text's new tail; the text is cut before it (or after it)."""
+    def _match_stop_string(self, seq: Sequence, searched: int) -> str | None:
+        """The first stop string that ends in the text added since length `searched` (however long
+        that is); the text is cut before it (or after it)."""
         params = seq.request.params
         if not params.stop:
             return None
-        window = max(len(s) for s in params.stop) + 16
-        tail_start = max(0, len(seq.text) - window)
+        tail_start = max(0, searched - max(len(s) for s in params.stop) + 1)
         best = None
         for stop in params.stop:
             at = seq.text.find(stop, tail_start)

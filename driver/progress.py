@@ -64,10 +64,14 @@ class StartBars:
     def __init__(self) -> None:
         self.bars: dict[str, Any] = {}
         self.finished: set[str] = set()
+        self.ranks: dict[int, RankProgress] = {}
+        """Each rank's latest answer: a poll that a busy rank did not answer in time keeps it."""
 
     def update(self, progress: StartProgress) -> None:
         """Draw the bar of the phase running; finish those of the phases passed (a phase over
         between two polls still gets its bar, drawn full)."""
+        self.ranks.update({r.rank: r for r in progress.ranks})
+        progress = msgspec.structs.replace(progress, ranks=[self.ranks[r] for r in sorted(self.ranks)])
         for phase in BARS:
             if phase not in self.finished and (progress.phase == phase or _after(progress.phase, phase)):
                 self._draw(phase, progress, finished=progress.phase != phase)
@@ -87,6 +91,9 @@ class StartBars:
             self.bars[phase] = progress_bar(desc=BARS[phase], total=total, bar_format=form)
         bar = self.bars[phase]
         if phase == "weights":
+            if finished:  # every rank has loaded all its tensors, whatever its last answer said
+                ranks = [msgspec.structs.replace(r, tensors_loaded=r.tensors_total) for r in progress.ranks]
+                progress = msgspec.structs.replace(progress, ranks=ranks)
             bar.set_postfix_str(_weights_postfix(progress), refresh=False)
         if finished:
             done = bar.total

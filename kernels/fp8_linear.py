@@ -21,10 +21,13 @@ the matrix units' work outweighs the quantization.
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 
 from kernels.quant import FP8, FP8_MAX, as_rows, row_scales, scaled_weight_linear, scaled_weight_linear_ref, to_fp8
+
+logger = logging.getLogger(f"shardlm.{__name__}")
 
 __all__ = [
     "FP8_MAX", "quantize_fp8_rows", "fp8_linear", "fp8_linear_ref", "fp8_linear_scaled_mm", "fp8_linear_triton",
@@ -88,9 +91,18 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias:
         return fp8_linear_ref(x, weight, scale, bias)
     n, k = weight.shape
     rows = x.numel() // k if k else 0
+    device = x.device.index or 0
     if (
         rows > SCALED_MM_MIN_ROWS and x.dtype in SCALED_MM_DTYPES and n % 16 == 0 and k % 16 == 0
-        and _has_fp8_units(x.device.index or 0)
+        and _has_fp8_units(device) and device not in _SCALED_MM_REFUSED
     ):
-        return fp8_linear_scaled_mm(x, weight, scale, bias)
+        try:
+            return fp8_linear_scaled_mm(x, weight, scale, bias)
+        except RuntimeError as exc:  # row-wise scaling missing (sm89 before torch 2.7) or refused by cuBLAS
+            _SCALED_MM_REFUSED.add(device)
+            logger.warning("torch._scaled_mm with row-wise scales failed on cuda:%d (%s); using the Triton fp8 kernel", device, exc)
     return fp8_linear_triton(x, weight, scale, bias)
+
+
+_SCALED_MM_REFUSED: set[int] = set()
+"""CUDA devices where _scaled_mm with row-wise scales failed once: they take the Triton kernel."""

@@ -79,7 +79,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
              f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}"),
             (all(isinstance(s, str) and s for s in self.stop), f"stop strings must be non-empty strings, got {self.stop}"),
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), f"stop_token_ids must be token ids, got {self.stop_token_ids}"),
-            (self.seed is None or 0 <= self.seed < 2**63, f"seed must be in [0, 2**63), got {self.seed}"),
+            (self.seed is None or -(2**63) <= self.seed < 2**63, f"seed must be a 64-bit integer, in [-2**63, 2**63), got {self.seed}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -29,7 +29,7 @@ from workers.sampling_params import SamplingParams
         (dict(logprobs=21), r"logprobs must be in \[0, 20\]"),
         (dict(prompt_logprobs=-1), "prompt_logprobs must be in"),
         (dict(stop=[""]), "stop strings must be non-empty"),
-        (dict(seed=2**64), r"seed must be in \[0, 2\*\*63\)"),
+        (dict(seed=2**64), r"seed must be a 64-bit integer"),
     ],
 )
 def test_invalid_values_raise_value_error(kwargs, message) -> None:
