@@ -200,7 +200,6 @@ class RowParallelLinear(ParallelLinear):
         shards = {None: RowRange(out_features, 0, out_features, 0)}
         super().__init__(in_features, shards, (tp.rank * cols, (tp.rank + 1) * cols), quant)
         self.tp = tp
-        self.col_start, self.col_stop = self.in_start, self.in_stop
         self.bias = replicated(nn.Parameter(torch.empty(out_features), requires_grad=False)) if bias else None
 
     def read_weight(self, source: WeightSource, shard_id: ShardId, out: torch.Tensor) -> None:
@@ -208,7 +207,7 @@ class RowParallelLinear(ParallelLinear):
         exchanged with the other ranks (see `TensorParallelGroup.rows_to_columns`); a rank without
         a process group reads its columns directly."""
         if self.tp.size == 1 or self.tp.group is None:
-            source.read((slice(None), slice(self.col_start, self.col_stop)), out=out)
+            source.read((slice(None), slice(self.in_start, self.in_stop)), out=out)
             return
         start, stop = split_evenly(out.shape[0], self.tp.size)[self.tp.rank]
         block = torch.empty(stop - start, self.in_features, dtype=out.dtype, device=out.device)

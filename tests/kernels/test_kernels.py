@@ -48,6 +48,17 @@ def paged_setup(block_size: int, kv_heads: int, dim: int, lengths: list[int], dt
     return caches[0], caches[1], tables.to(DEVICE)
 
 
+def prefill_batch(shapes: list[tuple[int, int]], heads: int, dim: int, dtype):
+    """(q [sum of new tokens, heads, dim], query_start, context lens) for (new tokens, context) pairs."""
+    starts = [0]
+    for new, _ in shapes:
+        starts.append(starts[-1] + new)
+    q = torch.randn(starts[-1], heads, dim).to(DEVICE, dtype)
+    query_start = torch.tensor(starts, dtype=torch.int32, device=DEVICE)
+    lens = torch.tensor([c for _, c in shapes], dtype=torch.int32, device=DEVICE)
+    return q, query_start, lens
+
+
 @pytest.mark.parametrize("block_size", [8, 16, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_reshape_and_cache(block_size, dtype) -> None:
@@ -101,12 +112,7 @@ def test_prefill_attention_against_cached_context(block_size, heads, kv_heads, d
     shapes = [(5, 5), (6, 20), (1, 9), (40, 45)]
     dim = 16
     key_cache, value_cache, tables = paged_setup(block_size, kv_heads, dim, [c for _, c in shapes], dtype, seed=2)
-    starts = [0]
-    for new, _ in shapes:
-        starts.append(starts[-1] + new)
-    q = torch.randn(starts[-1], heads, dim).to(DEVICE, dtype)
-    query_start = torch.tensor(starts, dtype=torch.int32, device=DEVICE)
-    lens = torch.tensor([c for _, c in shapes], dtype=torch.int32, device=DEVICE)
+    q, query_start, lens = prefill_batch(shapes, heads, dim, dtype)
     expected = prefill_attention_ref(q, key_cache, value_cache, tables, query_start, lens, dim**-0.5)
     got = prefill_attention_triton(q, key_cache, value_cache, tables, query_start, lens, dim**-0.5)
     assert torch.isfinite(expected).all() and torch.isfinite(got).all()
@@ -215,12 +221,7 @@ def test_prefill_attention_fp8(block_size, dtype) -> None:
     heads, kv_heads, dim = 4, 2, 16
     key_cache, value_cache, tables = paged_setup(block_size, kv_heads, dim, [c for _, c in shapes], torch.float32, seed=7)
     key8, value8, key_deq, value_deq = fp8_caches(key_cache, value_cache, dtype)
-    starts = [0]
-    for new, _ in shapes:
-        starts.append(starts[-1] + new)
-    q = torch.randn(starts[-1], heads, dim).to(DEVICE, dtype)
-    query_start = torch.tensor(starts, dtype=torch.int32, device=DEVICE)
-    lens = torch.tensor([c for _, c in shapes], dtype=torch.int32, device=DEVICE)
+    q, query_start, lens = prefill_batch(shapes, heads, dim, dtype)
     k_scale, v_scale = FP8_SCALES
     expected = prefill_attention_ref(q, key_deq, value_deq, tables, query_start, lens, dim**-0.5)
     reference = prefill_attention_ref(q, key8, value8, tables, query_start, lens, dim**-0.5, k_scale=k_scale, v_scale=v_scale)
