@@ -23,6 +23,7 @@ from workers.config import (
     SchedulerConfig,
 )
 from driver.model_config import checkpoint_dtype, load_hf_config, model_arch, resolve_dtype, resolve_max_model_len
+from workers.load_pipeline import LOAD_STRATEGIES
 from workers.model_files import LOAD_FORMATS, ModelFiles, find_model
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -78,6 +79,13 @@ class EngineArgs:
     load_format: str = "auto"
     """"auto" (safetensors, else .bin/.pt, or GGUF for a .gguf file), "safetensors", "pt", "gguf",
     or "dummy" (random weights, nothing read: for benchmarks and tests)."""
+    safetensors_load_strategy: str = "auto"
+    """How ranks read checkpoint files: "page_cache" (buffered reads), "direct" (O_DIRECT into aligned
+    buffers, for cold or network storage; the page cache keeps no second copy), or "auto": direct
+    where most of a rank's files are not cached and it reads 256 MiB or more, else page_cache.
+    The load report says what each rank chose and why."""
+    load_threads: int | None = None
+    """Reader threads per rank; None: the rank's CPU threads on CPU, up to 8 on CUDA."""
     dtype: str = "auto"
     """Compute dtype: "float32", "bfloat16", "float16", or "auto": the checkpoint's own on CUDA
     (float32 checkpoints become bfloat16 from compute capability 8.0, float16 below) and float32 on CPU."""
@@ -154,7 +162,10 @@ class EngineArgs:
             )
         return EngineConfig(
             model=self._model_config(files, arch, dtype, device, max_model_len, quant),
-            load=LoadConfig(load_format=files.weight_format, weight_files=files.weight_files, download_dir=self.download_dir),
+            load=LoadConfig(
+                load_format=files.weight_format, weight_files=files.weight_files, download_dir=self.download_dir,
+                strategy=self.safetensors_load_strategy, threads=self.load_threads,
+            ),
             cache=CacheConfig(
                 block_size=self.block_size,
                 kv_cache_dtype="fp8" if self.kv_cache_dtype.startswith("fp8") else "auto",
@@ -194,6 +205,7 @@ class EngineArgs:
         """Check every field's value (no files are read); `ConfigError` names the first bad one."""
         _choice("dtype", self.dtype, DTYPES)
         _choice("load_format", self.load_format, LOAD_FORMATS)
+        _choice("safetensors_load_strategy", self.safetensors_load_strategy, LOAD_STRATEGIES)
         _choice("tokenizer_mode", self.tokenizer_mode, TOKENIZER_MODES)
         _choice("device", self.device, DEVICES)
         _choice("block_size", self.block_size, BLOCK_SIZES)
@@ -202,7 +214,7 @@ class EngineArgs:
         _choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
         for name in ("tensor_parallel_size", "max_num_seqs"):
             _positive_int(name, getattr(self, name))
-        for name in ("kv_cache_memory_bytes", "max_model_len", "max_num_batched_tokens", "num_gpu_blocks_override"):
+        for name in ("kv_cache_memory_bytes", "max_model_len", "max_num_batched_tokens", "num_gpu_blocks_override", "load_threads"):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
         if not 0 < self.gpu_memory_utilization <= 1:

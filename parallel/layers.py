@@ -17,7 +17,7 @@ from torch import nn
 from parallel.errors import ConfigError
 from parallel.quantization import QuantConfig, linear_method
 from parallel.state import TensorParallelGroup, split_evenly
-from parallel.weights import ShardId, WeightSource, attach_loader, full_index, replicated
+from parallel.weights import ShardId, WeightSource, attach_loader, full_index, read_final, replicated
 
 VOCAB_PADDING = 64
 
@@ -68,8 +68,9 @@ class ParallelLinear(nn.Module):
         """The checkpoint shape of each shard's full-precision weight."""
         return {k: (r.full_rows, self.in_features) for k, r in self.out_shards.items()}
 
-    def read_weight(self, source: WeightSource, shard_id: ShardId, out: torch.Tensor) -> None:
-        """Read this rank's part of shard `shard_id`'s weight (its rows x its columns) into `out`."""
+    def read_weight(self, source: WeightSource, shard_id: ShardId, out: torch.Tensor, final: bool = False) -> None:
+        """Read this rank's part of shard `shard_id`'s weight (its rows x its columns) into `out`
+        (`final`: out is the parameter's own storage, see `parallel.weights.read_final`)."""
         raise NotImplementedError
 
     def process_weights_after_loading(self) -> None:
@@ -90,15 +91,16 @@ class _RowSplitLinear(ParallelLinear):
                 {k: (r.full_rows,) for k, r in shards.items()},
             )
 
-    def read_weight(self, source: WeightSource, shard_id: ShardId, out: torch.Tensor) -> None:
+    def read_weight(self, source: WeightSource, shard_id: ShardId, out: torch.Tensor, final: bool = False) -> None:
         rows = self.shards[shard_id]
-        source.read((slice(rows.start, rows.stop), slice(None)), out=out)
+        index = (slice(rows.start, rows.stop), slice(None))
+        read_final(source, index, out) if final else source.read(index, out=out)
 
     def load_rows(self, param: nn.Parameter, source: WeightSource, shard_id: ShardId = None) -> None:
         """Read this rank's rows of shard `shard_id` into their place in `param`."""
         rows = self.shards[shard_id]
         index = (slice(rows.start, rows.stop),) + full_index(param.dim() - 1)
-        source.read(index, out=param.data.narrow(0, rows.offset, rows.size))
+        read_final(source, index, param.data.narrow(0, rows.offset, rows.size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self, x, self.bias)
@@ -202,12 +204,13 @@ class RowParallelLinear(ParallelLinear):
         self.tp = tp
         self.bias = replicated(nn.Parameter(torch.empty(out_features), requires_grad=False)) if bias else None
 
-    def read_weight(self, source: WeightSource, shard_id: ShardId, out: torch.Tensor) -> None:
+    def read_weight(self, source: WeightSource, shard_id: ShardId, out: torch.Tensor, final: bool = False) -> None:
         """This rank's columns of the checkpoint tensor, read as a block of whole rows and
         exchanged with the other ranks (see `TensorParallelGroup.rows_to_columns`); a rank without
         a process group reads its columns directly."""
         if self.tp.size == 1 or self.tp.group is None:
-            source.read((slice(None), slice(self.in_start, self.in_stop)), out=out)
+            index = (slice(None), slice(self.in_start, self.in_stop))
+            read_final(source, index, out) if final else source.read(index, out=out)
             return
         start, stop = split_evenly(out.shape[0], self.tp.size)[self.tp.rank]
         block = torch.empty(stop - start, self.in_features, dtype=out.dtype, device=out.device)
@@ -246,7 +249,7 @@ class VocabParallelEmbedding(nn.Module):
         """Read this rank's vocabulary rows; zero its padding rows."""
         owned = max(0, self.vocab_stop - self.vocab_start)
         if owned:
-            source.read((slice(self.vocab_start, self.vocab_stop), slice(None)), out=param.data[:owned])
+            read_final(source, (slice(self.vocab_start, self.vocab_stop), slice(None)), param.data[:owned])
         param.data[owned:].zero_()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -145,7 +145,7 @@ class Unquantized(LinearMethod):
     def create_weights(self, layer: "ParallelLinear") -> None:
         def load(param: nn.Parameter, source: WeightSource, shard_id: ShardId = None) -> None:
             rows = layer.out_shards[shard_id]
-            layer.read_weight(source, shard_id, param.data.narrow(0, rows.offset, rows.size))
+            layer.read_weight(source, shard_id, param.data.narrow(0, rows.offset, rows.size), final=True)
 
         weight = torch.empty(layer.local_out, layer.local_in)
         layer.weight = attach_loader(nn.Parameter(weight, requires_grad=False), load, layer.weight_full_shapes())

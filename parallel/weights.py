@@ -6,6 +6,8 @@ A checkpoint offers each of its tensors as a `WeightSource`: a name, a file, a f
 and reads exactly that slice (the loading loop has checked the source's shape first); and `full_shapes`, the full
 (unsplit) shape the checkpoint should hold for each of its shards. A fused parameter (qkv_proj,
 gate_up_proj) has one shard per checkpoint tensor it is filled from; any other has one shard, None.
+A loader that reads straight into the parameter's own storage calls `read_final`, which lets a
+reader with a load pipeline defer the read.
 """
 
 from __future__ import annotations
@@ -59,6 +61,14 @@ def check_shape(param_name: str, source: WeightSource, expected: tuple[int, ...]
         )
 
 
+def read_final(source: WeightSource, index: Index, out: torch.Tensor) -> torch.Tensor:
+    """Read the slice `index` into `out`, a parameter's own storage that nothing reads before
+    loading ends. A reader with a load pipeline may then queue the read and complete it with the
+    others (merged, in file order, on its reader threads); any other reads it at once."""
+    final = getattr(source, "read_final", None)
+    return source.read(index, out=out) if final is None else final(index, out)
+
+
 def full_index(ndim: int) -> Index:
     """An index that selects the whole of an `ndim`-dimensional tensor."""
     return tuple(slice(None) for _ in range(ndim))
@@ -66,7 +76,7 @@ def full_index(ndim: int) -> Index:
 
 def replicated_loader(param: torch.nn.Parameter, source: WeightSource, shard_id: ShardId = None) -> None:
     """Every rank holds the whole tensor (norms, biases of row-parallel layers)."""
-    source.read(full_index(param.dim()), out=param.data)
+    read_final(source, full_index(param.dim()), param.data)
 
 
 def replicated(param: torch.nn.Parameter) -> torch.nn.Parameter:

@@ -41,6 +41,9 @@ FAMILIES: dict[str, dict[str, Any]] = {
         arch="llama", hidden_size=1024, intermediate_size=2048, num_hidden_layers=1, num_attention_heads=8,
         num_key_value_heads=4,
     ),
+    "llama_6h": dict(  # splits at tensor-parallel sizes 1, 2 and 3
+        arch="llama", hidden_size=96, intermediate_size=192, num_attention_heads=6, num_key_value_heads=6,
+    ),
     "llama_quant": dict(  # 4-bit tests: a row-parallel split of 256 or 512 inputs falls on groups of 128
         arch="llama", hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=2,
     ),

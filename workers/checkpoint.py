@@ -20,6 +20,7 @@ from parallel.errors import WeightLoadError
 from parallel.weights import Index, WeightSource
 from workers import safetensors_file
 from workers.gguf_file import iter_gguf, read_gguf_index
+from workers.load_pipeline import LoadPipeline
 from workers.read_stats import ReadStats, slice_bounds, tensor_spans
 
 
@@ -61,13 +62,20 @@ def _iter_torch_file(path: str, stats: ReadStats) -> Iterator[TorchFileSource]:
         yield TorchFileSource(name, path, tuple(tensor.shape), tensor, stats)
 
 
-def iter_checkpoint(folder: str, files: tuple[str, ...], weight_format: str, stats: ReadStats) -> Iterator[WeightSource]:
-    """Every tensor of the checkpoint as a `WeightSource`, file by file."""
+def iter_checkpoint(
+    folder: str, files: tuple[str, ...], weight_format: str, stats: ReadStats, pipeline: LoadPipeline | None = None
+) -> Iterator[WeightSource]:
+    """Every tensor of the checkpoint as a `WeightSource`, file by file, reading through
+    `pipeline` where the format's reader takes one (None: each read at once, on this thread)."""
     readers = {"safetensors": safetensors_file.iter_safetensors, "pt": _iter_torch_file, "gguf": iter_gguf}
     if weight_format not in readers:
         raise ValueError(f"unknown weight format {weight_format!r}")
     for file in files:
-        yield from readers[weight_format](os.path.join(folder, file), stats)
+        path = os.path.join(folder, file)
+        if weight_format == "safetensors":
+            yield from safetensors_file.iter_safetensors(path, stats, pipeline)
+        else:
+            yield from readers[weight_format](path, stats)
 
 
 def checkpoint_tensor_bytes(folder: str, files: tuple[str, ...], weight_format: str) -> int:

@@ -94,6 +94,10 @@ class LoadConfig(msgspec.Struct, frozen=True, kw_only=True):
     """Weight files, relative to ModelConfig.path, in load order."""
     download_dir: str | None = None
     """The Hugging Face cache folder for repo ids (None: huggingface_hub's default)."""
+    strategy: str = "auto"
+    """How files are read: "auto", "page_cache" or "direct" (`workers.load_pipeline`)."""
+    threads: int | None = None
+    """Reader threads per rank (None: chosen from the device and its CPU threads)."""
 
 
 class CacheConfig(msgspec.Struct, frozen=True, kw_only=True):

@@ -8,6 +8,7 @@ checkpoint tensor never used.
 
 from __future__ import annotations
 
+import os
 import resource
 import time
 import zlib
@@ -23,7 +24,9 @@ from parallel.state import TensorParallelGroup
 from parallel.weights import Index, ShardId, WeightSource, check_shape
 from workers.checkpoint import ReadStats, checkpoint_tensor_bytes, iter_checkpoint
 from workers.config import EngineConfig
+from workers.load_pipeline import LoadPipeline, choose_for_files
 from workers.models import model_class
+from workers.param_memory import empty_like_all
 from workers.progress import ProgressTracker
 
 ParamKey = tuple[str, ShardId]
@@ -47,6 +50,13 @@ class WeightLoadReport(msgspec.Struct, frozen=True, kw_only=True):
     """The process's peak resident memory so far (ru_maxrss), loading included."""
     weight_device_bytes: int
     """Memory the rank's parameters take on its device."""
+    load_strategy: str = ""
+    """How the files were read: "page_cache" or "direct" ("" where nothing was read through the pipeline)."""
+    load_strategy_reason: str = ""
+    load_threads: int = 0
+    """Reader threads of the load pipeline."""
+    reads: int = 0
+    """Read calls the pipeline issued, after merging adjacent spans."""
 
     @property
     def gb_per_s(self) -> float:
@@ -83,24 +93,27 @@ def build_model(config: EngineConfig, tp: TensorParallelGroup, device: torch.dev
 
 
 def materialize(model: nn.Module, device: torch.device) -> None:
-    """Give every meta parameter and buffer uninitialised storage on `device`.
+    """Give every meta parameter and buffer uninitialised storage on `device`
+    (`workers.param_memory`: on CPU, one arena in huge pages).
 
     Unlike `Module.to_empty`, a parameter keeps its attributes (`weight_loader`, `full_shapes`)
     and a parameter shared by two modules (tied embeddings) stays one parameter.
     """
+    unique = {id(p): p for m in model.modules() for p in m._parameters.values() if p is not None}
+    storage = dict(zip(unique, empty_like_all(list(unique.values()), device)))
     new_params: dict[int, nn.Parameter] = {}
     for module in model.modules():
         for name, param in module._parameters.items():
             if param is None:
                 continue
             if id(param) not in new_params:
-                fresh = nn.Parameter(torch.empty_like(param, device=device), requires_grad=False)
+                fresh = nn.Parameter(storage[id(param)], requires_grad=False)
                 fresh.__dict__.update(param.__dict__)
                 new_params[id(param)] = fresh
             module._parameters[name] = new_params[id(param)]
         for name, buffer in module._buffers.items():
             if buffer is not None:
-                module._buffers[name] = torch.empty_like(buffer, device=device)
+                module._buffers[name] = torch.empty(buffer.shape, dtype=buffer.dtype, device=device)
 
 
 def load_model(
@@ -112,15 +125,23 @@ def load_model(
     model = build_model(config, tp, device)
     stats = ReadStats()
     load = config.load
+    pipeline = None
     if load.load_format == "dummy":
         sources: Iterable[WeightSource] = dummy_sources(model, config.model.seed)
         total = 0
     else:
-        sources = iter_checkpoint(config.model.path, load.weight_files, load.load_format, stats)
+        pipeline = make_pipeline(config, device)
+        sources = iter_checkpoint(config.model.path, load.weight_files, load.load_format, stats, pipeline)
         total = checkpoint_tensor_bytes(config.model.path, load.weight_files, load.load_format)
-    with torch.no_grad():
-        load_weights(model, sources if progress is None else progress.track(model, sources, stats))
-        process_weights_after_loading(model)
+    try:
+        with torch.no_grad():
+            load_weights(model, sources if progress is None else progress.track(model, sources, stats))
+            done = pipeline.finish() if pipeline is not None else None
+            process_weights_after_loading(model)
+    except BaseException:
+        if pipeline is not None:
+            pipeline.close()
+        raise
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     report = WeightLoadReport(
@@ -134,8 +155,20 @@ def load_model(
         seconds=time.perf_counter() - start,
         peak_host_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         weight_device_bytes=parameter_bytes(model),
+        load_strategy=done.strategy if done else "",
+        load_strategy_reason=done.reason if done else "",
+        load_threads=done.threads if done else 0,
+        reads=done.reads if done else 0,
     )
     return model, report
+
+
+def make_pipeline(config: EngineConfig, device: torch.device) -> LoadPipeline:
+    """The rank's load pipeline, its read strategy chosen from the files it will read."""
+    load = config.load
+    paths = [os.path.join(config.model.path, f) for f in load.weight_files]
+    strategy = choose_for_files(load.strategy, paths if load.load_format == "safetensors" else [])
+    return LoadPipeline(device, threads=load.threads, strategy=strategy)
 
 
 def process_weights_after_loading(model: nn.Module) -> None:

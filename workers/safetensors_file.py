@@ -1,8 +1,9 @@
 """Reading slices of safetensors tensors straight from the file into their destination.
 
 The format is an 8-byte header length, a JSON header (dtype, shape and data offsets of every
-tensor) and the raw row-major data. A slice of rows is one contiguous byte range and is read
-with one `preadv` into the parameter's own memory; a slice of columns is one range per row.
+tensor) and the raw row-major data. A slice of rows is one contiguous byte range and a slice
+of columns one range per row; they are read into the parameter's own memory through the load
+pipeline (`workers.load_pipeline`) or, without one, by one synchronous `preadv` per range.
 Nothing is memory-mapped, so the page cache is never counted in the process's resident memory
 and host memory peaks at the weights themselves (`safe_open(...).get_slice` maps the file: a
 whole-file read then holds the weights twice).
@@ -11,7 +12,6 @@ whole-file read then holds the weights twice).
 from __future__ import annotations
 
 import json
-import os
 import struct
 from dataclasses import dataclass
 from typing import Iterator
@@ -20,6 +20,7 @@ import torch
 
 from parallel.errors import WeightLoadError
 from parallel.weights import Index
+from workers.load_pipeline import CheckpointFile, LoadPipeline, byte_view, pread_exact
 from workers.read_stats import ReadStats, slice_bounds, tensor_spans
 
 DTYPES = {
@@ -45,66 +46,66 @@ def read_header(path: str) -> tuple[int, dict]:
     return 8 + length, header
 
 
-def _byte_view(t: torch.Tensor) -> memoryview:
-    return memoryview(t.view(torch.uint8).numpy()).cast("B")
-
-
-def _pread_into(fd: int, buffer: memoryview, offset: int, path: str) -> None:
-    done = 0
-    while done < len(buffer):
-        n = os.preadv(fd, [buffer[done:]], offset + done)
-        if n <= 0:
-            raise WeightLoadError(f"{path} ends early: the file is truncated or still being written")
-        done += n
-
-
-class _OpenFile:
-    """A read-only file descriptor, closed when the last tensor source holding it is dropped."""
-
-    def __init__(self, path: str) -> None:
-        self.fd = os.open(path, os.O_RDONLY)
-
-    def __del__(self) -> None:
-        os.close(self.fd)
-
-
 @dataclass
 class SafetensorsSource:
     name: str
     file: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-    _handle: _OpenFile
+    _handle: CheckpointFile
     _base: int
     _stats: ReadStats
+    _pipeline: LoadPipeline | None = None
+    """Where reads go; None: the plain path, one synchronous `preadv` per span."""
 
     def read(self, index: Index, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self._read(index, out, final=False)
+
+    def read_final(self, index: Index, out: torch.Tensor) -> torch.Tensor:
+        """`read` into a parameter's own storage: through a pipeline, the bytes may land later,
+        before the pipeline finishes (see `parallel.weights.read_final`)."""
+        return self._read(index, out, final=True)
+
+    def _read(self, index: Index, out: torch.Tensor | None, final: bool) -> torch.Tensor:
         bounds = slice_bounds(index, self.shape)
         spans = tensor_spans(self._base, self.shape, self.dtype.itemsize, bounds)
         self._stats.record(self.file, self.name, spans)
         shape = tuple(hi - lo for lo, hi in bounds)
+        if out is not None and tuple(out.shape) != shape:
+            raise ValueError(f"cannot read a {shape} slice of {self.name} into a {tuple(out.shape)} tensor")
+        if self._pipeline is None:
+            return self._read_plain(spans, shape, out)
+        direct = out is not None and out.dtype == self.dtype and out.is_contiguous()
+        if direct and final:
+            self._pipeline.submit(self._handle, spans, out)
+            return out
+        device = out.device if out is not None else torch.device("cpu")
+        target = out if direct else torch.empty(shape, dtype=self.dtype, device=device)
+        self._pipeline.read(self._handle, spans, target)
+        return target if out is None or direct else out.copy_(target)
+
+    def _read_plain(self, spans: list[tuple[int, int]], shape: tuple[int, ...], out: torch.Tensor | None) -> torch.Tensor:
         direct = out is not None and out.device.type == "cpu" and out.dtype == self.dtype and out.is_contiguous()
         target = out if direct else torch.empty(shape, dtype=self.dtype)
-        if target.shape != shape:
-            raise ValueError(f"cannot read a {shape} slice of {self.name} into a {tuple(target.shape)} tensor")
-        view, done = _byte_view(target.reshape(-1)), 0
+        view, done = byte_view(target), 0
         for start, stop in spans:
-            _pread_into(self._handle.fd, view[done : done + stop - start], start, self.file)
+            pread_exact(self._handle.fd, [view[done : done + stop - start]], start, self._handle)
             done += stop - start
         if out is not None and not direct:
             return out.copy_(target)
         return target
 
 
-def iter_safetensors(path: str, stats: ReadStats) -> Iterator[SafetensorsSource]:
-    """Every tensor of one safetensors file; the file stays open while any of them is referenced."""
+def iter_safetensors(path: str, stats: ReadStats, pipeline: LoadPipeline | None = None) -> Iterator[SafetensorsSource]:
+    """Every tensor of one safetensors file, read through `pipeline` (None: the plain path); the
+    file stays open while any of them is referenced."""
     data_start, header = read_header(path)
-    handle = _OpenFile(path)
+    handle = CheckpointFile(path)
     for name, meta in header.items():
         if meta["dtype"] not in DTYPES:
             raise WeightLoadError(f"tensor {name!r} in {path} has dtype {meta['dtype']}, which shardlm cannot load")
         offset = data_start + meta["data_offsets"][0]
-        yield SafetensorsSource(name, path, tuple(meta["shape"]), DTYPES[meta["dtype"]], handle, offset, stats)
+        yield SafetensorsSource(name, path, tuple(meta["shape"]), DTYPES[meta["dtype"]], handle, offset, stats, pipeline)
 
 
 def tensor_bytes(path: str) -> int:
