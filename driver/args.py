@@ -25,6 +25,7 @@ from workers.config import (
 from driver.model_config import checkpoint_dtype, load_hf_config, model_arch, resolve_dtype, resolve_max_model_len
 from workers.load_pipeline import LOAD_STRATEGIES
 from workers.model_files import LOAD_FORMATS, ModelFiles, find_model
+from workers.sharded_state import read_manifest
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TOKENIZER_MODES = ("auto", "slow")
@@ -77,8 +78,9 @@ class EngineArgs:
     download_dir: str | None = None
     """Where Hub downloads go (a Hugging Face cache folder); None: huggingface_hub's default."""
     load_format: str = "auto"
-    """"auto" (safetensors, else .bin/.pt, or GGUF for a .gguf file), "safetensors", "pt", "gguf",
-    or "dummy" (random weights, nothing read: for benchmarks and tests)."""
+    """"auto" (a sharded_state folder's rank files, else safetensors, else .bin/.pt, or GGUF for a
+    .gguf file), "safetensors", "pt", "gguf", "sharded_state" (each rank's final tensors, written by
+    save_sharded_state), or "dummy" (random weights, nothing read: for benchmarks and tests)."""
     safetensors_load_strategy: str = "auto"
     """How ranks read checkpoint files: "page_cache" (buffered reads), "direct" (O_DIRECT into aligned
     buffers, for cold or network storage; the page cache keeps no second copy), or "auto": direct
@@ -149,10 +151,13 @@ class EngineArgs:
         device = device or resolve_device(self.device)
         if device == "cuda" and capability is None:
             capability = torch.cuda.get_device_capability()
-        dtype = resolve_dtype(self.dtype, checkpoint_dtype(hf_config), device, capability)
+        asked_dtype, asked_quant = self.dtype, self.quantization
+        if files.weight_format == "sharded_state":
+            asked_dtype, asked_quant = self._sharded_settings(Path(files.folder))
+        dtype = resolve_dtype(asked_dtype, checkpoint_dtype(hf_config), device, capability)
         where = str(Path(files.folder) / (files.gguf_file or "config.json"))
         found_quant = checkpoint_quant_config(getattr(hf_config, "quantization_config", None), where)
-        quant = resolve_quantization(self.quantization, found_quant, where)
+        quant = resolve_quantization(asked_quant, found_quant, where)
         max_model_len = resolve_max_model_len(hf_config, arch, self.max_model_len)
         batched = self.max_num_batched_tokens or (8192 if device == "cuda" else 2048)
         if batched < self.max_num_seqs:
@@ -176,6 +181,23 @@ class EngineArgs:
             parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
             scheduler=SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=batched, max_model_len=max_model_len),
         )
+
+    def _sharded_settings(self, folder: Path) -> tuple[str, str | None]:
+        """The dtype and quantization a sharded_state folder was saved with; a different
+        tensor_parallel_size, dtype or quantization asked for is a `ConfigError` naming both."""
+        manifest = read_manifest(folder)
+        saved = [
+            ("tensor_parallel_size", manifest.tensor_parallel_size, self.tensor_parallel_size, None),
+            ("dtype", manifest.dtype, self.dtype, "auto"),
+            ("quantization", manifest.quantization, self.quantization, None),
+        ]
+        for name, was, asked, unset in saved:
+            if asked != was and (asked != unset or name == "tensor_parallel_size"):
+                raise ConfigError(
+                    f"{folder} was saved as a sharded_state with {name}={was!r}, but {name}={asked!r} was asked for; "
+                    f"load it with {name}={was!r}, or save the model again from its original checkpoint"
+                )
+        return manifest.dtype, manifest.quantization
 
     def _model_config(
         self, files: ModelFiles, arch: ModelArch, dtype: str, device: str, max_len: int, quant: QuantConfig | None

@@ -76,6 +76,9 @@ class ParallelLinear(nn.Module):
     def process_weights_after_loading(self) -> None:
         self.method.process_after_loading(self)
 
+    def restore_after_loading(self) -> None:
+        self.method.restore_after_loading(self)
+
 
 class _RowSplitLinear(ParallelLinear):
     """A linear layer whose rows are split over the ranks, filled from one or more checkpoint tensors."""

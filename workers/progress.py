@@ -51,10 +51,13 @@ class ProgressTracker:
         yield
         self.step_done = True
 
-    def track(self, model: nn.Module, sources: Iterable[WeightSource], stats: ReadStats) -> Iterator[WeightSource]:
-        """`sources`, counting each one once the loader asks for the next (it is loaded by then)."""
+    def track(
+        self, model: nn.Module, sources: Iterable[WeightSource], stats: ReadStats, total: int | None = None
+    ) -> Iterator[WeightSource]:
+        """`sources`, counting each one once the loader asks for the next (it is loaded by then);
+        `total`: how many there are (default: the checkpoint tensors the model's parameters take)."""
         self.stats = stats
-        self.tensors_total = sum(len(p.full_shapes) for p in dict(model.named_parameters()).values())
+        self.tensors_total = total if total is not None else sum(len(p.full_shapes) for p in dict(model.named_parameters()).values())
         self.tensors_loaded = 0
         for source in sources:
             yield source
