@@ -72,8 +72,8 @@ def iter_checkpoint(
         raise ValueError(f"unknown weight format {weight_format!r}")
     for file in files:
         path = os.path.join(folder, file)
-        if weight_format == "safetensors":
-            yield from safetensors_file.iter_safetensors(path, stats, pipeline)
+        if weight_format in ("safetensors", "gguf"):
+            yield from readers[weight_format](path, stats, pipeline)
         else:
             yield from readers[weight_format](path, stats)
 

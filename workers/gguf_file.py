@@ -2,10 +2,11 @@
 
 `gguf.GGUFReader` parses every element of every metadata array into numpy objects (seconds for a
 50k-token vocabulary). Loading needs only the scalars and the tensor table, so the index reads
-those and steps over the arrays; the gguf package supplies the quantization formats and the
-dequantization. A slice dequantizes only the rows, and the quantization blocks of the columns,
-that it covers. Tensor names become Hugging Face's, and llama.cpp's per-head interleaving of
-q/k rows is undone, so the model sees the same tensors as from a safetensors checkpoint.
+those and steps over the arrays. A slice reads only the rows, and the quantization blocks of the
+columns, that it covers (through the load pipeline, onto the parameter's device), and
+dequantizes them there in torch (`workers.gguf_dequant`; the gguf package for rarer types).
+Tensor names become Hugging Face's, and llama.cpp's per-head interleaving of q/k rows is undone,
+so the model sees the same tensors as from a safetensors checkpoint.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import torch
 
 from parallel.errors import ConfigError, WeightLoadError
 from parallel.weights import Index
+from workers.gguf_dequant import dequantize, supported
+from workers.load_pipeline import CheckpointFile, LoadPipeline
 from workers.read_stats import ReadStats, matrix_spans, slice_bounds
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -226,22 +229,27 @@ class GGUFSource:
     _data: np.ndarray
     _stats: ReadStats
     rotary_heads: int | None = None
+    _handle: CheckpointFile | None = None
+    _pipeline: LoadPipeline | None = None
+    """Where the quantized bytes are read; None: copied out of the memory-mapped file (the plain path)."""
 
     def read(self, index: Index, out: torch.Tensor | None = None) -> torch.Tensor:
-        values = self._read(slice_bounds(index, self.shape))
+        device = out.device if out is not None and self._pipeline is not None else torch.device("cpu")
+        values = self._read(slice_bounds(index, self.shape), device)
         return values if out is None else out.copy_(values)
 
-    def _read(self, bounds: list[tuple[int, int]]) -> torch.Tensor:
+    def _read(self, bounds: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
         if self.rotary_heads is None:
-            return self._read_plain(bounds)
+            return self._read_plain(bounds, device)
         head_rows = self.shape[0] // self.rotary_heads
         (r0, r1), cols = bounds[0], bounds[1:]
         h0, h1 = r0 // head_rows * head_rows, -(-r1 // head_rows) * head_rows
-        permuted = self._read_plain([(h0, h1), *cols])
+        permuted = self._read_plain([(h0, h1), *cols], device)
         return _unpermute_rotary(permuted, head_rows)[r0 - h0 : r1 - h0]
 
-    def _read_plain(self, bounds: list[tuple[int, int]]) -> torch.Tensor:
-        """Read rows [r0, r1) and the quantization blocks covering columns [c0, c1), then dequantize."""
+    def _read_plain(self, bounds: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
+        """Read rows [r0, r1) and the quantization blocks covering columns [c0, c1) onto `device`,
+        then dequantize them there."""
         import gguf
 
         info, qtype = self._info, gguf.GGMLQuantizationType(self._info.tensor_type)
@@ -249,12 +257,24 @@ class GGUFSource:
         block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
         b0, b1 = cols[0] // block, -(-cols[1] // block)
         byte_cols = (b0 * block_bytes, b1 * block_bytes)
-        start, stop = info.offset + rows[0] * info.row_bytes, info.offset + rows[1] * info.row_bytes
-        raw = np.array(self._data[start:stop].reshape(rows[1] - rows[0], info.row_bytes)[:, byte_cols[0] : byte_cols[1]])
-        self._stats.record(self.file, self.name, matrix_spans(info.offset, rows, info.row_bytes, byte_cols))
-        values = gguf.quants.dequantize(raw, qtype)[:, cols[0] - b0 * block : cols[1] - b0 * block]
-        out = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+        spans = matrix_spans(info.offset, rows, info.row_bytes, byte_cols)
+        self._stats.record(self.file, self.name, spans)
+        raw = self._raw(rows, byte_cols, spans, device)
+        if supported(qtype):
+            values = dequantize(raw, qtype)
+        else:
+            values = torch.from_numpy(np.asarray(gguf.quants.dequantize(raw.cpu().numpy(), qtype), dtype=np.float32)).to(device)
+        out = values[:, cols[0] - b0 * block : cols[1] - b0 * block].contiguous()
         return out.reshape(-1) if len(self.shape) == 1 else out
+
+    def _raw(self, rows: tuple[int, int], byte_cols: tuple[int, int], spans: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
+        """The quantized bytes [rows, byte columns] as a uint8 tensor on `device`."""
+        shape = (rows[1] - rows[0], byte_cols[1] - byte_cols[0])
+        if self._pipeline is None:
+            start, stop = self._info.offset + rows[0] * self._info.row_bytes, self._info.offset + rows[1] * self._info.row_bytes
+            return torch.from_numpy(np.array(self._data[start:stop].reshape(shape[0], self._info.row_bytes)[:, byte_cols[0] : byte_cols[1]]))
+        raw = torch.empty(shape, dtype=torch.uint8, device=device)
+        return self._pipeline.read(self._handle, spans, raw) if raw.numel() else raw
 
 
 def _unpermute_rotary(w: torch.Tensor, head_rows: int) -> torch.Tensor:
@@ -267,12 +287,14 @@ def _unpermute_rotary(w: torch.Tensor, head_rows: int) -> torch.Tensor:
     return w.reshape(heads, head_rows // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def iter_gguf(path: str, stats: ReadStats) -> Iterator[GGUFSource]:
-    """Every tensor of a GGUF file, under its Hugging Face name."""
+def iter_gguf(path: str, stats: ReadStats, pipeline: LoadPipeline | None = None) -> Iterator[GGUFSource]:
+    """Every tensor of a GGUF file, under its Hugging Face name, its bytes read through `pipeline`
+    onto the destination's device and dequantized there (None: from the mapped file, on the CPU)."""
     index = read_gguf_index(path)
     data = index.data()
+    handle = CheckpointFile(path) if pipeline is not None else None
     rotary_heads = permuted_rotary_heads(index)
     for info in index.tensors.values():
         name = gguf_to_hf_name(info.name)
         heads = next((h for suffix, h in rotary_heads.items() if name.endswith(suffix)), None)
-        yield GGUFSource(name, path, info.shape, info, data, stats, heads)
+        yield GGUFSource(name, path, info.shape, info, data, stats, heads, handle, pipeline)

@@ -2,8 +2,9 @@
 
 Every checkpoint reader hands the pipeline byte ranges of a file and the tensor they fill.
 The pipeline cuts them into pieces, sorts them in file order, merges pieces that lie end to end
-in one file into one `preadv` (one iovec per destination), splits large ones into chunks so that
-several threads share a big tensor, and runs the reads on a pool of reader threads:
+in one file (or less than a page apart: the rows of a column slice) into one `preadv` with one
+iovec per destination, splits large ones into chunks so that several threads share a big
+tensor, and runs the reads on a pool of reader threads:
 
 - CPU, page cache: `preadv` straight into the destination; threads share the first-touch page
   faults of freshly allocated parameters.
@@ -42,6 +43,8 @@ ALIGN = 4096
 """O_DIRECT offsets, lengths and buffers are aligned to this (a multiple of every common logical block size)."""
 MAX_IOV = 512
 """Destinations per `preadv` (Linux allows 1024)."""
+MAX_GAP = 4096
+"""Pieces of a file this close together are read in one call, the bytes between them discarded."""
 MiB = 2**20
 LOAD_STRATEGIES = ("auto", "page_cache", "direct")
 AUTO_DIRECT_MIN_BYTES = 256 * MiB
@@ -289,25 +292,30 @@ def split_pieces(pieces: Iterable[Piece], chunk: int) -> list[Piece]:
     return out
 
 
-def merge_reads(pieces: Iterable[Piece], chunk: int, max_iov: int = MAX_IOV) -> list[list[Piece]]:
-    """Group pieces into reads: each a run of pieces lying end to end in one file, in file order,
-    of at most `chunk` bytes (a longer piece is split first) and `max_iov` pieces."""
+def merge_reads(pieces: Iterable[Piece], chunk: int, max_iov: int = MAX_IOV, max_gap: int = 0) -> list[list[Piece]]:
+    """Group pieces into reads, in file order: each a run of pieces of one file that lie end to
+    end, or with gaps of at most `max_gap` bytes between them (read along and discarded: a gap
+    within a page costs no extra storage), spanning at most `chunk` bytes (a longer piece is
+    split first) and holding at most `max_iov` pieces and gaps."""
     ordered = sorted(split_pieces(pieces, chunk), key=lambda p: (p.file.path, id(p.file), p.offset))
     reads: list[list[Piece]] = []
-    size = 0
+    first = iovs = 0
     for p in ordered:
         last = reads[-1][-1] if reads else None
-        joins = (
-            last is not None and last.file is p.file and last.offset + last.length == p.offset
-            and size + p.length <= chunk and len(reads[-1]) < max_iov
-        )
+        gap = p.offset - (last.offset + last.length) if last is not None and last.file is p.file else -1
+        joins = 0 <= gap <= max_gap and p.offset + p.length - first <= chunk and iovs + 2 <= max_iov
         if joins:
             reads[-1].append(p)
-            size += p.length
+            iovs += 2 if gap else 1
         else:
             reads.append([p])
-            size = p.length
+            first, iovs = p.offset, 1
     return reads
+
+
+def read_extent(pieces: list[Piece]) -> int:
+    """Bytes from a read's first piece to the end of its last, gaps included."""
+    return pieces[-1].offset + pieces[-1].length - pieces[0].offset
 
 
 # -- choosing how to read ------------------------------------------------------------------------
@@ -453,6 +461,8 @@ class LoadPipeline:
         self._ring: StagingRing | None = None
         self._ring_count = staging_buffers or self.threads + 2
         self._pool = concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="shardlm-read")
+        self._scratch = memoryview(bytearray(MAX_GAP))
+        """Where the bytes of the gaps between merged pieces go (never read)."""
         self._pending: list[Piece] = []
         self._pending_bytes = 0
         self._futures: list[concurrent.futures.Future] = []
@@ -501,7 +511,7 @@ class LoadPipeline:
         self._futures.extend(self._dispatch(pieces))
 
     def _dispatch(self, pieces: list[Piece]) -> list[concurrent.futures.Future]:
-        reads = merge_reads(pieces, self.chunk)
+        reads = merge_reads(pieces, self.chunk, max_gap=MAX_GAP)
         if self.staged and self._ring is None:
             self._ring = StagingRing(self.copier, self._ring_count, self.chunk + 2 * ALIGN)
         run = self._read_staged if self.staged else self._read_into
@@ -523,8 +533,15 @@ class LoadPipeline:
     # One read.
 
     def _read_into(self, pieces: list[Piece]) -> None:
-        """Buffered `preadv` straight into the CPU destinations."""
-        views = [byte_view(p.target()) for p in pieces]
+        """Buffered `preadv` straight into the CPU destinations (gaps into a scratch buffer)."""
+        views, whole, end = [], {}, pieces[0].offset
+        for p in pieces:
+            if p.offset > end:
+                views.append(self._scratch[: p.offset - end])
+            if id(p.dest) not in whole:
+                whole[id(p.dest)] = byte_view(p.dest)
+            views.append(whole[id(p.dest)][p.dest_offset : p.dest_offset + p.length])
+            end = p.offset + p.length
         pread_exact(pieces[0].file.fd, views, pieces[0].offset, pieces[0].file)
         self._count(sum(p.length for p in pieces))
 
@@ -533,11 +550,9 @@ class LoadPipeline:
         staging = self._ring.acquire()
         handle = None
         try:
-            data = self._fill(staging.buffer, pieces[0].file, pieces[0].offset, sum(p.length for p in pieces))
-            copies, at = [], 0
-            for p in pieces:
-                copies.append((data[at : at + p.length], p.target()))
-                at += p.length
+            base = pieces[0].offset
+            data = self._fill(staging.buffer, pieces[0].file, base, read_extent(pieces))
+            copies = [(data[p.offset - base : p.offset - base + p.length], p.target()) for p in pieces]
             handle = self.copier.copy(copies)
         finally:
             self._ring.release(staging, handle)

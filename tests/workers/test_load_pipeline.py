@@ -51,6 +51,7 @@ SPANS = [
     [(0, 10)],
     [(7, 4103), (4103, 9000)],  # end to end: one read
     [(1, 2), (5000, 5001), (17, 4096 * 3 + 5)],  # scattered, out of order
+    [(r * 1000 + 100, r * 1000 + 400) for r in range(40)],  # a column slice: gaps read along
     [(0, 3 * ALIGN * 5 + 1234)],  # the whole file, up to its unaligned end
     [(3 * ALIGN * 5 + 1000, 3 * ALIGN * 5 + 1234)],  # the tail only
 ]
@@ -89,6 +90,8 @@ def test_adjacent_pieces_merge_into_one_read_in_file_order(data_file) -> None:
     assert [[(p.offset, p.length) for p in r] for r in reads] == [[(0, 20), (20, 20), (40, 10)], [(60, 5)]]
     capped = merge_reads(pieces, chunk=35)  # a read never passes the chunk size
     assert [[p.offset for p in r] for r in capped] == [[0], [20, 40], [60]]
+    gapped = merge_reads(pieces, chunk=1000, max_gap=10)  # the 10 bytes at 50..60 are read along
+    assert [[p.offset for p in r] for r in gapped] == [[0, 20, 40, 60]]
     split = merge_reads([Piece(file, 0, 100, dest, 0)], chunk=30)
     assert [(p.offset, p.length, p.dest_offset) for r in split for p in r] == [(0, 30, 0), (30, 30, 30), (60, 30, 60), (90, 10, 90)]
 
@@ -261,3 +264,14 @@ def test_a_real_start_reports_its_strategy(tiny_checkpoint) -> None:
     report = loader.load_model(config, TensorParallelGroup.single(), torch.device("cpu"))[1]
     assert report.load_strategy == "page_cache" and "auto" in report.load_strategy_reason
     assert report.load_threads == 2 and 0 < report.reads < report.tensors_read
+
+
+def test_the_default_gguf_model_through_the_pipeline_equals_the_plain_path(smollm2_gguf, monkeypatch) -> None:
+    """SmolLM2's Q4_1/Q8_0 blocks read through the pipeline and dequantized in torch, at tp 3 (rank 1)."""
+    config = EngineArgs(model=str(smollm2_gguf), device="cpu", tensor_parallel_size=3).create_engine_config()
+    tp = TensorParallelGroup(rank=1, size=3)
+    monkeypatch.setattr(loader, "make_pipeline", lambda config, device: None)
+    plain = _state(loader.load_model(config, tp, torch.device("cpu"))[0])
+    monkeypatch.setattr(loader, "make_pipeline", lambda config, device: LoadPipeline(device, threads=3, strategy=DIRECT))
+    piped = _state(loader.load_model(config, tp, torch.device("cpu"))[0])
+    assert piped.keys() == plain.keys() and all(torch.equal(piped[k], plain[k]) for k in plain)
