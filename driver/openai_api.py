@@ -19,7 +19,7 @@ import msgspec
 
 from driver.async_engine import AsyncEngine, Prompt, RequestStream
 from driver.outputs import CompletionOutput, Logprob, RequestOutput
-from parallel.errors import EngineDeadError
+from parallel.errors import EngineAsleepError, EngineDeadError
 from workers.sampling_params import SamplingParams
 
 logger = logging.getLogger(f"shardlm.{__name__}")
@@ -388,4 +388,6 @@ def error_response(exc: BaseException) -> tuple[int, dict[str, Any]]:
         return exc.status, exc.body()
     if isinstance(exc, EngineDeadError):
         return 503, OpenAIError(503, str(exc), kind="server_error", code="engine_dead").body()
+    if isinstance(exc, EngineAsleepError):
+        return 503, OpenAIError(503, str(exc), kind="server_error", code="engine_asleep").body()
     return 500, OpenAIError(500, f"{type(exc).__name__}: {exc}", kind="server_error").body()

@@ -34,3 +34,7 @@ class EngineDeadError(ShardLMError, RuntimeError):
 
 class ClusterError(ShardLMError, RuntimeError):
     """The Ray cluster cannot give the engine what it needs (resources, a reachable node)."""
+
+
+class EngineAsleepError(ShardLMError, RuntimeError):
+    """A request reached an engine put to sleep (`llm.sleep()`): wake it up first."""
