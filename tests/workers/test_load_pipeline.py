@@ -6,6 +6,8 @@ import concurrent.futures
 import errno
 import logging
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -275,3 +277,15 @@ def test_the_default_gguf_model_through_the_pipeline_equals_the_plain_path(smoll
     monkeypatch.setattr(loader, "make_pipeline", lambda config, device: LoadPipeline(device, threads=3, strategy=DIRECT))
     piped = _state(loader.load_model(config, tp, torch.device("cpu"))[0])
     assert piped.keys() == plain.keys() and all(torch.equal(piped[k], plain[k]) for k in plain)
+
+
+def test_loading_imports_no_sympy(tiny_checkpoint) -> None:
+    """torch imports sympy (half a second) for `empty_like` of meta tensors; the loader must not need it."""
+    script = (
+        "import sys; from driver.args import EngineArgs; from workers.worker import Worker; "
+        f"Worker(EngineArgs(model={str(tiny_checkpoint('llama')[0])!r}, device='cpu').create_engine_config()).load_model(); "
+        "print('sympy' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
