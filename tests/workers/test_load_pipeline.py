@@ -289,3 +289,18 @@ def test_loading_imports_no_sympy(tiny_checkpoint) -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+@pytest.mark.parametrize("strategy", [PAGE_CACHE, DIRECT])
+def test_cuda_loads_through_the_pinned_ring_equal_the_plain_path(tiny_checkpoint, monkeypatch, strategy) -> None:
+    folder = tiny_checkpoint("llama_6h", "sharded")[0]
+    config = EngineArgs(model=str(folder), device="cuda", dtype="float32", tensor_parallel_size=2).create_engine_config()
+    tp, cuda = TensorParallelGroup(rank=1, size=2), torch.device("cuda")
+    monkeypatch.setattr(loader, "make_pipeline", lambda config, device: None)
+    plain = _state(loader.load_model(config, tp, cuda)[0])
+    monkeypatch.setattr(loader, "make_pipeline", lambda config, device: LoadPipeline(
+        device, threads=3, strategy=strategy, chunk_bytes=4096 + 64, window_bytes=20_000, staging_buffers=2))
+    piped = _state(loader.load_model(config, tp, cuda)[0])
+    assert all(torch.equal(piped[k], plain[k]) for k in plain)
