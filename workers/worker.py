@@ -7,6 +7,7 @@ rank 0) so that it crosses a process boundary unchanged.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 
@@ -15,6 +16,7 @@ import torch
 
 from parallel.errors import ModelNotFound
 from parallel.state import TensorParallelGroup, destroy_tensor_parallel, init_tensor_parallel
+from workers import sharded_state
 from workers.batch import Batch, StepResult
 from workers.config import EngineConfig
 from workers.kv_cache import KVCache, MemoryProfile, profile_memory
@@ -23,6 +25,7 @@ from workers.model_files import find_model
 from workers.model_runner import ModelRunner
 from workers.models.layers import AttentionMetadata
 from workers.progress import ProgressTracker, RankProgress
+from workers.sleep_mode import HostCopy
 
 COLLECTIVE_TIMEOUT_S = float(os.environ.get("SHARDLM_COLLECTIVE_TIMEOUT_S", "600"))
 
@@ -39,6 +42,9 @@ class Worker:
         self.model: torch.nn.Module | None = None
         self.kv_cache: KVCache | None = None
         self.runner: ModelRunner | None = None
+        self.num_blocks = 0
+        self.host_copy: HostCopy | None = None
+        """The weights in host memory while asleep at level 1."""
         self.progress = ProgressTracker(rank)
         """Where the start-up calls have got; read by `progress_snapshot` from another thread."""
 
@@ -67,7 +73,8 @@ class Worker:
         return report
 
     def profile_memory(self, local_ranks: int = 1, node_memory: int | None = None) -> MemoryProfile:
-        """Run a forward of max_num_batched_tokens tokens; answer the bytes this rank can give the KV cache."""
+        """The bytes this rank can give the KV cache beside the largest step (on CUDA, measured
+        around a forward of max_num_batched_tokens tokens; see `workers.kv_cache`)."""
         with self.progress.step("profile"):
             return profile_memory(self, local_ranks, node_memory)
 
@@ -76,7 +83,39 @@ class Worker:
         with self.progress.step("kv_allocation"):
             self.kv_cache = KVCache.allocate(self.config, self.world_size, num_blocks, self.device)
             self.runner = ModelRunner(self.model, self.kv_cache, self.config, self.tp, self.device)
+        self.num_blocks = num_blocks
         return self.kv_cache.nbytes
+
+    # -- sleep levels and sharded copies (see `workers.sleep_mode`, `workers.sharded_state`) ---
+
+    def sleep(self, level: int) -> int:
+        """Free the KV pool, and the weights' device memory (level 1: kept in host memory;
+        level 2: dropped); the host bytes the weights then take."""
+        self.kv_cache = self.runner = None
+        if level == 1:
+            self.host_copy = HostCopy(self.model)
+        else:
+            self.model = self.host_copy = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return self.host_copy.nbytes if self.host_copy is not None else 0
+
+    def wake_up(self) -> WeightLoadReport | None:
+        """Restore the weights (after level 2, loaded again through the pipeline: its report) and
+        the same KV pool as before."""
+        report = None
+        if self.model is None:
+            self.model, report = load_model(self.config, self.tp, self.device)
+        elif self.host_copy is not None:
+            self.host_copy.restore()
+        self.host_copy = None
+        self.allocate_kv_cache(self.num_blocks)
+        return report
+
+    def save_sharded_state(self, path: str, max_part_bytes: int | None = None) -> int:
+        """Write this rank's final tensors as model-rank-{rank}-part-*.safetensors in `path`; how many files."""
+        return len(sharded_state.save_rank(self.model, self.rank, path, max_part_bytes or sharded_state.MAX_PART_BYTES))
 
     def progress_snapshot(self) -> RankProgress:
         """Where this rank's start-up has got (safe to call while another thread loads)."""

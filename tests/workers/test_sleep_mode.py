@@ -30,3 +30,20 @@ def test_on_cpu_the_weights_stay_where_they_are(tiny_checkpoint) -> None:
     assert copy.nbytes == 0 and [p.data_ptr() for p in model.parameters()] == pointers
     copy.restore()
     assert [p.data_ptr() for p in model.parameters()] == pointers
+
+
+def test_a_rank_asleep_at_either_level_wakes_with_the_same_logits_and_pool(tiny_checkpoint) -> None:
+    from workers.worker import Worker
+
+    worker = Worker(EngineArgs(model=str(tiny_checkpoint("llama")[0]), device="cpu").create_engine_config())
+    worker.load_model()
+    worker.allocate_kv_cache(8)
+    before = worker.prompt_logits([[1, 2, 3, 4]])[0]
+    for level in (1, 2):
+        worker.sleep(level)
+        assert worker.kv_cache is None and (worker.model is None) == (level == 2)
+        report = worker.wake_up()
+        assert (report is not None) == (level == 2)
+        assert worker.kv_cache.num_blocks == 8
+        assert torch.equal(worker.prompt_logits([[1, 2, 3, 4]])[0], before)
+    worker.shutdown()
