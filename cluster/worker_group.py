@@ -11,6 +11,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from cluster.connect import runtime_env_options
 from cluster.logs import configure_actor_logging
 from cluster.placement import Placement
 from parallel.errors import EngineDeadError, ShardLMError
@@ -103,8 +104,8 @@ class WorkerGroup:
                     num_cpus=placement.bundle.get("CPU", 0),
                     num_gpus=placement.bundle.get("GPU", 0),
                     scheduling_strategy=strategy,
-                    runtime_env={"env_vars": env},
                     name=None,
+                    **runtime_env_options(env),
                 ).remote(config, rank, world_size)
             )
         return cls(actors)

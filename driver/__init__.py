@@ -1,37 +1,63 @@
-"""shardlm's public API."""
+"""shardlm's public API.
 
-from driver.args import EngineArgs
-from driver.llm import LLM
-from driver.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from driver.report import LoadReport
-from driver.tokenizer import IncrementalDetokenizer, load_tokenizer
-from parallel.errors import (
-    ClusterError,
-    ConfigError,
-    EngineDeadError,
-    InsufficientMemory,
-    ModelNotFound,
-    ShardLMError,
-    WeightLoadError,
-)
-from workers.sampling_params import SamplingParams
+Each name is imported when first asked for (`from driver import LLM` imports the LLM's module
+alone), so that `import driver` costs nothing: an engine start imports torch and the engine
+beside Ray's start rather than before it (`driver.llm`).
+"""
 
-__all__ = [
-    "ClusterError",
-    "CompletionOutput",
-    "Logprob",
-    "RequestMetrics",
-    "RequestOutput",
-    "SamplingParams",
-    "ConfigError",
-    "EngineArgs",
-    "EngineDeadError",
-    "IncrementalDetokenizer",
-    "LLM",
-    "InsufficientMemory",
-    "LoadReport",
-    "ModelNotFound",
-    "ShardLMError",
-    "WeightLoadError",
-    "load_tokenizer",
-]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from driver.args import EngineArgs
+    from driver.llm import LLM
+    from driver.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+    from driver.report import LoadReport
+    from driver.tokenizer import IncrementalDetokenizer, load_tokenizer
+    from parallel.errors import (
+        ClusterError,
+        ConfigError,
+        EngineDeadError,
+        InsufficientMemory,
+        ModelNotFound,
+        ShardLMError,
+        WeightLoadError,
+    )
+    from workers.sampling_params import SamplingParams
+
+_EXPORTS = {
+    "EngineArgs": "driver.args",
+    "LLM": "driver.llm",
+    "CompletionOutput": "driver.outputs",
+    "Logprob": "driver.outputs",
+    "RequestMetrics": "driver.outputs",
+    "RequestOutput": "driver.outputs",
+    "LoadReport": "driver.report",
+    "IncrementalDetokenizer": "driver.tokenizer",
+    "load_tokenizer": "driver.tokenizer",
+    "ClusterError": "parallel.errors",
+    "ConfigError": "parallel.errors",
+    "EngineDeadError": "parallel.errors",
+    "InsufficientMemory": "parallel.errors",
+    "ModelNotFound": "parallel.errors",
+    "ShardLMError": "parallel.errors",
+    "WeightLoadError": "parallel.errors",
+    "SamplingParams": "workers.sampling_params",
+}
+"""Public name -> the module that defines it."""
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'driver' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # asked for once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import ast
+import atexit
 import contextlib
+import functools
+import gc
+import importlib.util
 import inspect
 import json
 import logging
@@ -12,15 +16,16 @@ import os
 import stat
 import sys
 import textwrap
-from dataclasses import MISSING, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from cluster.connect import shutdown_local_cluster
 from cluster.logs import log_to_stderr
-from driver.args import EngineArgs
 from parallel.errors import ShardLMError
 
 if TYPE_CHECKING:
+    from driver.args import EngineArgs
     from driver.llm import LLM
     from workers.sampling_params import SamplingParams
 
@@ -33,14 +38,44 @@ class PromptsError(ShardLMError, ValueError):
     """A prompts file, or stdin, that gives no prompts."""
 
 
+@dataclass(frozen=True)
+class EngineField:
+    """A field of `EngineArgs` as its source declares it."""
+
+    name: str
+    type: str
+    default: Any
+    doc: str
+
+
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring under each field of a dataclass, read from its source."""
+    return _docs(ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body)
+
+
+def _docs(body: list[ast.stmt]) -> dict[str, str]:
     docs: dict[str, str] = {}
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
     for stmt, after in zip(body, body[1:]):
         if isinstance(stmt, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
             docs[stmt.target.id] = " ".join(str(after.value.value).split())
     return docs
+
+
+@functools.cache
+def engine_fields() -> tuple[EngineField, ...]:
+    """`EngineArgs`' fields, read from driver/args.py without importing it: the flags are known
+    before torch is imported, so that an engine start can import it beside Ray's start."""
+    source = Path(importlib.util.find_spec("driver.args").origin).read_text(encoding="utf-8")
+    node = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef) and n.name == "EngineArgs")
+    docs = _docs(node.body)
+    return tuple(
+        EngineField(
+            stmt.target.id, ast.unparse(stmt.annotation), None if stmt.value is None else ast.literal_eval(stmt.value),
+            docs.get(stmt.target.id, ""),
+        )
+        for stmt in node.body
+        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+    )
 
 
 def _flag_type(annotation: str) -> Any:
@@ -50,20 +85,26 @@ def _flag_type(annotation: str) -> Any:
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """One flag per `EngineArgs` field, in vLLM's spelling (--tensor-parallel-size, -tp, ...)."""
-    docs = field_docs(EngineArgs)
     group = parser.add_argument_group("engine")
-    for f in fields(EngineArgs):
+    for f in engine_fields():
         flags = [f"--{f.name.replace('_', '-')}"] + ([SHORT_FLAGS[f.name]] if f.name in SHORT_FLAGS else [])
-        default = None if f.default is MISSING else f.default
-        help_text = docs.get(f.name, "") + (f" (default: {default})" if default is not None else "")
+        help_text = f.doc + (f" (default: {f.default})" if f.default is not None else "")
         if f.type == "bool":
-            group.add_argument(*flags, dest=f.name, action="store_true", default=default, help=help_text)
+            group.add_argument(*flags, dest=f.name, action="store_true", default=f.default, help=help_text)
         else:
-            group.add_argument(*flags, dest=f.name, type=_flag_type(f.type), default=default, help=help_text)
+            group.add_argument(*flags, dest=f.name, type=_flag_type(f.type), default=f.default, help=help_text)
 
 
-def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
-    return EngineArgs(**{f.name: getattr(ns, f.name) for f in fields(EngineArgs)})
+def engine_args_from(ns: argparse.Namespace) -> "EngineArgs":
+    from driver.args import EngineArgs
+
+    return EngineArgs(**{f.name: getattr(ns, f.name) for f in engine_fields()})
+
+
+def changed_engine_args(ns: argparse.Namespace) -> dict[str, Any]:
+    """The engine flags that differ from their defaults, as keyword arguments of `LLM` (which
+    validates them)."""
+    return {f.name: getattr(ns, f.name) for f in engine_fields() if getattr(ns, f.name) != f.default}
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -114,13 +155,26 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print machine-readable JSON")
     add_engine_args(plan)
 
+    save = sub.add_parser("save-sharded", help="write each rank's final tensors (sharded_state) for fast later starts")
+    save.add_argument("output", help="the folder to write: model-rank-R-part-P.safetensors, config, tokenizer, manifest")
+    save.add_argument("--max-size", type=int, default=None, help="the most bytes per file (default: 5 GiB)")
+    add_engine_args(save)
+
     bench = sub.add_parser("bench", help="measure shardlm beside transformers")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     load = bench_sub.add_parser("load", help="load time and peak memory against from_pretrained")
     load.add_argument("--model", required=True, help="a checkpoint folder or .gguf file")
     load.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     load.add_argument("--repeat", type=int, default=1, help="runs of each; the best is shown")
+    load.add_argument("-tp", "--tensor-parallel-size", type=int, default=1, help="ranks, each loading in its own process")
+    load.add_argument("--safetensors-load-strategy", default="auto", choices=["auto", "page_cache", "direct"])
+    load.add_argument("--engine", action="store_true", help="also time one whole LLM(...) start, phase by phase")
     load.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+    start = bench_sub.add_parser("start", help="a whole LLM(...) start, phase by phase, over fresh processes")
+    start.add_argument("--repeat", type=int, default=3, help="fresh processes, one after another (default: 3)")
+    start.add_argument("--json", action="store_true", help="print machine-readable JSON: every run's seconds")
+    add_engine_args(start)
 
     tput = bench_sub.add_parser("throughput", help="offline generation against transformers' batched generate")
     tput.add_argument("--num-prompts", type=int, default=64)
@@ -140,9 +194,7 @@ def open_llm(ns: argparse.Namespace) -> "LLM":
     """The engine a command asked for, with progress bars unless --quiet."""
     from driver.llm import LLM
 
-    args = engine_args_from(ns)
-    changed = {f.name: getattr(args, f.name) for f in fields(EngineArgs) if getattr(args, f.name) != f.default}
-    return LLM(**changed, show_progress=not ns.quiet)
+    return LLM(**changed_engine_args(ns), show_progress=not ns.quiet)
 
 
 def sampling_params_from(ns: argparse.Namespace) -> "SamplingParams":
@@ -325,10 +377,32 @@ def msgspec_to_builtins(obj: object) -> object:
 def cmd_bench(ns: argparse.Namespace) -> int:
     if ns.bench_command == "throughput":
         return cmd_bench_throughput(ns)
+    if ns.bench_command == "start":
+        return cmd_bench_start(ns)
     from driver.bench import bench_load, format_bench_load
 
-    results = bench_load(ns.model, ns.dtype, ns.repeat)
+    results = bench_load(
+        ns.model, ns.dtype, ns.repeat, ns.tensor_parallel_size, ns.safetensors_load_strategy, engine=ns.engine,
+    )
     print(json.dumps(results) if ns.json else format_bench_load(ns.model, ns.dtype, results))
+    return 0
+
+
+def cmd_save_sharded(ns: argparse.Namespace) -> int:
+    with open_llm(ns) as llm:
+        llm.save_sharded_state(ns.output, max_size=ns.max_size)
+    tp = llm.config.parallel.tensor_parallel_size
+    print(f"wrote {tp} rank(s)' tensors to {ns.output}: load them with --model {ns.output} -tp {tp}")
+    return 0
+
+
+def cmd_bench_start(ns: argparse.Namespace) -> int:
+    from driver.bench_start import bench_start, format_bench_start
+
+    args = engine_args_from(ns)
+    args.validate()
+    runs = bench_start(changed_engine_args(ns), ns.repeat)
+    print(json.dumps(runs) if ns.json else format_bench_start(runs, args.tensor_parallel_size))
     return 0
 
 
@@ -339,8 +413,7 @@ def cmd_bench_throughput(ns: argparse.Namespace) -> int:
     config = args.create_engine_config()
     lengths = (ns.input_len, ns.input_len_max or ns.input_len)
     prompts = bench.random_prompts(ns.num_prompts, lengths, config.model.arch.vocab_size, ns.bench_seed)
-    engine_args = {f.name: getattr(args, f.name) for f in fields(EngineArgs) if getattr(args, f.name) != f.default}
-    ours = bench.run_shardlm_throughput({**engine_args, "show_progress": not ns.quiet}, prompts, ns.output_len)
+    ours = bench.run_shardlm_throughput({**changed_engine_args(ns), "show_progress": not ns.quiet}, prompts, ns.output_len)
     weights = config.model.path if config.model.gguf_file is None else f"{config.model.path}/{config.model.gguf_file}"
     theirs = bench.run_transformers_throughput(weights, config.model.dtype, prompts, ns.output_len)
     setup = (
@@ -355,11 +428,28 @@ def cmd_bench_throughput(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _freeze_objects() -> None:
+    """At exit: put every object out of the garbage collector's reach, so that the interpreter's
+    last collections skip torch's objects (half a second). Not with triton loaded: its bindings
+    would report the objects left as leaks."""
+    if "triton" not in sys.modules:
+        gc.freeze()
+
+
+COMMANDS = {
+    "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "plan": cmd_plan, "bench": cmd_bench,
+    "save-sharded": cmd_save_sharded,
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command in `argv` (None: this process's command line, after which it exits)."""
     ns = build_parser().parse_args(argv)
+    if argv is None:
+        atexit.register(_freeze_objects)
     with log_to_stderr(logging.DEBUG if ns.debug else logging.WARNING if ns.quiet else logging.INFO):
         try:
-            return {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "plan": cmd_plan, "bench": cmd_bench}[ns.command](ns)
+            return COMMANDS[ns.command](ns)
         except KeyboardInterrupt:
             print("\nshardlm: interrupted", file=sys.stderr)
             return 130
@@ -370,3 +460,5 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not isinstance(exc, PromptsError):  # its message says all there is to say
                 print("(run with --debug for the traceback)", file=sys.stderr)
             return 2
+        finally:
+            shutdown_local_cluster()

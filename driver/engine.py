@@ -8,6 +8,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import ray
@@ -19,7 +20,7 @@ from driver.engine_loop import EngineLoop
 from driver.outputs import RequestOutput
 from driver.progress import StartProgress
 from driver.report import LoadReport
-from parallel.errors import EngineDeadError
+from parallel.errors import EngineAsleepError, EngineDeadError
 from workers.batch import Batch, StepResult
 from workers.config import EngineConfig
 from workers.kv_cache import choose_num_blocks
@@ -48,30 +49,32 @@ class Engine:
         self.tokenizer: Any = None
         self.loop: EngineLoop | None = None
         self.dead: EngineDeadError | None = None
+        self.sleep_level = 0
+        """0 awake; 1 or 2 while asleep (`sleep`)."""
         self.phase = ""
         """The start-up phase running ("placement", "workers", "weights", ...), "ready" after."""
 
     def __repr__(self) -> str:
         return "shardlm-engine"  # Ray's prefix of this actor's log lines: (shardlm-engine pid=...)
 
-    def start(self, placement_timeout_s: float = 60.0) -> LoadReport:
-        """Bring every rank up; on any failure release everything and raise what went wrong."""
+    def start(self, placement_timeout_s: float = 60.0, ranks: StartedRanks | None = None) -> LoadReport:
+        """Bring every rank up; on any failure release everything and raise what went wrong.
+        `ranks`: placed and started by the caller already (`start_ranks`), else placed here."""
         try:
-            return self._start(placement_timeout_s)
+            return self._start(placement_timeout_s, ranks)
         except BaseException:
             self.shutdown(graceful=False)
             raise
 
-    def _start(self, placement_timeout_s: float) -> LoadReport:
+    def _start(self, placement_timeout_s: float, ranks: StartedRanks | None) -> LoadReport:
         config, phases = self.config, {}
-        world = config.parallel.tensor_parallel_size
         tokenizer = None if config.model.skip_tokenizer_init else self._load_tokenizer_meanwhile()
-        with self._phase(phases, "placement"):
-            self.placement = acquire_placement(
-                world, config.model.device == "cuda", self.strategy, placement_timeout_s, self.current_group
-            )
+        if ranks is None:
+            self.phase = "placement"
+            ranks = start_ranks(config, self.env, self.current_group, self.strategy, placement_timeout_s)
+        self.placement, self.workers = ranks.placement, ranks.workers
+        phases["placement"] = ranks.placement_seconds
         with self._phase(phases, "workers"):
-            self.workers = WorkerGroup.start(config, self.placement, self.env)
             address, port = self.workers.call_actor("rendezvous_address", ranks=[0], timeout_s=TIMEOUTS_S["init_device"])[0]
             nodes = self.node_ids()
             threads = [(address, port, n) for n in self._cpu_threads(nodes)]
@@ -172,6 +175,10 @@ class Engine:
     def add_requests(self, requests: list[tuple[str, str | None, list[int] | None, SamplingParams]]) -> None:
         """Queue requests (id, text, token ids, params), tokenizing text; none is queued unless all are valid."""
         self._check_alive()
+        if self.sleep_level:
+            raise EngineAsleepError(
+                f"the engine is asleep (sleep level {self.sleep_level}): call wake_up() before sending requests"
+            )
         prepared = []
         for request_id, text, token_ids, params in requests:
             if token_ids is None:
@@ -210,6 +217,46 @@ class Engine:
     def abort(self, request_ids: list[str]) -> None:
         self.loop.abort(request_ids)
 
+    # -- sleeping, and sharded copies ----------------------------------------------------------
+
+    def sleep(self, level: int = 1) -> None:
+        """vLLM's sleep levels: 1 moves every rank's weights to host memory and frees the KV pool;
+        2 drops the weights too. Asleep already: nothing happens. Refused while requests are unfinished."""
+        self._check_alive()
+        if level not in (1, 2):
+            raise ValueError(f"sleep level {level!r} is not 1 (weights kept in host memory) or 2 (weights dropped)")
+        if self.sleep_level:
+            logger.info("sleep(level=%d): the engine is asleep already (level %d)", level, self.sleep_level)
+            return
+        if self.loop.has_unfinished():
+            raise ValueError(f"sleep() with {len(self.loop.requests)} request(s) unfinished: let them finish or abort them first")
+        self.workers.call("sleep", level, timeout_s=TIMEOUTS_S["allocate_kv_cache"])
+        self.sleep_level = level
+
+    def wake_up(self) -> float:
+        """Restore what `sleep` freed on every rank (after level 2, a load through the pipeline) and
+        the same KV pool; the seconds it took (0 when the engine was awake)."""
+        self._check_alive()
+        if not self.sleep_level:
+            return 0.0
+        start = time.perf_counter()
+        self.workers.call("wake_up", timeout_s=TIMEOUTS_S["load_model"])
+        self.sleep_level = 0
+        return time.perf_counter() - start
+
+    def save_sharded_state(self, path: str, max_part_bytes: int | None = None) -> None:
+        """Every rank's final tensors in `path` (vLLM's sharded_state layout), with the model's
+        config, tokenizer and a manifest beside them; `path` must be storage every rank's node sees."""
+        from workers.sharded_state import save_model_files
+
+        self._check_alive()
+        if self.sleep_level:
+            raise EngineAsleepError("save_sharded_state() needs the weights: call wake_up() first")
+        parts = self.workers.call("save_sharded_state", path, max_part_bytes, timeout_s=TIMEOUTS_S["load_model"])
+        save_model_files(self.config, path, dict(enumerate(parts)))
+        if self.tokenizer is not None and self.config.model.gguf_file is not None:
+            self.tokenizer.save_pretrained(path)
+
     def stats(self) -> dict[str, int]:
         return self.loop.stats()
 
@@ -235,6 +282,38 @@ class Engine:
 
 
 EngineActor = ray.remote(num_cpus=0, concurrency_groups={"progress": 1})(Engine)
+
+
+@dataclass
+class StartedRanks:
+    """The ranks' bundles and worker actors, started before anyone waits for them."""
+
+    placement: Placement
+    workers: WorkerGroup
+    placement_seconds: float
+    """How long placing the bundles took."""
+
+    def release(self) -> None:
+        """End the actors and release the bundles (for a start that fails before the engine has them)."""
+        self.workers.kill()
+        release_placement(self.placement)
+
+
+def start_ranks(config: EngineConfig, env: dict[str, str], current_group: Any, strategy: str, timeout_s: float) -> StartedRanks:
+    """Place one bundle per rank and start every rank's worker actor, without waiting for the
+    actors: they start (a process, its imports) while the caller goes on. `env`: the variables
+    the actors need in their runtime environment (`cluster.connect.actor_env`)."""
+    started = time.perf_counter()
+    use_gpu = config.model.device == "cuda"
+    placement = acquire_placement(config.parallel.tensor_parallel_size, use_gpu, strategy, timeout_s, current_group)
+    seconds = time.perf_counter() - started
+    try:
+        workers = WorkerGroup.start(config, placement, env)
+    except BaseException:
+        release_placement(placement)
+        raise
+    logger.debug("placement took %.2f s", seconds)
+    return StartedRanks(placement, workers, seconds)
 
 
 @contextlib.contextmanager

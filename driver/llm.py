@@ -1,31 +1,41 @@
-"""`LLM`: vLLM's entry point, on a Ray cluster."""
+"""`LLM`: vLLM's entry point, on a Ray cluster.
+
+This module imports only Ray and plain-data modules: torch, the model code and the engine are
+imported by `LLM(...)`, in a thread beside Ray's start (a local cluster takes seconds to start,
+most of them waiting for its processes), with the arguments' validation and the model's discovery.
+"""
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import itertools
 import logging
 import time
-from typing import Any, Iterator, Sequence, Union
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Sequence, Union
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from cluster.connect import cluster_has_gpus, connect, forwarded_env, gpu_capability
-from driver.args import EngineArgs
-from driver.engine import EngineActor
+from cluster.connect import actor_env, cluster_has_gpus, connect, gpu_capability, runtime_env_options, shutdown_local_cluster
 from driver.outputs import RequestOutput
-from driver.progress import POLL_S, StartBars, bars_enabled, progress_bar
-from driver.report import LoadReport
 from parallel.errors import EngineDeadError, ShardLMError
-from workers.kv_cache import check_pool_fits
-from workers.models import model_class
 from workers.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from driver.args import EngineArgs
+    from driver.engine import StartedRanks
+    from driver.report import LoadReport
+    from workers.model_files import ModelFiles
 
 PromptInput = Union[str, dict, list]
 RUN_SLICE_S = 0.25
 """How long the driver actor steps before answering a blocking `generate` (finished requests only)."""
 STREAM_SLICE_S = 0.05
+DRIVER_ACTOR_TIMEOUT_S = 300.0
+"""How long the driver actor may take to start (a process and its imports; on a remote cluster,
+its runtime environment too) before `LLM(...)` gives up."""
 
 logger = logging.getLogger(f"shardlm.{__name__}")
 
@@ -54,15 +64,11 @@ class LLM:
         **engine_args: Any,
     ) -> None:
         self._engine = None
+        self._ranks: StartedRanks | None = None
         self.show_progress = show_progress
         self._tokenizer = None
         self._request_counter = itertools.count()
-        args = EngineArgs(model=model, **engine_args)
-        started = time.perf_counter()
-        found = args.find_model()  # a missing model or a layout that cannot split: before any cluster starts
-        model_class(found[2].architecture).check_layout(found[2], args.tensor_parallel_size)
-        discover = time.perf_counter() - started
-        connect(ray_address, num_cpus=args.tensor_parallel_size)
+        args, found, discover, connected = discover_and_connect(model, engine_args, ray_address)
         self.config = args.create_engine_config(**_cluster_device(args.device), found=found)
         logger.info(
             "starting an engine: %s, tensor_parallel_size=%d, %s on %s, max_model_len=%d",
@@ -70,25 +76,53 @@ class LLM:
             self.config.model.device, self.config.model.max_model_len,
         )
         if args.num_gpu_blocks_override is not None:
+            from workers.kv_cache import check_pool_fits
+
             check_pool_fits(self.config, args.num_gpu_blocks_override)
-        env = forwarded_env()
-        current = ray.util.get_current_placement_group()
-        self._engine = EngineActor.options(runtime_env={"env_vars": env}).remote(self.config, env, current, placement_strategy)
-        try:
-            self.load_report: LoadReport = self._wait_started(self._engine.start.remote(placement_timeout_s))
-        except BaseException:
-            self._kill_engine()
-            raise
+        self.load_report: LoadReport = self._start(placement_strategy, placement_timeout_s)
         download = found[0].download_seconds
         first = {"discover": discover - download, "download": download} if found[0].source == "hub" else {"discover": discover}
         self.load_report.phases = {**first, **self.load_report.phases}
+        self.load_report.connect_seconds = connected
         logger.info(
             "engine ready in %.1f s: %d KV-cache blocks of %d tokens per rank",
             sum(self.load_report.phases.values()), self.load_report.num_blocks, self.load_report.block_size,
         )
 
+    def _start(self, placement_strategy: str, placement_timeout_s: float) -> LoadReport:
+        """Start the driver actor and, beside it, the ranks it then takes over (their actors start
+        while it does); its load report, with the driver actor's start as a phase."""
+        from driver.engine import EngineActor, start_ranks
+
+        env = actor_env()
+        current = ray.util.get_current_placement_group()
+        self._engine = EngineActor.options(**runtime_env_options(env)).remote(self.config, env, current, placement_strategy)
+        try:
+            self._ranks = start_ranks(self.config, env, current, placement_strategy, placement_timeout_s)
+            started = time.perf_counter()
+            self._wait_driver_actor()
+            booted = time.perf_counter() - started
+            report = self._wait_started(self._engine.start.remote(placement_timeout_s, self._ranks))
+        except BaseException:
+            self._kill_engine()
+            raise
+        report.phases = {"placement": report.phases.pop("placement"), "driver_actor": booted, **report.phases}
+        return report
+
+    def _wait_driver_actor(self) -> None:
+        """Until the driver actor is up (its process and imports; the ranks start meanwhile)."""
+        try:
+            _result(self._engine.progress.remote(), timeout_s=DRIVER_ACTOR_TIMEOUT_S)
+        except GetTimeoutError:
+            raise EngineDeadError(
+                f"the engine's driver actor did not start within {DRIVER_ACTOR_TIMEOUT_S:.0f} s; look at `ray status` "
+                "and the cluster's logs"
+            ) from None
+
     def _wait_started(self, start: ray.ObjectRef) -> LoadReport:
         """The driver actor's answer to `start`, drawing the start's progress bars meanwhile."""
+        from driver.progress import POLL_S, StartBars, bars_enabled
+
         if not bars_enabled(self.show_progress):
             return _result(start)
         bars = StartBars()
@@ -200,6 +234,8 @@ class LLM:
         return request_ids
 
     def _collect(self, request_ids: list[str], use_tqdm: bool | None) -> list[RequestOutput]:
+        from driver.progress import bars_enabled, progress_bar
+
         done: dict[str, RequestOutput] = {}
         wanted = set(request_ids)
         show = bars_enabled(self.show_progress if use_tqdm is None else use_tqdm)
@@ -223,6 +259,29 @@ class LLM:
         checking the engine against a reference."""
         return _result(self._live_engine().prompt_logits.remote(prompt_token_ids))
 
+    def sleep(self, level: int = 1) -> None:
+        """Give the devices back between jobs, as vLLM's `sleep`: level 1 moves every rank's weights
+        to host memory (pinned on CUDA) and frees the KV pool; level 2 drops the weights too.
+        Requests are refused (`EngineAsleepError`) until `wake_up()`; asleep already: nothing happens."""
+        _result(self._live_engine().sleep.remote(level))
+
+    def wake_up(self) -> None:
+        """Restore what `sleep` freed (level 2: the weights loaded again through the pipeline) and
+        the same KV pool; the load report gains a "wake" phase. Awake already: nothing happens."""
+        seconds = _result(self._live_engine().wake_up.remote())
+        if seconds:
+            self.load_report.phases["wake"] = seconds
+
+    def save_sharded_state(self, path: str, pattern: str | None = None, max_size: int | None = None) -> None:
+        """Write every rank's final tensors (sliced, and quantized where the engine quantizes) to
+        `path` as vLLM's sharded_state layout, with the config, tokenizer and a manifest, so that
+        `LLM(path, tensor_parallel_size=<the same>)` loads them with no slicing or quantizing.
+        `max_size`: the most bytes per file (default 5 GiB). `pattern`: vLLM's file-name pattern,
+        which shardlm fixes to model-rank-{rank}-part-{part}.safetensors (any other is refused)."""
+        if pattern not in (None, "model-rank-{rank}-part-{part}.safetensors"):
+            raise ValueError(f"pattern={pattern!r}: shardlm writes model-rank-{{rank}}-part-{{part}}.safetensors only")
+        _result(self._live_engine().save_sharded_state.remote(str(path), max_size))
+
     def shutdown(self) -> None:
         """Free the workers, their device memory and the placement group. Safe to call twice."""
         if self._engine is None:
@@ -245,9 +304,78 @@ class LLM:
         return self._engine
 
     def _kill_engine(self) -> None:
+        """End the driver actor, and the ranks this process started for it (this process owns
+        their actors: they would outlive the driver actor)."""
         if self._engine is not None:
             ray.kill(self._engine, no_restart=True)
             self._engine = None
+        if self._ranks is not None:
+            self._ranks.release()
+            self._ranks = None
+
+
+def discover_and_connect(
+    model: str | None, engine_args: dict[str, Any], ray_address: str | None
+) -> tuple[EngineArgs, tuple[ModelFiles, Any, Any], float, float]:
+    """(the arguments, the model found, seconds discovering it, seconds joining Ray).
+
+    Without a Ray connection yet, the imports, the validation and the discovery run in a thread
+    while this one joins Ray or starts a local cluster (which must be the main thread's doing).
+    A local model that is missing is still refused before any cluster starts; a mistake found
+    later shuts down the local cluster started for it.
+    """
+    if ray.is_initialized():
+        return (*_discover(model, engine_args), 0.0)
+    _check_local_model(model, engine_args)
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shardlm-discover") as pool:
+        discovering = pool.submit(_discover, model, engine_args)
+        started = time.perf_counter()
+        try:
+            connect(ray_address, num_cpus=_requested_ranks(engine_args))
+        except BaseException:
+            discovering.result()  # a mistake in the arguments first: it is the user's to fix either way
+            raise
+        connected = time.perf_counter() - started
+        try:
+            args, found, discover = discovering.result()
+        except BaseException:
+            shutdown_local_cluster()  # started for an engine that cannot start
+            raise
+    return args, found, discover, connected
+
+
+def _discover(model: str | None, engine_args: dict[str, Any]) -> tuple[EngineArgs, tuple[ModelFiles, Any, Any], float]:
+    """Validate the arguments, find the model and check its parallel layout (after importing
+    what that and the engine need); the seconds it took, the imports left out."""
+    from driver.args import EngineArgs
+    import driver.engine  # noqa: F401  (needed next; imported here, beside Ray's start)
+    from workers.models import model_class
+
+    started = time.perf_counter()
+    args = EngineArgs(model=model, **engine_args)
+    found = args.find_model()
+    model_class(found[2].architecture).check_layout(found[2], args.tensor_parallel_size)
+    return args, found, time.perf_counter() - started
+
+
+def _check_local_model(model: str | None, engine_args: dict[str, Any]) -> None:
+    """Refuse a missing local model (or a missing default) at once; a Hub id is found later."""
+    from workers.model_files import find_model
+
+    if model is not None and not isinstance(model, str):
+        return  # EngineArgs says what it takes
+    looks_local = (
+        not model or Path(model).expanduser().exists() or model.endswith(".gguf") or model.startswith(("/", ".", "~"))
+        or model.count("/") > 1
+    )
+    if looks_local:
+        find_model(model, load_format=engine_args.get("load_format", "auto"))
+
+
+def _requested_ranks(engine_args: dict[str, Any]) -> int:
+    """tensor_parallel_size as given (EngineArgs refuses a bad one later), for a local cluster's CPUs."""
+    size = engine_args.get("tensor_parallel_size", 1)
+    return size if isinstance(size, int) and size > 0 else 1
 
 
 def _cluster_device(device: str) -> dict[str, Any]:
@@ -259,10 +387,10 @@ def _cluster_device(device: str) -> dict[str, Any]:
     return {"device": "cuda", "capability": gpu_capability()}
 
 
-def _result(ref: ray.ObjectRef) -> Any:
+def _result(ref: ray.ObjectRef, timeout_s: float | None = None) -> Any:
     """ray.get, with the engine's own shardlm errors raised as themselves."""
     try:
-        return ray.get(ref)
+        return ray.get(ref, timeout=timeout_s)
     except RayTaskError as exc:
         if isinstance(exc.cause, (ShardLMError, ValueError, TypeError)):
             raise exc.cause from None

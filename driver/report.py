@@ -26,6 +26,9 @@ class LoadReport(msgspec.Struct, kw_only=True):
     """Bytes each rank's KV pool takes."""
     nodes: list[str] = []
     """The Ray node each rank ran on."""
+    connect_seconds: float = 0.0
+    """Joining Ray, or starting a local cluster: part of `LLM(...)`, but not of the engine's
+    phases (nor of their total)."""
 
     @property
     def token_capacity(self) -> int:
@@ -40,6 +43,9 @@ class LoadReport(msgspec.Struct, kw_only=True):
         lines = [f"engine start: {self.model}"]
         lines += [f"  {name:<12} {seconds:8.2f} s" for name, seconds in self.phases.items()]
         lines.append(f"  {'total':<12} {sum(self.phases.values()):8.2f} s")
+        if self.connect_seconds:
+            note = "joining Ray or starting a local cluster (discover overlaps it)"
+            lines.append(f"  {'ray':<12} {self.connect_seconds:8.2f} s  {note}")
         header = (
             f"  {'rank':>4} {'format':>11} {'read MiB':>9} {'pages':>8} {'GB/s':>6} {'peak host MiB':>14} "
             f"{'weights MiB':>12} {'KV MiB':>8}"

@@ -12,6 +12,7 @@ engine finds the group it runs in and places its ranks on the group's last bundl
 
 import difflib
 import logging
+import os
 import time
 from dataclasses import fields
 from typing import Annotated, Any, Awaitable, Callable
@@ -27,7 +28,7 @@ from cluster.placement import STRATEGIES, rank_bundle
 from driver.args import EngineArgs
 from driver.async_engine import AsyncEngine
 from driver.openai_api import OpenAIError, OpenAIServing, error_response
-from parallel.errors import ConfigError, EngineDeadError
+from parallel.errors import ConfigError, EngineAsleepError, EngineDeadError
 from workers.model_files import DEFAULT_MODEL_NAME
 from workers.models import model_class
 
@@ -110,12 +111,22 @@ async def _answer(endpoint: Callable[[bytes], Awaitable[Any]], request: Request)
     try:
         result = await endpoint(await request.body())
     except Exception as exc:
-        if not isinstance(exc, (OpenAIError, EngineDeadError)):
+        if not isinstance(exc, (OpenAIError, EngineDeadError, EngineAsleepError)):
             logger.exception("request failed")
         return _json(*error_response(exc))
     if isinstance(result, dict):
         return _json(200, result)
     return StreamingResponse(result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def dev_mode() -> bool:
+    """Whether the dev-mode routes (/sleep, /wake_up, /is_sleeping) are on: SHARDLM_SERVER_DEV_MODE=1."""
+    return os.environ.get("SHARDLM_SERVER_DEV_MODE", "0") == "1"
+
+
+def _not_enabled(route: str) -> dict[str, Any]:
+    message = f"{route} is a development route: start the server with SHARDLM_SERVER_DEV_MODE=1 to enable it"
+    return OpenAIError(404, message, kind="not_found_error").body()
 
 
 def _json(status: int, body: dict[str, Any]) -> Response:
@@ -158,6 +169,32 @@ class OpenAIServer:
         except EngineDeadError as exc:
             return _json(*error_response(exc))
         return Response(status_code=200)
+
+    @api.post("/sleep")
+    async def sleep(self, request: Request) -> Response:
+        """vLLM's dev-mode route: put the engine to sleep (`?level=1` or 2); off unless
+        SHARDLM_SERVER_DEV_MODE=1."""
+        if not dev_mode():
+            return _json(404, _not_enabled("/sleep"))
+        try:
+            level = int(request.query_params.get("level", "1"))
+            await self.engine.call(self.engine.engine.sleep, level)
+        except ValueError as exc:
+            return _json(400, OpenAIError(400, str(exc), param="level").body())
+        return Response(status_code=200)
+
+    @api.post("/wake_up")
+    async def wake_up(self) -> Response:
+        if not dev_mode():
+            return _json(404, _not_enabled("/wake_up"))
+        await self.engine.call(self.engine.engine.wake_up)
+        return Response(status_code=200)
+
+    @api.get("/is_sleeping")
+    async def is_sleeping(self) -> Response:
+        if not dev_mode():
+            return _json(404, _not_enabled("/is_sleeping"))
+        return _json(200, {"is_sleeping": self.engine.engine.sleep_level > 0})
 
     async def stats(self) -> dict[str, int]:
         """The engine's counters (through a DeploymentHandle): running and waiting sequences, free blocks."""

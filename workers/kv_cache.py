@@ -1,8 +1,11 @@
 """The memory profile and the paged KV cache of one rank.
 
-After loading, each rank runs one forward pass of `max_num_batched_tokens` tokens and answers
-how many bytes it can give its KV cache. The driver turns bytes into blocks, takes the minimum
-over ranks, and every rank allocates exactly that many: per layer a K pool and a V pool of shape
+After loading, each rank answers how many bytes it can give its KV cache beside the largest step
+(`max_num_batched_tokens` tokens, logits for `max_num_seqs` rows). On CUDA it runs that step and
+measures the peak; on CPU, where the budget is a share of free RAM, it takes an upper bound of
+the step's activations instead (`cpu_activation_bound`, held to a measured peak by the tests), so
+that the start does not spend seconds on a forward pass. The driver turns bytes into blocks,
+takes the minimum over ranks, and every rank allocates exactly that many: per layer a K pool and a V pool of shape
 [num_blocks + 1, block_size, kv_heads_per_rank, head_dim]. Block 0 is the null block: zeroed,
 never handed out, it is where padding in block tables and gathers points, so that reading past
 a context never meets uninitialised memory (0 x NaN is NaN even under a zero attention weight).
@@ -29,7 +32,13 @@ NULL_BLOCKS = 1
 """Blocks allocated besides the usable ones: block 0, always zero."""
 CPU_KV_SHARE = 0.25
 """On CPU without kv_cache_memory_bytes: this share of the node's available memory goes to the
-KV cache, split evenly among the ranks on the node."""
+KV cache, split evenly among the ranks on the node (less the activations where they need more
+than the rest)."""
+CPU_FIXED_BYTES = 8 * 2**20
+"""Part of `cpu_activation_bound`: small tensors of a step (ids, positions, norms' statistics)."""
+CPU_THREAD_BYTES = 2**20
+"""Part of `cpu_activation_bound`, per torch thread: the scratch of CPU flash attention (a
+256 x 512 float32 tile of scores per thread, with its row statistics) and of matrix products."""
 
 
 class MemoryProfile(msgspec.Struct, frozen=True, kw_only=True):
@@ -42,7 +51,8 @@ class MemoryProfile(msgspec.Struct, frozen=True, kw_only=True):
     """The device's memory (the node's available memory on CPU)."""
     weights_bytes: int
     peak_activation_bytes: int
-    """Peak torch memory of the profiling forward beyond the weights (CUDA only)."""
+    """Memory the largest step takes beyond the weights: its measured peak on CUDA, an upper
+    bound on CPU (`cpu_activation_bound`)."""
     non_torch_bytes: int
     """Device memory not held by torch's allocator: CUDA context, NCCL buffers (CUDA only)."""
     seconds: float
@@ -88,21 +98,47 @@ def _profile_forward(worker: "Worker") -> None:
     worker.model.compute_logits(hidden[-worker.config.scheduler.max_num_seqs :])
 
 
+def cpu_activation_bound(config: EngineConfig, tp_size: int, threads: int) -> int:
+    """An upper bound on the bytes a CPU rank allocates beyond its weights in the largest step.
+
+    With T the step's tokens, b the model dtype's bytes, H the hidden size and, on this rank, I the
+    intermediate size and q, kv the widths of the query and key/value heads: every tensor a layer
+    makes, summed as if all lived at once, T b (3H + 4I + 6q + 6kv) (residual, norm output and
+    result; gate_up, its activation and product; qkv, the rotated q and k and their temporaries,
+    attention's output), plus the norms' float32 temporaries 12 T H and the rotary tables
+    T 2 d (4 + b). The logits of `max_num_seqs` rows over this rank's vocabulary share, and on
+    rank 0 with p > 1 the gathered pieces and their concatenation; for a quantized layer, its
+    weight widened for the product (three copies at 4 bytes). Attention never holds T x T
+    scores: torch's CPU flash attention works in tiles (`CPU_THREAD_BYTES` a thread).
+    """
+    arch, lengths = config.model.arch, profile_batch(config)
+    tokens, rows = sum(lengths), min(config.scheduler.max_num_seqs, sum(lengths))
+    b = getattr(torch, config.model.dtype).itemsize
+    hidden, inter = arch.hidden_size, arch.intermediate_size // tp_size
+    q = arch.num_heads // tp_size * arch.head_dim
+    kv = kv_heads_per_rank(arch.num_kv_heads, tp_size) * arch.head_dim
+    per_token = b * (3 * hidden + 4 * inter + 6 * q + 6 * kv) + 12 * hidden + 2 * arch.head_dim * (4 + b)
+    vocab = -(-arch.vocab_size // (64 * tp_size)) * 64 * tp_size  # padded as the LM head pads it
+    logits = rows * b * (vocab // tp_size + (2 * vocab if tp_size > 1 else 0))
+    widened = 3 * 4 * hidden * max(2 * inter, q + 2 * kv) if config.model.quantization is not None else 0
+    return tokens * per_token + logits + widened + CPU_FIXED_BYTES + threads * CPU_THREAD_BYTES
+
+
 def profile_memory(worker: "Worker", local_ranks: int, node_memory: int | None) -> MemoryProfile:
-    """Measure this rank's memory around one profiling forward pass (see the module docstring)."""
+    """This rank's KV budget beside the largest step: on CUDA measured around a forward pass of
+    it, on CPU from `cpu_activation_bound` (see the module docstring)."""
     config, start = worker.config, time.perf_counter()
     weights = parameter_bytes(worker.model)
-    on_cuda = worker.device.type == "cuda"
-    if on_cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(worker.device)
-    _profile_forward(worker)
-    if not on_cuda:
-        kv, total, budget = _cpu_budget(config, local_ranks, node_memory)
+    if worker.device.type != "cuda":
+        activations = cpu_activation_bound(config, worker.world_size, torch.get_num_threads())
+        kv, total, budget = _cpu_budget(config, local_ranks, node_memory, activations)
         return MemoryProfile(
-            rank=worker.rank, kv_cache_bytes=kv, total_bytes=total, weights_bytes=weights, peak_activation_bytes=0,
-            non_torch_bytes=0, seconds=time.perf_counter() - start, budget=budget,
+            rank=worker.rank, kv_cache_bytes=kv, total_bytes=total, weights_bytes=weights,
+            peak_activation_bytes=activations, non_torch_bytes=0, seconds=time.perf_counter() - start, budget=budget,
         )
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(worker.device)
+    _profile_forward(worker)
     torch.cuda.synchronize(worker.device)
     free, total = torch.cuda.mem_get_info(worker.device)
     peak = torch.cuda.max_memory_allocated(worker.device)
@@ -120,14 +156,20 @@ def profile_memory(worker: "Worker", local_ranks: int, node_memory: int | None) 
     )
 
 
-def _cpu_budget(config: EngineConfig, local_ranks: int, node_memory: int | None) -> tuple[int, int, str]:
+def _cpu_budget(config: EngineConfig, local_ranks: int, node_memory: int | None, activations: int = 0) -> tuple[int, int, str]:
+    """(KV bytes, the memory they are a share of, how): kv_cache_memory_bytes, else this rank's
+    share of the node's available memory, CPU_KV_SHARE of it at most and less `activations`."""
     if config.cache.kv_cache_memory_bytes:
         return config.cache.kv_cache_memory_bytes, psutil.virtual_memory().total, "kv_cache_memory_bytes"
     available = psutil.virtual_memory().available
     if node_memory:
         available = min(available, node_memory)
-    kv = int(CPU_KV_SHARE * available / max(1, local_ranks))
-    return kv, available, f"{CPU_KV_SHARE} x {available} B available on the node / {local_ranks} ranks there"
+    share = available // max(1, local_ranks)
+    kv = min(int(CPU_KV_SHARE * share), share - activations)
+    return kv, available, (
+        f"min({CPU_KV_SHARE} x, 1 x - activation bound {activations} B) of {available} B available on the node "
+        f"/ {local_ranks} ranks there"
+    )
 
 
 def kv_bytes_per_token(config: EngineConfig, tp_size: int) -> int:

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from driver import LLM
-from parallel.errors import ClusterError, InsufficientMemory, WeightLoadError
+from parallel.errors import ClusterError, EngineAsleepError, InsufficientMemory, WeightLoadError
 from tests.helpers import reference_logits
 
 SMALL = dict(max_num_batched_tokens=256, kv_cache_memory_bytes=4 * 2**20, device="cpu", skip_tokenizer_init=True)
@@ -82,7 +82,7 @@ def test_no_room_for_one_block(ray_cluster, tiny_checkpoint) -> None:
     assert not live_groups()
 
 
-def test_a_dead_worker_ends_the_engine_and_another_model_starts_in_the_same_process(ray_cluster, tiny_checkpoint) -> None:
+def test_a_dead_worker_ends_the_engine_and_another_model_starts_in_the_same_process(ray_cluster, tiny_checkpoint, tmp_path) -> None:
     import ray
 
     from driver import EngineDeadError, SamplingParams
@@ -95,6 +95,9 @@ def test_a_dead_worker_ends_the_engine_and_another_model_starts_in_the_same_proc
     ref = reference_logits(llama_hf, [[1, 2, 3]])[0]
     torch.testing.assert_close(first.prompt_logits([[1, 2, 3]])[0], ref, atol=1e-4, rtol=0)
     assert first.generate([[1, 2, 3]], SamplingParams(max_tokens=2), use_tqdm=False)[0].finished
+    before = _greedy(first)
+    _sleep_and_wake(first, before)
+    first.save_sharded_state(str(tmp_path / "sharded"))
     worker = ray.get(first._engine.__ray_call__.remote(lambda engine: engine.workers.actors[1]))
     ray.kill(worker, no_restart=True)
     with pytest.raises(EngineDeadError, match="rank 1 died during execute_model"):
@@ -110,5 +113,30 @@ def test_a_dead_worker_ends_the_engine_and_another_model_starts_in_the_same_proc
     with LLM(str(qwen), tensor_parallel_size=1, **SMALL) as second:
         ref = reference_logits(qwen_hf, [[5, 6, 7, 8]])[0]
         torch.testing.assert_close(second.prompt_logits([[5, 6, 7, 8]])[0], ref, atol=1e-4, rtol=0)
+    with LLM(str(tmp_path / "sharded"), tensor_parallel_size=2, **SMALL) as third:
+        assert {r.load_format for r in third.load_report.ranks} == {"sharded_state"}
+        assert _greedy(third) == before
     assert not live_groups()
+
+
+def _greedy(llm) -> list[list[int]]:
+    from driver import SamplingParams
+
+    outputs = llm.generate([[1, 2, 3], [7, 8, 9, 10, 11]], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def _sleep_and_wake(llm, before: list[list[int]]) -> None:
+    """Both sleep levels: requests refused while asleep, sleeping twice and waking when awake
+    harmless, the same greedy tokens after."""
+    llm.wake_up()  # awake: nothing to do
+    assert "wake" not in llm.load_report.phases
+    for level in (1, 2):
+        llm.sleep(level)
+        llm.sleep(level)
+        with pytest.raises(EngineAsleepError, match=rf"asleep \(sleep level {level}\): call wake_up\(\)"):
+            llm.generate([[1, 2, 3]], use_tqdm=False)
+        llm.wake_up()
+        assert _greedy(llm) == before
+    assert llm.load_report.phases["wake"] > 0
 

@@ -120,3 +120,42 @@ def test_shardlm_logs_go_to_stderr_at_the_level_asked_and_to_the_actors(capsys) 
     err = capsys.readouterr().err
     assert " shardlm.driver.test: shown" in err and err.startswith("INFO ") and "hidden" not in err
     assert os.environ.get("SHARDLM_LOG_LEVEL") == before
+
+
+def test_the_flags_are_read_from_engine_args_source_and_importing_the_command_needs_no_torch() -> None:
+    from dataclasses import fields
+
+    from driver.args import EngineArgs
+    from driver.cli import engine_fields
+
+    assert [(f.name, f.type, f.default) for f in engine_fields()] == [(f.name, f.type, f.default) for f in fields(EngineArgs)]
+    script = (
+        "import sys; from driver.cli import build_parser; build_parser().parse_args(['generate', '-tp', '2']); "
+        "from driver import LLM; print([m for m in ('torch', 'transformers') if m in sys.modules])"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", "torch is imported by LLM(...), beside Ray's start"
+
+
+def test_bench_start_times_each_phase_of_fresh_starts(tiny_checkpoint) -> None:
+    """One fresh process that starts its own local cluster (whose workers inherit its environment)."""
+    from driver.bench_start import format_bench_start, summarize
+
+    folder, _ = tiny_checkpoint("llama")
+    engine = ["--model", str(folder), "--device", "cpu", "--skip-tokenizer-init", *SMALL_ENGINE]
+    done = subprocess.run(
+        [sys.executable, "-m", "driver", "bench", "start", "--repeat", "1", "--json", *engine],
+        capture_output=True, text=True, timeout=300, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+    )
+    assert done.returncode == 0, done.stderr
+    runs = json.loads(done.stdout)
+    assert len(runs) == 1 and runs[0]["device"] == "cpu" and runs[0]["local_cluster"]
+    assert list(runs[0]["phases"]) == [
+        "discover", "placement", "driver_actor", "workers", "weights", "profile", "kv_allocation", "warmup",
+    ]
+    table = format_bench_start(runs * 2, 1)
+    assert "2 fresh processes, each starting a local Ray cluster" in table
+    assert all(f"  {row} " in table for row in ("python", "import", "connect", "driver_actor", "process wall"))
+    twice = summarize([runs[0], {**runs[0], "import": runs[0]["import"] + 2}])
+    assert twice["import"] == {"median": runs[0]["import"] + 1, "min": runs[0]["import"]}
