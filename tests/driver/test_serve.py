@@ -25,7 +25,7 @@ from driver.args import EngineArgs
 from driver.async_engine import AsyncEngine
 from driver.openai_api import OpenAIServing, error_response
 from driver.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from parallel.errors import ConfigError, EngineDeadError
+from parallel.errors import ConfigError, EngineAsleepError, EngineDeadError
 from tests.helpers import hf_config
 
 MODEL_ID = "tiny-chat"
@@ -349,3 +349,11 @@ def test_a_dead_engine_fails_requests_in_flight_and_later() -> None:
             front.check_health()
     finally:
         front.shutdown()
+
+
+def test_sleep_routes_are_off_unless_dev_mode(server: Any) -> None:
+    for route in ("/sleep?level=1", "/wake_up"):
+        status, body = post(f"{server[0]}{route}", b"")
+        assert status == 404 and "SHARDLM_SERVER_DEV_MODE=1" in body["error"]["message"]
+    status, body = error_response(EngineAsleepError("the engine is asleep (sleep level 1): call wake_up() first"))
+    assert status == 503 and body["error"]["code"] == "engine_asleep"
