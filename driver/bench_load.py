@@ -6,6 +6,8 @@ are imported, with the checkpoint's files already in the page cache. In the same
 - **raw read**: this machine's buffered `preadv` of the same files into one reused buffer, the
   rate no loader that reads through the page cache can pass; shardlm's weights phase is shown
   as a share of it;
+- **fresh read**: the same reads into memory newly allocated for them, in a fresh process: a
+  loader must fault in and zero the pages its weights land in, which the raw read never does;
 - **shardlm**: `Worker.load_model` for each rank (`-tp N`: N processes at once, one rank each,
   as the ranks of one node load); seconds, GB/s of the bytes each rank read, peak memory;
 - **transformers**: `from_pretrained` (tp=1), seconds and peak memory after loading and after
@@ -60,6 +62,27 @@ def raw_read(model: str, buffer_bytes: int = 64 * MiB) -> dict[str, float]:
         try:
             offset = 0
             while (n := os.preadv(fd, [buffer], offset)) > 0:
+                offset += n
+            total += offset
+        finally:
+            os.close(fd)
+    seconds = time.perf_counter() - start
+    return {"bytes": total, "seconds": seconds, "gb_per_s": total / seconds / 1e9}
+
+
+def fresh_read(model: str) -> dict[str, float]:
+    """Buffered `preadv` of every weight file into memory allocated for it (in a fresh process):
+    what landing the weights in new memory costs, page faults and zeroing included."""
+    import torch
+
+    total, start = 0, time.perf_counter()
+    for file in weight_files(model):
+        size = file.stat().st_size
+        view = memoryview(torch.empty(size, dtype=torch.uint8).numpy()).cast("B")
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            offset = 0
+            while offset < size and (n := os.preadv(fd, [view[offset:]], offset)) > 0:
                 offset += n
             total += offset
         finally:
@@ -144,7 +167,7 @@ def _child_cuda(model: str) -> dict[str, Any]:
     return results
 
 
-CHILDREN = {"shardlm": _child_shardlm, "transformers": _child_transformers, "cuda": _child_cuda}
+CHILDREN = {"shardlm": _child_shardlm, "transformers": _child_transformers, "cuda": _child_cuda, "fresh_read": fresh_read}
 
 
 def _spawn(kind: str, *args: Any) -> subprocess.Popen:
@@ -181,6 +204,7 @@ def bench_load(
     results: dict[str, Any] = {"tensor_parallel_size": tensor_parallel_size}
     for _ in range(repeat):
         results["raw_read"] = _best(results.get("raw_read"), raw_read(model))
+        results["fresh_read"] = _best(results.get("fresh_read"), run_child("fresh_read", model))
         procs = [_spawn("shardlm", model, dtype, tensor_parallel_size, r, strategy) for r in range(tensor_parallel_size)]
         ranks = [_collect("shardlm", p) for p in procs]
         previous = results.get("ranks") or [None] * len(ranks)
@@ -216,18 +240,20 @@ def engine_start_phases(model: str, dtype: str, tensor_parallel_size: int) -> di
 
 
 def format_bench_load(model: str, dtype: str, results: dict[str, Any]) -> str:
-    raw = results["raw_read"]
+    raw, fresh = results["raw_read"], results["fresh_read"]
     tp = results["tensor_parallel_size"]
     lines = [
         f"load {model} ({dtype}, tensor_parallel_size={tp})",
         f"raw read (buffered preadv into a reused buffer): {raw['gb_per_s']:.2f} GB/s "
         f"({raw['bytes'] / MiB:.0f} MiB in {raw['seconds']:.3f} s)",
-        f"{'rank':>6}{'seconds':>10}{'MiB read':>10}{'GB/s':>8}{'of raw':>8}  strategy (threads, reads)",
+        f"fresh read (the same, into newly allocated memory, in a fresh process): {fresh['gb_per_s']:.2f} GB/s",
+        f"{'rank':>6}{'seconds':>10}{'MiB read':>10}{'GB/s':>8}{'of raw':>8}{'of fresh':>10}  strategy (threads, reads)",
     ]
     for r in results["ranks"]:
         lines.append(
             f"{r['rank']:>6}{r['seconds']:>10.3f}{r['bytes_read'] / MiB:>10.0f}{r['gb_per_s']:>8.2f}"
-            f"{r['gb_per_s'] / raw['gb_per_s']:>8.2f}  {r['strategy']} ({r['threads']}, {r['reads']})"
+            f"{r['gb_per_s'] / raw['gb_per_s']:>8.2f}{r['gb_per_s'] / fresh['gb_per_s']:>10.2f}"
+            f"  {r['strategy']} ({r['threads']}, {r['reads']})"
         )
     if "transformers" in results:
         lines += _versus_transformers(results["shardlm"], results["transformers"])
