@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 PROBE_TOKENS = [1, 5, 17, 42, 99, 123, 200, 255]
 """A prompt every test checkpoint's vocabulary covers."""
@@ -53,21 +53,29 @@ def warm_page_cache(model: str) -> None:
                 pass
 
 
-def raw_read(model: str, buffer_bytes: int = 64 * MiB) -> dict[str, float]:
-    """Buffered `preadv` of every weight file into one reused buffer: bytes, seconds, GB/s."""
-    buffer = mmap.mmap(-1, buffer_bytes)
+def _read_files(model: str, buffer_for: Callable[[int], memoryview]) -> dict[str, float]:
+    """Buffered `preadv` of every weight file, from its start, into `buffer_for(file size)` (the
+    reads wrap around a buffer shorter than the file): bytes, seconds, GB/s."""
     total, start = 0, time.perf_counter()
     for file in weight_files(model):
+        size = file.stat().st_size
+        buffer = buffer_for(size)
         fd = os.open(file, os.O_RDONLY)
         try:
             offset = 0
-            while (n := os.preadv(fd, [buffer], offset)) > 0:
+            while offset < size and (n := os.preadv(fd, [buffer[offset % len(buffer):]], offset)) > 0:
                 offset += n
             total += offset
         finally:
             os.close(fd)
     seconds = time.perf_counter() - start
     return {"bytes": total, "seconds": seconds, "gb_per_s": total / seconds / 1e9}
+
+
+def raw_read(model: str, buffer_bytes: int = 64 * MiB) -> dict[str, float]:
+    """Buffered `preadv` of every weight file into one reused buffer."""
+    buffer = memoryview(mmap.mmap(-1, buffer_bytes))
+    return _read_files(model, lambda size: buffer)
 
 
 def fresh_read(model: str) -> dict[str, float]:
@@ -75,20 +83,7 @@ def fresh_read(model: str) -> dict[str, float]:
     what landing the weights in new memory costs, page faults and zeroing included."""
     import torch
 
-    total, start = 0, time.perf_counter()
-    for file in weight_files(model):
-        size = file.stat().st_size
-        view = memoryview(torch.empty(size, dtype=torch.uint8).numpy()).cast("B")
-        fd = os.open(file, os.O_RDONLY)
-        try:
-            offset = 0
-            while offset < size and (n := os.preadv(fd, [view[offset:]], offset)) > 0:
-                offset += n
-            total += offset
-        finally:
-            os.close(fd)
-    seconds = time.perf_counter() - start
-    return {"bytes": total, "seconds": seconds, "gb_per_s": total / seconds / 1e9}
+    return _read_files(model, lambda size: memoryview(torch.empty(size, dtype=torch.uint8).numpy()).cast("B"))
 
 
 # -- the children ------------------------------------------------------------------------------
@@ -97,6 +92,7 @@ def fresh_read(model: str) -> dict[str, float]:
 def _child_shardlm(model: str, dtype: str, tp_size: int, rank: int, strategy: str) -> dict[str, Any]:
     import torch
 
+    import workers.worker  # noqa: F401  (what a rank has imported before it loads)
     from driver.args import EngineArgs
     from parallel.state import TensorParallelGroup
     from workers.loader import load_model
