@@ -29,7 +29,6 @@ import mmap
 import os
 import queue
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol
 
@@ -432,8 +431,6 @@ class PipelineStats:
     reads: int = 0
     """`preadv` calls issued (after merging)."""
     bytes: int = 0
-    seconds_waiting: float = 0.0
-    """Time the loading loop spent waiting for reads to finish."""
     direct_fallbacks: list[str] = field(default_factory=list)
 
 
@@ -518,12 +515,8 @@ class LoadPipeline:
         return [self._pool.submit(run, r) for r in reads]
 
     def _wait(self, futures: list[concurrent.futures.Future]) -> None:
-        start = time.perf_counter()
-        try:
-            for future in futures:
-                future.result()
-        finally:
-            self.stats.seconds_waiting += time.perf_counter() - start
+        for future in futures:
+            future.result()
 
     def _count(self, nbytes: int) -> None:
         with self._lock:
