@@ -401,13 +401,13 @@ def choose_for_files(asked: str, paths: list[str]) -> StrategyChoice:
     """`choose_strategy` for these files, measured (mincore, an O_DIRECT probe) only where "auto" needs it."""
     if asked == "page_cache" or not paths:
         return choose_strategy(asked, 1.0, False, 0)
-    direct_ok = all(supports_direct(p) for p in paths)
     if asked == "direct":
-        return choose_strategy(asked, 1.0, direct_ok, 0)
+        return choose_strategy(asked, 1.0, all(supports_direct(p) for p in paths), 0)
     sizes = [os.path.getsize(p) for p in paths]
     total = sum(sizes)
     cached = sum(cached_fraction(p) * s for p, s in zip(paths, sizes)) / total if total else 1.0
-    return choose_strategy(asked, cached, direct_ok, total)
+    undecided = cached < AUTO_CACHED_SHARE and total >= AUTO_DIRECT_MIN_BYTES  # only then does O_DIRECT matter
+    return choose_strategy(asked, cached, undecided and all(supports_direct(p) for p in paths), total)
 
 
 def default_threads(device: torch.device) -> int:
