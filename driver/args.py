@@ -32,6 +32,7 @@ TOKENIZER_MODES = ("auto", "slow")
 DEVICES = ("auto", "cuda", "cpu")
 BLOCK_SIZES = (8, 16, 32, 64, 128)
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+GENERATION_CONFIGS = ("auto", "vllm")
 
 
 def _suggest_unknown_keywords(cls: type) -> type:
@@ -114,6 +115,10 @@ class EngineArgs:
     """The most sequences in one batch."""
     max_num_batched_tokens: int | None = None
     """The most tokens in one forward pass; None: 8192 on CUDA, 2048 on CPU."""
+    generation_config: str = "auto"
+    """Where sampling defaults come from when a request does not set them: "auto" (the model's
+    generation_config.json, where it has one: temperature, top_p, top_k, repetition_penalty and
+    max_new_tokens as max_tokens), or "vllm" (ignore it: shardlm's own defaults)."""
     seed: int = 0
     """Seed for dummy weights and for sampling without a per-request seed."""
     num_gpu_blocks_override: int | None = None
@@ -234,6 +239,7 @@ class EngineArgs:
         if self.quantization is not None:
             _choice("quantization", self.quantization, QUANTIZATION_METHODS)
         _choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
+        _choice("generation_config", self.generation_config, GENERATION_CONFIGS)
         for name in ("tensor_parallel_size", "max_num_seqs"):
             _positive_int(name, getattr(self, name))
         for name in ("kv_cache_memory_bytes", "max_model_len", "max_num_batched_tokens", "num_gpu_blocks_override", "load_threads"):
