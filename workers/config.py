@@ -65,7 +65,9 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
     gguf_file: str | None = None
     """The GGUF file's name inside `path`, for GGUF models."""
     revision: str | None = None
-    """The Hugging Face revision (branch, tag or commit) for repo ids."""
+    """The Hugging Face revision (branch, tag or commit) for repo ids, as asked."""
+    commit: str | None = None
+    """The commit a Hub model's revision resolved to on the driver: every rank loads exactly it."""
     tokenizer: str
     """Folder or repo id of the tokenizer (the model's own unless given)."""
     tokenizer_revision: str | None = None

@@ -59,6 +59,8 @@ class WeightLoadReport(msgspec.Struct, frozen=True, kw_only=True):
     """Reader threads of the load pipeline."""
     reads: int = 0
     """Read calls the pipeline issued, after merging adjacent spans."""
+    commit: str | None = None
+    """For a Hub model: the commit of the snapshot this rank read (its folder's name in the cache)."""
 
     @property
     def gb_per_s(self) -> float:
@@ -180,6 +182,7 @@ def load_model(
         load_strategy_reason=done.reason if done else "",
         load_threads=done.threads if done else 0,
         reads=done.reads if done else 0,
+        commit=Path(config.model.path).name if config.model.source == "hub" else None,
     )
     return model, report
 

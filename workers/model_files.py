@@ -1,9 +1,9 @@
 """Finding a model's files: a local folder, a Hugging Face repo id, a .gguf file, or the default.
 
 `find_model` answers with a `ModelFiles`: the local folder, the weight format and the weight
-files to read, in order. Repo ids are resolved through huggingface_hub and its cache, under a
-file lock so that several ranks on one node download once; with HF_HUB_OFFLINE set, only the
-cache is consulted.
+files to read, in order. Repo ids are resolved to one commit (workers/hub.py) under a file lock,
+so that several ranks on one node download once; with HF_HUB_OFFLINE set, or the Hub down, the
+cache answers.
 """
 
 from __future__ import annotations
@@ -15,11 +15,15 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 from filelock import FileLock
 
 from parallel.errors import ConfigError, ModelNotFound
+
+if TYPE_CHECKING:
+    from workers.hub import HubSnapshot
 
 logger = logging.getLogger(f"shardlm.{__name__}")
 
@@ -49,6 +53,8 @@ class ModelFiles(msgspec.Struct, frozen=True, kw_only=True):
     """Relative to `folder`, in load order."""
     download_seconds: float = 0.0
     """Time spent fetching from the Hub (or checking its cache), for the load report."""
+    commit: str | None = None
+    """For a Hub model: the commit every rank loads."""
 
 
 def default_model_path() -> Path:
@@ -167,23 +173,13 @@ def _indexed_files(index: Path) -> tuple[str, ...]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Hugging Face Hub
-
-
-def hub_offline() -> bool:
-    """HF_HUB_OFFLINE as set now (huggingface_hub reads it only once, at import)."""
-    from huggingface_hub import constants
-
-    value = os.environ.get("HF_HUB_OFFLINE")
-    if value is not None:
-        return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
-    return bool(constants.HF_HUB_OFFLINE)
+# Hugging Face Hub (the contact and the cache: workers/hub.py)
 
 
 def _lock_path(repo_id: str, download_dir: str | None) -> str:
-    from huggingface_hub import constants
+    from workers.hub import cache_root
 
-    root = Path(download_dir or constants.HF_HUB_CACHE) / ".locks" / "shardlm"
+    root = cache_root(download_dir) / ".locks" / "shardlm"
     root.mkdir(parents=True, exist_ok=True)
     return str(root / (repo_id.replace("/", "--") + ".lock"))
 
@@ -199,63 +195,92 @@ def _hub_files(repo_id: str, revision: str | None, download_dir: str | None, loa
         ) from exc
     started = time.perf_counter()
     with FileLock(_lock_path(repo_id, download_dir)):
-        folder = _download(repo_id, revision, download_dir, load_format)
-    files = folder_files(folder, "hub", load_format)
-    return msgspec.structs.replace(files, download_seconds=time.perf_counter() - started)
+        snapshot = hub_snapshot(repo_id, revision, download_dir, load_format)
+    files = _snapshot_files(snapshot, revision, download_dir, load_format)
+    return msgspec.structs.replace(files, commit=snapshot.commit, download_seconds=time.perf_counter() - started)
 
 
-def _download(repo_id: str, revision: str | None, download_dir: str | None, load_format: str) -> Path:
-    """The snapshot folder of `repo_id` with its config, tokenizer and one format of weights."""
-    from huggingface_hub import snapshot_download
+def hub_snapshot(repo_id: str, revision: str | None, download_dir: str | None, load_format: str) -> "HubSnapshot":
+    """The snapshot of `repo_id` at `revision` with what a start needs, fetched where missing.
 
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+    A commit hash whose snapshot is complete here asks nothing of the Hub; otherwise the Hub is
+    asked once, and the cache answers when it is offline or cannot be reached (one warning)."""
+    from workers.hub import HubSnapshot, HubUnreachable, fetch, from_cache, hub_offline, is_commit, record_ref, repo_info
+    from workers.hub import snapshot_folder, warn_once
 
-    offline = hub_offline()
-    where = f"model {repo_id!r} (revision {revision or 'main'}, cache {download_dir or 'the default Hugging Face cache'})"
+    if is_commit(revision) and _complete(snapshot_folder(repo_id, revision, download_dir), load_format):
+        return HubSnapshot(repo_id=repo_id, commit=revision, folder=str(snapshot_folder(repo_id, revision, download_dir)), from_cache=True)
+    if hub_offline():
+        return from_cache(repo_id, revision, download_dir, "HF_HUB_OFFLINE is set")
     try:
-        if not offline:
-            try:
-                patterns = _hub_weight_patterns(repo_id, revision, download_dir, load_format)
-                return Path(snapshot_download(repo_id, revision=revision, cache_dir=download_dir, allow_patterns=patterns))
-            except (ModelNotFound, GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError):
-                raise
-            except Exception as exc:  # the Hub cannot be reached: what the cache holds may do
-                logger.warning("cannot reach the Hugging Face Hub for %s (%s); trying the local cache", repo_id, exc)
-        return Path(snapshot_download(repo_id, revision=revision, cache_dir=download_dir, local_files_only=True))
+        commit, names = repo_info(repo_id, revision, download_dir)
+        if not _complete(snapshot_folder(repo_id, commit, download_dir), load_format):
+            fetch(repo_id, commit, hub_files_to_fetch(repo_id, commit, names, download_dir, load_format), download_dir)
+    except HubUnreachable as exc:
+        snapshot = from_cache(repo_id, revision, download_dir, str(exc))
+        warn_once(
+            (repo_id, snapshot.commit),
+            f"the Hugging Face Hub cannot be reached ({exc}): {repo_id!r} starts from the local cache, commit {snapshot.commit}",
+        )
+        return snapshot
     except ModelNotFound:
         raise
-    except Exception as exc:
-        raise ModelNotFound(_hub_error(where, exc, offline)) from exc
+    except Exception as exc:  # a download that failed half-way: the Hub's own error, named
+        from workers.hub import describe
+
+        raise ModelNotFound(f"{describe(repo_id, revision, download_dir)} could not be fetched: {type(exc).__name__}: {exc}") from exc
+    record_ref(repo_id, revision, commit, download_dir)
+    return HubSnapshot(repo_id=repo_id, commit=commit, folder=str(snapshot_folder(repo_id, commit, download_dir)), from_cache=False)
 
 
-def _hub_error(where: str, exc: Exception, offline: bool) -> str:
-    kind = type(exc).__name__
-    if offline or kind in ("LocalEntryNotFoundError", "CachedRepoTreeNotFoundError"):
-        return (
-            f"{where} is not in the local cache and the Hub cannot be reached"
-            f"{' (HF_HUB_OFFLINE is set)' if offline else ''}: download it first "
-            "(`hf download <repo id>`) or pass a local folder"
-        )
-    if kind in ("RepositoryNotFoundError", "GatedRepoError"):
-        return f"{where} does not exist on the Hugging Face Hub or needs access: check the name and HF_TOKEN ({exc})"
-    if kind == "RevisionNotFoundError":
-        return f"{where}: the revision does not exist ({exc})"
-    return f"{where} could not be fetched: {kind}: {exc}"
+def _complete(folder: Path, load_format: str) -> bool:
+    """Whether a snapshot folder holds what `load_format` needs: config.json and one whole format."""
+    try:
+        folder_files(folder, "hub", load_format)
+    except ModelNotFound:
+        return False
+    return True
 
 
-def _hub_weight_patterns(repo_id: str, revision: str | None, download_dir: str | None, load_format: str) -> list[str]:
-    """Allow-patterns for the download: metadata plus safetensors if the repo has them, else .bin/.pt."""
-    from huggingface_hub import HfApi, hf_hub_download
+def _snapshot_files(snapshot: "HubSnapshot", revision: str | None, download_dir: str | None, load_format: str) -> ModelFiles:
+    try:
+        return folder_files(Path(snapshot.folder), "hub", load_format)
+    except ModelNotFound as exc:
+        if not snapshot.from_cache:
+            raise
+        flag = f" --revision {revision}" if revision else ""
+        raise ModelNotFound(
+            f"model {snapshot.repo_id!r}: the cached snapshot of commit {snapshot.commit} is incomplete and the Hub was "
+            f"not asked: {exc}. Run `shardlm download {snapshot.repo_id}{flag}` where the Hub can be reached"
+        ) from exc
 
+
+def hub_files_to_fetch(repo_id: str, commit: str, names: list[str], download_dir: str | None, load_format: str) -> list[str]:
+    """The files of a repo a start needs: its metadata (config, tokenizer, generation config)
+    and one weight format: safetensors where the repo has them (only the shards an index names),
+    else .bin/.pt; a sharded_state repo's rank files; none for dummy weights."""
+    from workers.hub import fetch_file
+    from workers.sharded_state import MANIFEST, PART_PATTERN
+
+    meta = [n for n in names if any(fnmatch.fnmatch(n, p) for p in META_PATTERNS)]
     if load_format == "dummy":
-        return META_PATTERNS
-    names = HfApi().list_repo_files(repo_id, revision=revision)
+        return meta
+    if load_format in ("auto", "sharded_state") and MANIFEST in names:
+        return meta + [n for n in names if PART_PATTERN.match(n)]
     for fmt, index, patterns in (("safetensors", SAFETENSORS_INDEX, ["*.safetensors"]), ("pt", PT_INDEX, ["*.bin", "*.pt"])):
         if load_format not in ("auto", fmt):
             continue
         if index in names:
-            path = hf_hub_download(repo_id, index, revision=revision, cache_dir=download_dir)
-            return META_PATTERNS + sorted(set(json.loads(Path(path).read_text())["weight_map"].values()))
-        if any(fnmatch.fnmatch(n, p) for n in names for p in patterns):
-            return META_PATTERNS + patterns
-    raise ModelNotFound(f"model {repo_id!r} on the Hugging Face Hub has no weights for load_format={load_format!r}")
+            weight_map = json.loads(fetch_file(repo_id, commit, index, download_dir).read_text())["weight_map"]
+            return meta + sorted(set(weight_map.values()))
+        weights = [n for n in names if any(fnmatch.fnmatch(n, p) for p in patterns) and n not in NOT_WEIGHTS]
+        if weights:
+            return meta + weights
+    raise ModelNotFound(f"model {repo_id!r} at commit {commit} on the Hugging Face Hub has no weights for load_format={load_format!r}")
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as set now."""
+    from workers.hub import hub_offline as offline
+
+    return offline()

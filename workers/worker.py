@@ -163,7 +163,7 @@ def ensure_model_files(config: EngineConfig, rank: int) -> EngineConfig:
             f"rank {rank} on node {socket.gethostname()} cannot see {model.path!r}: put the model on "
             "storage every node shares, or name it by its Hugging Face repo id so each node downloads it"
         )
-    files = find_model(model.model, model.revision, config.load.download_dir, config.load.load_format)
+    files = find_model(model.model, model.commit or model.revision, config.load.download_dir, config.load.load_format)
     tokenizer = files.folder if model.tokenizer == model.path else model.tokenizer
     new_model = msgspec.structs.replace(model, path=files.folder, tokenizer=tokenizer)
     return msgspec.structs.replace(config, model=new_model, load=msgspec.structs.replace(config.load, weight_files=files.weight_files))
