@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import glob
 import itertools
+import json
 import logging
+import mmap
+import os
+import struct
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence, Union
@@ -19,8 +25,9 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from cluster.connect import actor_env, cluster_has_gpus, connect, gpu_capability, runtime_env_options, shutdown_local_cluster
+from driver.generation_defaults import GenerationDefaults, load_generation_defaults, sampling_params_with_defaults
 from driver.outputs import RequestOutput
-from parallel.errors import EngineDeadError, ShardLMError
+from parallel.errors import ConfigError, EngineDeadError, ShardLMError
 from workers.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -70,6 +77,7 @@ class LLM:
         self._request_counter = itertools.count()
         args, found, discover, connected = discover_and_connect(model, engine_args, ray_address)
         self.config = args.create_engine_config(**_cluster_device(args.device), found=found)
+        self.generation_defaults: GenerationDefaults = load_generation_defaults(args.generation_config, self.config.model)
         logger.info(
             "starting an engine: %s, tensor_parallel_size=%d, %s on %s, max_model_len=%d",
             self.config.model.model or "the embedded default", args.tensor_parallel_size, self.config.model.dtype,
@@ -84,6 +92,7 @@ class LLM:
         first = {"discover": discover - download, "download": download} if found[0].source == "hub" else {"discover": discover}
         self.load_report.phases = {**first, **self.load_report.phases}
         self.load_report.connect_seconds = connected
+        self.load_report.generation_defaults = self.generation_defaults
         logger.info(
             "engine ready in %.1f s: %d KV-cache blocks of %d tokens per rank",
             sum(self.load_report.phases.values()), self.load_report.num_blocks, self.load_report.block_size,
@@ -152,9 +161,9 @@ class LLM:
         """Complete every prompt; outputs in the order of the prompts.
 
         `prompts`: a string, a {"prompt": str} or {"prompt_token_ids": [...]} dict, a list of
-        token ids, or a list of any of these. `sampling_params`: one for all, or one per prompt
-        (default: SamplingParams()). `use_tqdm`: a "Processed prompts" bar on stderr (default:
-        the LLM's `show_progress`).
+        token ids, or a list of any of these. `sampling_params`: one for all, or one per prompt,
+        each used as it is (default: `get_default_sampling_params()`). `use_tqdm`: a "Processed
+        prompts" bar on stderr (default: the LLM's `show_progress`).
         """
         request_ids = self._submit(normalize_prompts(prompts), sampling_params)
         return self._collect(request_ids, use_tqdm)
@@ -210,6 +219,12 @@ class LLM:
             if pending and self._engine is not None:
                 _result(self._engine.abort.remote(sorted(pending)))
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What a request without sampling parameters gets: the model's generation_config.json
+        defaults (temperature, top_p, top_k, repetition_penalty, max_new_tokens as max_tokens) over
+        SamplingParams' own, unless the engine was started with generation_config="vllm"."""
+        return sampling_params_with_defaults({}, self.generation_defaults)
+
     def stats(self) -> dict[str, int]:
         """The engine's counters: steps, preemptions, running and waiting sequences, free blocks."""
         return _result(self._live_engine().stats.remote())
@@ -224,7 +239,7 @@ class LLM:
 
     def _submit(self, prompts: list[tuple[str | None, list[int] | None]], sampling_params: Any) -> list[str]:
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling parameters: give one, or one per prompt")
@@ -326,6 +341,7 @@ def discover_and_connect(
     """
     if ray.is_initialized():
         return (*_discover(model, engine_args), 0.0)
+    _check_device(engine_args.get("device", "auto"), ray_address)
     _check_local_model(model, engine_args)
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shardlm-discover") as pool:
         discovering = pool.submit(_discover, model, engine_args)
@@ -359,7 +375,8 @@ def _discover(model: str | None, engine_args: dict[str, Any]) -> tuple[EngineArg
 
 
 def _check_local_model(model: str | None, engine_args: dict[str, Any]) -> None:
-    """Refuse a missing local model (or a missing default) at once; a Hub id is found later."""
+    """Refuse a missing local model (or a missing default) at once, and a max_model_len longer
+    than its config allows; a Hub id is found later."""
     from workers.model_files import find_model
 
     if model is not None and not isinstance(model, str):
@@ -369,7 +386,133 @@ def _check_local_model(model: str | None, engine_args: dict[str, Any]) -> None:
         or model.count("/") > 1
     )
     if looks_local:
-        find_model(model, load_format=engine_args.get("load_format", "auto"))
+        files = find_model(model, load_format=engine_args.get("load_format", "auto"))
+        _check_max_model_len(files, engine_args.get("max_model_len"))
+
+
+# -- checks before Ray starts, without torch (whose import overlaps Ray's start) ---------------
+
+
+def _check_device(device: Any, ray_address: str | None) -> None:
+    """device="cuda" on a machine with no GPU, where a local cluster would start: refused at once."""
+    if device != "cuda" or ray_address or os.environ.get("RAY_ADDRESS") or _machine_may_have_gpu():
+        return
+    raise ConfigError("device='cuda' was asked for, but torch sees no CUDA device; use device='cpu' or 'auto'", field="device")
+
+
+def _machine_may_have_gpu() -> bool:
+    """torch's answer where it is imported already; else False only where this machine shows no
+    NVIDIA device (nor WSL's GPU device) or CUDA_VISIBLE_DEVICES hides them all."""
+    if "torch" in sys.modules:
+        return sys.modules["torch"].cuda.is_available()
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "0").strip() in ("", "-1"):
+        return False
+    return bool(glob.glob("/dev/nvidia[0-9]*")) or os.path.exists("/dev/dxg")
+
+
+PREFLIGHT_MAX_LEN_KEYS = (
+    "max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
+    "max_sequence_length", "max_seq_length", "seq_len",
+)
+"""`driver.model_config.MAX_LEN_KEYS` (a test keeps them equal): that module imports torch."""
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+DEFAULT_WINDOW = 4096
+"""transformers' sliding_window for Mistral and Qwen2 configs that leave it out."""
+
+
+def _check_max_model_len(files: ModelFiles, requested: Any) -> None:
+    """`driver.model_config.resolve_max_model_len`'s refusal, with its message, read without torch."""
+    if not isinstance(requested, int) or isinstance(requested, bool):
+        return
+    derived = _config_max_len(files)
+    if derived is not None and requested > derived:
+        raise ConfigError(
+            f"max_model_len={requested} is larger than the model allows ({derived}, from its config's "
+            "max_position_embeddings, rope scaling and sliding window); use max_model_len <= "
+            f"{derived}",
+            field="max_model_len",
+        )
+
+
+def _config_max_len(files: ModelFiles) -> int | None:
+    """The longest sequence the model's config allows, reckoned as
+    `driver.model_config.derived_max_model_len` does; None where this plain reading is not sure
+    (the engine's own check decides then)."""
+    try:
+        cfg = _gguf_config(files) if files.gguf_file else json.loads((Path(files.folder) / "config.json").read_text())
+    except (OSError, ValueError, struct.error):
+        return None
+    if not isinstance(cfg, dict):
+        return None
+    names = cfg.get("architectures") or []
+    architecture = next((n for n in names if n in MODEL_TYPES.values()), None if names else MODEL_TYPES.get(cfg.get("model_type")))
+    limits = [cfg[key] for key in PREFLIGHT_MAX_LEN_KEYS if isinstance(cfg.get(key), int)]
+    if architecture is None or not limits:
+        return None
+    try:
+        rope = {**(cfg.get("rope_parameters") or {}), **(cfg.get("rope_scaling") or {})}
+        factor = float(rope["factor"]) if rope.get("rope_type", rope.get("type")) == "linear" else 1.0
+    except (KeyError, TypeError, ValueError):
+        return None
+    derived = int(min(limits) * factor) if factor != 1.0 else min(limits)
+    windowed = architecture == "MistralForCausalLM" or architecture == "Qwen2ForCausalLM" and cfg.get("use_sliding_window")
+    window = cfg.get("sliding_window", DEFAULT_WINDOW) if windowed else None
+    return min(derived, window) if window else derived
+
+
+def _gguf_config(files: ModelFiles) -> dict[str, Any]:
+    """What `workers.gguf_file.gguf_model_config` takes from a GGUF file for the sequence length."""
+    metadata = gguf_scalars(str(Path(files.folder) / files.gguf_file))
+    arch = metadata.get("general.architecture")
+    config: dict[str, Any] = {"model_type": arch, "sliding_window": metadata.get(f"{arch}.attention.sliding_window")}
+    if f"{arch}.context_length" in metadata:
+        config["max_position_embeddings"] = metadata[f"{arch}.context_length"]
+    config["use_sliding_window"] = config["sliding_window"] is not None
+    if metadata.get(f"{arch}.rope.scaling.type") == "linear":
+        config["rope_scaling"] = {"rope_type": "linear", "factor": metadata[f"{arch}.rope.scaling.factor"]}
+    return config
+
+
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def gguf_scalars(path: str) -> dict[str, Any]:
+    """A GGUF file's scalar and string metadata, arrays stepped over (`workers.gguf_file` reads
+    the same, but imports torch)."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        if buf[:4] != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        _, _, n_kv = struct.unpack_from("<IQQ", buf, 4)
+        pos, found = 24, {}
+
+        def step(vtype: int) -> tuple[Any, int]:
+            if vtype in _GGUF_SCALARS:
+                return struct.unpack_from(_GGUF_SCALARS[vtype], buf, pos)[0], struct.calcsize(_GGUF_SCALARS[vtype])
+            if vtype == _GGUF_STRING:
+                (length,) = struct.unpack_from("<Q", buf, pos)
+                return bytes(buf[pos + 8 : pos + 8 + length]).decode("utf-8", "replace"), 8 + length
+            raise ValueError(f"{path}: GGUF value type {vtype}")
+
+        for _ in range(n_kv):
+            key, size = step(_GGUF_STRING)
+            pos += size
+            (vtype,) = struct.unpack_from("<I", buf, pos)
+            pos += 4
+            if vtype != _GGUF_ARRAY:
+                found[key], size = step(vtype)
+                pos += size
+                continue
+            etype, count = struct.unpack_from("<IQ", buf, pos)
+            pos += 12
+            if etype in _GGUF_SCALARS:
+                pos += count * struct.calcsize(_GGUF_SCALARS[etype])
+            elif etype == _GGUF_STRING:
+                for _ in range(count):
+                    pos += 8 + struct.unpack_from("<Q", buf, pos)[0]
+            else:
+                raise ValueError(f"{path}: a GGUF array of arrays")
+        return found
 
 
 def _requested_ranks(engine_args: dict[str, Any]) -> int:

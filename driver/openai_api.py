@@ -18,6 +18,7 @@ from typing import Annotated, Any, AsyncIterator
 import msgspec
 
 from driver.async_engine import AsyncEngine, Prompt, RequestStream
+from driver.generation_defaults import GenerationDefaults, sampling_params_with_defaults
 from driver.outputs import CompletionOutput, Logprob, RequestOutput
 from parallel.errors import EngineAsleepError, EngineDeadError
 from workers.sampling_params import SamplingParams
@@ -75,14 +76,15 @@ SAMPLING_FIELDS = (
     "n", "temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty", "top_k", "min_p",
     "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "skip_special_tokens", "include_stop_str_in_output",
 )
-"""Request fields that are SamplingParams fields of the same name and meaning (None: its default)."""
+"""Request fields that are SamplingParams fields of the same name and meaning (None: not set, the
+model's default or else SamplingParams' own)."""
 
 
 class CompletionRequest(_Request, kw_only=True, forbid_unknown_fields=True):
     prompt: str | list[str | int | list[int]]
     """A string, a list of strings, a list of token ids, or a list of lists of token ids."""
     max_tokens: int | None = None
-    """None: 16, as OpenAI's default."""
+    """None: the model's max_new_tokens, else 16, as OpenAI's default."""
     logprobs: int | None = None
     """Return the log-probabilities of this many most likely tokens at each step."""
 
@@ -102,7 +104,8 @@ class ChatCompletionRequest(_Request, kw_only=True, forbid_unknown_fields=True):
     messages: list[ChatMessage]
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    """OpenAI's newer name of max_tokens; None for both: until max_model_len."""
+    """OpenAI's newer name of max_tokens; None for both: the model's max_new_tokens, else until
+    max_model_len."""
     logprobs: bool = False
     top_logprobs: int | None = None
     """With logprobs: how many of the most likely tokens to give at each step."""
@@ -125,11 +128,14 @@ def _field_of(message: str) -> str | None:
     return found.group(1) if found else None
 
 
-def sampling_params(request: _Request, **fields: Any) -> SamplingParams:
-    """SamplingParams from the request's fields (and `fields`); its own checks give a 400."""
-    given = {name: getattr(request, name) for name in SAMPLING_FIELDS if getattr(request, name) is not None}
+def sampling_params(
+    request: _Request, defaults: GenerationDefaults | None = None, fallback: dict[str, Any] | None = None, **fields: Any
+) -> SamplingParams:
+    """SamplingParams from the request's fields and `fields` (None: not set), else the model's
+    `defaults`, else `fallback`, else SamplingParams' own; its own checks give a 400."""
+    given = {name: getattr(request, name) for name in SAMPLING_FIELDS}
     try:
-        return SamplingParams(**given, **fields)
+        return sampling_params_with_defaults({**given, **fields}, defaults or GenerationDefaults(), fallback)
     except ValueError as exc:
         first = str(exc).split()[0]
         raise OpenAIError(400, str(exc), param=first if first in SamplingParams.__struct_fields__ else None) from None
@@ -173,10 +179,14 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
 
 class OpenAIServing:
     """The OpenAI endpoints of one served model. Each endpoint returns a JSON-ready dict, or for
-    `stream: true` an async iterator of server-sent-event bytes."""
+    `stream: true` an async iterator of server-sent-event bytes. `defaults`: the model's sampling
+    defaults, for the fields a request leaves out (`load_generation_defaults`)."""
 
-    def __init__(self, engine: AsyncEngine, model_id: str, max_model_len: int, vocab_size: int) -> None:
+    def __init__(
+        self, engine: AsyncEngine, model_id: str, max_model_len: int, vocab_size: int, defaults: GenerationDefaults | None = None
+    ) -> None:
         self.engine, self.model_id, self.max_model_len, self.vocab_size = engine, model_id, max_model_len, vocab_size
+        self.defaults = defaults or GenerationDefaults()
         self.created = int(time.time())
 
     def models(self) -> dict[str, Any]:
@@ -187,8 +197,7 @@ class OpenAIServing:
         request = decode(body, CompletionRequest)
         self._check_model(request.model)
         prompts = completion_prompts(request.prompt)
-        extra = {} if request.max_tokens is None else {"max_tokens": request.max_tokens}
-        params = self._sampling_params(request, logprobs=request.logprobs, **extra)
+        params = self._sampling_params(request, max_tokens=request.max_tokens, logprobs=request.logprobs)
         reply_id = _reply_id("cmpl")
         stream = await self._submit(prompts, params, reply_id, "prompt")
         reply = _Reply(reply_id, "text_completion", self.model_id, stream, params.n, request.logprobs)
@@ -204,7 +213,7 @@ class OpenAIServing:
         if request.top_logprobs is not None and not request.logprobs:
             raise OpenAIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
-        params = self._sampling_params(request, max_tokens=max_tokens, logprobs=logprobs)
+        params = self._sampling_params(request, fallback={"max_tokens": None}, max_tokens=max_tokens, logprobs=logprobs)
         token_ids = await self._render(messages, request)
         reply_id = _reply_id("chatcmpl")
         stream = await self._submit([(None, token_ids)], params, reply_id, "messages")
@@ -213,8 +222,8 @@ class OpenAIServing:
             return reply.chunks(_chat_choice, _include_usage(request))
         return await reply.whole(_chat_choice)
 
-    def _sampling_params(self, request: _Request, **fields: Any) -> SamplingParams:
-        params = sampling_params(request, **fields)
+    def _sampling_params(self, request: _Request, fallback: dict[str, Any] | None = None, **fields: Any) -> SamplingParams:
+        params = sampling_params(request, self.defaults, fallback, **fields)
         beyond = [t for t in params.stop_token_ids if t >= self.vocab_size]
         if beyond:  # the sampler would index its logits with them, and fail the engine
             raise OpenAIError(400, f"stop_token_ids must be below the vocabulary size, {self.vocab_size}: got {beyond}", param="stop_token_ids")

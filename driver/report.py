@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
+from driver.generation_defaults import GenerationDefaults
 from workers.kv_cache import MemoryProfile
 from workers.loader import WeightLoadReport
 
@@ -29,6 +30,8 @@ class LoadReport(msgspec.Struct, kw_only=True):
     connect_seconds: float = 0.0
     """Joining Ray, or starting a local cluster: part of `LLM(...)`, but not of the engine's
     phases (nor of their total)."""
+    generation_defaults: GenerationDefaults | None = None
+    """The sampling defaults in force where a request does not set its own (set by `LLM`)."""
 
     @property
     def token_capacity(self) -> int:
@@ -64,4 +67,6 @@ class LoadReport(msgspec.Struct, kw_only=True):
                 f"  KV cache: {self.num_blocks} blocks of {self.block_size} tokens per rank = "
                 f"{self.token_capacity} tokens"
             )
+        if self.generation_defaults is not None:
+            lines.append(f"  {self.generation_defaults.describe()}")
         return "\n".join(lines)
