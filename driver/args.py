@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -159,16 +160,20 @@ class EngineArgs:
         asked_dtype, asked_quant = self.dtype, self.quantization
         if files.weight_format == "sharded_state":
             asked_dtype, asked_quant = self._sharded_settings(Path(files.folder))
-        dtype = resolve_dtype(asked_dtype, checkpoint_dtype(hf_config), device, capability)
+        with about("dtype"):
+            dtype = resolve_dtype(asked_dtype, checkpoint_dtype(hf_config), device, capability)
         where = str(Path(files.folder) / (files.gguf_file or "config.json"))
         found_quant = checkpoint_quant_config(getattr(hf_config, "quantization_config", None), where)
-        quant = resolve_quantization(asked_quant, found_quant, where)
-        max_model_len = resolve_max_model_len(hf_config, arch, self.max_model_len)
+        with about("quantization"):
+            quant = resolve_quantization(asked_quant, found_quant, where)
+        with about("max_model_len"):
+            max_model_len = resolve_max_model_len(hf_config, arch, self.max_model_len)
         batched = self.max_num_batched_tokens or (8192 if device == "cuda" else 2048)
         if batched < self.max_num_seqs:
             raise ConfigError(
                 f"max_num_batched_tokens ({batched}) must be at least max_num_seqs ({self.max_num_seqs}), "
-                "so that every running sequence can decode in one step"
+                "so that every running sequence can decode in one step",
+                field="max_num_batched_tokens",
             )
         return EngineConfig(
             model=self._model_config(files, arch, dtype, device, max_model_len, quant),
@@ -200,7 +205,8 @@ class EngineArgs:
             if asked != was and (asked != unset or name == "tensor_parallel_size"):
                 raise ConfigError(
                     f"{folder} was saved as a sharded_state with {name}={was!r}, but {name}={asked!r} was asked for; "
-                    f"load it with {name}={was!r}, or save the model again from its original checkpoint"
+                    f"load it with {name}={was!r}, or save the model again from its original checkpoint",
+                    field=name,
                 )
         return manifest.dtype, manifest.quantization
 
@@ -214,6 +220,7 @@ class EngineArgs:
             path=files.folder,
             gguf_file=files.gguf_file,
             revision=self.revision,
+            commit=files.commit,
             tokenizer=tokenizer,
             tokenizer_revision=self.tokenizer_revision,
             tokenizer_mode=self.tokenizer_mode,
@@ -246,22 +253,35 @@ class EngineArgs:
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
         if not 0 < self.gpu_memory_utilization <= 1:
-            raise ConfigError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
+            raise ConfigError(
+                f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]", field="gpu_memory_utilization"
+            )
+
+
+@contextlib.contextmanager
+def about(name: str) -> Iterator[None]:
+    """A `ConfigError` raised inside, by code that does not know which argument it checks, is
+    about the field `name`."""
+    try:
+        yield
+    except ConfigError as exc:
+        exc.field = exc.field or name
+        raise
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
-        raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}", field=name)
 
 
 def _positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name}={value!r} must be a positive integer")
+        raise ConfigError(f"{name}={value!r} must be a positive integer", field=name)
 
 
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device='cuda' was asked for, but torch sees no CUDA device; use device='cpu' or 'auto'")
+        raise ConfigError("device='cuda' was asked for, but torch sees no CUDA device; use device='cpu' or 'auto'", field="device")
     return device

@@ -13,7 +13,16 @@ class ShardLMError(Exception):
 
 
 class ConfigError(ShardLMError, ValueError):
-    """An engine argument, or the model's config, cannot be used as given."""
+    """An engine argument, or the model's config, cannot be used as given.
+
+    `field` names the argument at fault (`"max_model_len"`) where there is one, so that a front
+    end can speak of it in its own spelling: the message says `max_model_len=999999`, as Python
+    is written; the command line says `--max-model-len 999999`.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class ModelNotFound(ShardLMError, FileNotFoundError):

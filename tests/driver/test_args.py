@@ -50,8 +50,11 @@ def test_every_field_is_documented() -> None:
     ],
 )
 def test_invalid_values_are_config_errors(tiny_checkpoint, kwargs, message) -> None:
-    with pytest.raises(ConfigError, match=message):
+    """The message names the keyword as Python writes it; `field` names it for a front end
+    (the command line says --max-model-len)."""
+    with pytest.raises(ConfigError, match=message) as refused:
         EngineArgs(model=str(tiny_checkpoint("llama")[0]), device="cpu", **kwargs).create_engine_config()
+    assert refused.value.field == ("max_num_batched_tokens" if "max_num_batched_tokens" in kwargs else next(iter(kwargs)))
 
 
 def test_cuda_asked_without_cuda(tiny_checkpoint, monkeypatch) -> None:
@@ -98,8 +101,9 @@ def test_max_model_len_from_config_and_user(tiny_checkpoint) -> None:
     llama = str(tiny_checkpoint("llama")[0])
     assert EngineArgs(model=llama, device="cpu").create_engine_config().model.max_model_len == 256
     assert EngineArgs(model=str(tiny_checkpoint("llama_linear_rope")[0]), device="cpu").create_engine_config().model.max_model_len == 512
-    with pytest.raises(ConfigError, match=r"max_model_len=300 is larger than the model allows \(256"):
+    with pytest.raises(ConfigError, match=r"max_model_len=300 is larger than the model allows \(256") as refused:
         EngineArgs(model=llama, max_model_len=300, device="cpu").create_engine_config()
+    assert refused.value.field == "max_model_len"
 
 
 def test_sliding_window_caps_the_length() -> None:
@@ -178,3 +182,12 @@ def test_gguf_config_matches_transformers(smollm2_gguf) -> None:
     theirs.architectures = ["LlamaForCausalLM"]
     assert ours == model_arch(theirs, files)
     assert (ours.num_heads, ours.num_kv_heads, ours.num_layers, ours.tie_word_embeddings) == (9, 3, 30, True)
+
+
+def test_a_config_error_keeps_its_field_across_processes() -> None:
+    """Ray pickles a worker's error to the driver; the field the command line speaks of survives."""
+    import pickle
+
+    error = pickle.loads(pickle.dumps(ConfigError("max_model_len=9 is too long", field="max_model_len")))
+    assert (str(error), error.field) == ("max_model_len=9 is too long", "max_model_len")
+    assert ConfigError("no field").field is None
