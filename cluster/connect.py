@@ -1,15 +1,36 @@
-"""Joining a Ray cluster, or starting a local one, and shutting down the one this process started."""
+"""Joining a Ray cluster, or starting a local one, and shutting down the one this process started.
+
+A local cluster that `connect` starts ends with this process: SIGTERM is turned into
+`Terminated` (a KeyboardInterrupt) in the main thread, so that the command's own cleanup runs as
+at Ctrl-C, and `shutdown_local_cluster` ends every process of the head node (the raylet, its
+agents and workers, Serve's actors) rather than leaving them to notice the driver has gone.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
-from typing import Any
+import threading
+import time
+from typing import Any, Iterator
 
+import psutil
 import ray
 
+from cluster.logs import quiet_ray_loggers, ray_level
+
 logger = logging.getLogger(f"shardlm.{__name__}")
+
+TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+"""Where Ray says, at every ray.init, whether token authentication is on."""
+SHUTDOWN_GRACE_S = 2.0
+"""How long the head node's processes have to end after ray.shutdown() before they are killed."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread while this process holds a local cluster it started."""
 
 FORWARDED_ENV_PREFIXES = ("HF_", "HUGGING_FACE_", "TRANSFORMERS_", "TOKENIZERS_", "SHARDLM_", "TQDM_")
 FORWARDED_ENV = ("XDG_CACHE_HOME",)
@@ -26,13 +47,61 @@ def connect(address: str | None = None, num_cpus: int = 1) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+        with _token_notice(show=False):
+            ray.init(address=address, logging_level=ray_level(), log_to_driver=True)
+        quiet_ray_loggers()
         return
     cpus = max(os.cpu_count() or 1, num_cpus)
     logger.info("starting a local Ray cluster with %d logical CPUs", cpus)
     env = forwarded_env()
-    ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
-    _local.update(address=_gcs_address(), env=env)
+    previous = signal.getsignal(signal.SIGTERM)  # ray.init replaces it
+    with _token_notice(show=True):
+        ray.init(num_cpus=cpus, include_dashboard=False, logging_level=ray_level())
+    quiet_ray_loggers()
+    _local.update(address=_gcs_address(), env=env, sigterm=_catch_sigterm(previous))
+
+
+class _Notices(logging.Filter):
+    """Keeps Ray's token-authentication notice from its handlers, and collects it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.messages.append(record.getMessage())
+        return False
+
+
+@contextlib.contextmanager
+def _token_notice(show: bool) -> Iterator[None]:
+    """Ray's token-authentication notice, said at each ray.init: with `show`, passed on once as
+    shardlm's INFO record (so -q drops it), else dropped."""
+    notices = _Notices()
+    ray_logger = logging.getLogger(TOKEN_AUTH_LOGGER)
+    ray_logger.addFilter(notices)
+    try:
+        yield
+    finally:
+        ray_logger.removeFilter(notices)
+    if show:
+        for message in dict.fromkeys(notices.messages):
+            logger.info("Ray: %s", message)
+
+
+def _catch_sigterm(previous: Any) -> Any:
+    """Turn SIGTERM into `Terminated` in the main thread (Ray's own handler prints a native
+    stack trace and exits without cleanup); the handler to restore at shutdown, or None where
+    none was installed (not the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def terminate(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+        raise Terminated(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, terminate)
+    return previous
 
 
 def _gcs_address() -> str | None:
@@ -73,12 +142,77 @@ def shutdown_local_cluster() -> None:
     """Shut down the local cluster `connect` started in this process (nothing otherwise), without
     the waits of Ray's exit handler: its autoscaler monitor is killed first (asked to stop after
     the GCS server has gone, it waits a second to report so), and there is no half-second
-    pause for logs at exit."""
+    pause for logs at exit. Nothing Ray's actors print meanwhile is shown (Serve's controller
+    reports its own death as a failed task), and whatever process of the head node (an agent,
+    a worker) is still there SHUTDOWN_GRACE_S after is killed. SIGTERM's handler is restored."""
     if not started_local_cluster():
         return
+    processes = _head_processes()
     _kill_monitor()
-    ray.shutdown()
+    with worker_logs_muted():
+        ray.shutdown()
+    _end(processes, SHUTDOWN_GRACE_S)
+    if _local.get("sigterm") is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _local["sigterm"])
     _local.clear()
+
+
+@contextlib.contextmanager
+def worker_logs_muted() -> Iterator[None]:
+    """While inside, Ray's driver prints none of its actors' lines, nor the errors Ray reports
+    (as it does while a debugger holds the terminal); on a Ray whose internals differ, nothing."""
+    worker = getattr(ray._private, "worker", None)
+    saved = getattr(worker, "_worker_logs_enabled", None)
+    if saved is None:
+        yield
+        return
+    worker._worker_logs_enabled = False
+    try:
+        yield
+    finally:
+        worker._worker_logs_enabled = saved
+
+
+def _head_processes() -> list[psutil.Process]:
+    """The processes the local head node started (GCS, raylet, agents, ...) and their descendants
+    (the raylet's workers: actors, Serve's controller, proxy and replicas)."""
+    try:
+        node = ray._private.worker._global_node
+        pids = [info.process.pid for infos in node.all_processes.values() for info in infos]
+    except Exception as exc:  # ray.shutdown still ends them, if more slowly
+        logger.debug("could not list the head node's processes: %s", exc)
+        return []
+    found: dict[int, psutil.Process] = {}
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            process = psutil.Process(pid)
+            for p in [process, *process.children(recursive=True)]:
+                found[p.pid] = p
+    return list(found.values())
+
+
+def _end(processes: list[psutil.Process], grace_s: float) -> None:
+    """Wait up to `grace_s` for `processes` to end, then SIGKILL those still running."""
+    deadline = time.monotonic() + grace_s
+    alive = processes
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if _running(p)]
+        if alive:
+            time.sleep(0.05)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    if alive:
+        logger.debug("killed %d process(es) of the local cluster that outlived ray.shutdown()", len(alive))
+        psutil.wait_procs(alive, timeout=5)
+
+
+def _running(process: psutil.Process) -> bool:
+    """Whether `process` (the very one: psutil checks its start time) still runs."""
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _kill_monitor() -> None:

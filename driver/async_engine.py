@@ -4,6 +4,9 @@ The `Engine` is stepped by one thread, which owns it: between two steps it runs 
 asked for (queue requests, abort them, render a chat), in the order they asked. Each submission
 gets a `RequestStream`, fed from that thread with each request's latest `RequestOutput`. Nothing
 here blocks the event loop: a caller only awaits futures that the engine thread completes.
+
+`StartingEngine` starts one on a thread of its own, so that its owner (a Serve replica) can
+answer while the ranks load: where the start has got, and the engine, or why it failed, after.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from cluster.connect import cluster_has_gpus, forwarded_env, gpu_capability
 from driver.args import EngineArgs
 from driver.engine import Engine
 from driver.outputs import RequestOutput
+from driver.progress import StartProgress
 from driver.report import LoadReport
 from parallel.errors import EngineDeadError
 from workers.kv_cache import check_pool_fits
@@ -59,14 +63,7 @@ class AsyncEngine:
     def start(cls, args: EngineArgs, placement_strategy: str = "PACK", placement_timeout_s: float = 60.0) -> "AsyncEngine":
         """Start an engine in this process (the Ray driver, or a Serve replica, whose placement
         group then holds the ranks) and its stepping thread."""
-        found = args.find_model()
-        model_class(found[2].architecture).check_layout(found[2], args.tensor_parallel_size)
-        device = args.device if args.device != "auto" else ("cuda" if cluster_has_gpus() else "cpu")
-        capability = gpu_capability() if device == "cuda" else None  # probed on a rank's GPU when this process has none
-        config = args.create_engine_config(device=device, capability=capability, found=found)
-        if args.num_gpu_blocks_override is not None:
-            check_pool_fits(config, args.num_gpu_blocks_override)
-        engine = Engine(config, forwarded_env(), ray.util.get_current_placement_group(), placement_strategy)
+        engine = build_engine(args, placement_strategy)
         return cls(engine, engine.start(placement_timeout_s))
 
     # -- what callers await ---------------------------------------------------------------------
@@ -190,6 +187,77 @@ class AsyncEngine:
         sinks, self._sinks = self._sinks, {}
         for sink in set(sinks.values()):
             sink.put(EngineDeadError(str(error)))
+
+
+def build_engine(args: EngineArgs, placement_strategy: str = "PACK") -> Engine:
+    """The engine `args` ask for, checked and configured, in this process's placement group (if
+    any); not started."""
+    found = args.find_model()
+    model_class(found[2].architecture).check_layout(found[2], args.tensor_parallel_size)
+    device = args.device if args.device != "auto" else ("cuda" if cluster_has_gpus() else "cpu")
+    capability = gpu_capability() if device == "cuda" else None  # probed on a rank's GPU when this process has none
+    config = args.create_engine_config(device=device, capability=capability, found=found)
+    if args.num_gpu_blocks_override is not None:
+        check_pool_fits(config, args.num_gpu_blocks_override)
+    return Engine(config, forwarded_env(), ray.util.get_current_placement_group(), placement_strategy)
+
+
+class StartingEngine:
+    """An `AsyncEngine` started by a thread of its own: `progress` meanwhile; `engine` once it is
+    up, or `error`, what stopped it."""
+
+    def __init__(self, args: EngineArgs, placement_strategy: str = "PACK", placement_timeout_s: float = 60.0) -> None:
+        self.engine: AsyncEngine | None = None
+        self.error: BaseException | None = None
+        self._starting: Engine | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(
+            target=self._start, args=(args, placement_strategy, placement_timeout_s), name="shardlm-engine-start", daemon=True,
+        )
+        self._thread.start()
+
+    def _start(self, args: EngineArgs, placement_strategy: str, placement_timeout_s: float) -> None:
+        try:
+            self._starting = build_engine(args, placement_strategy)
+            self.engine = AsyncEngine(self._starting, self._starting.start(placement_timeout_s))
+        except BaseException as exc:  # the owner reports it
+            logger.error("the engine failed to start: %s: %s", type(exc).__name__, exc)
+            self.error = exc
+        finally:
+            self._done.set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    @property
+    def phase(self) -> str:
+        """The engine's start-up phase ("" before it is configured)."""
+        return self._starting.phase if self._starting is not None else ""
+
+    def progress(self, timeout_s: float = 1.0) -> StartProgress | None:
+        """Where the start has got (None before the engine is configured); blocks up to
+        `timeout_s` for the ranks' answers."""
+        engine = self._starting
+        return None if engine is None else engine.progress(timeout_s)
+
+    async def wait(self, timeout_s: float) -> AsyncEngine | None:
+        """The engine once it is up, waiting up to `timeout_s` for it (None if it is still
+        starting then); EngineDeadError if it failed to start."""
+        if not self.done:
+            await asyncio.get_running_loop().run_in_executor(None, self._done.wait, timeout_s)
+        if self.error is not None:
+            raise EngineDeadError(f"the engine failed to start: {type(self.error).__name__}: {self.error}")
+        return self.engine
+
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Shut the engine down; one still starting has its ranks killed, which ends its start."""
+        starting = self._starting
+        if not self.done and starting is not None:
+            starting.shutdown(graceful=False)
+        self._done.wait(timeout_s)
+        if self.engine is not None:
+            self.engine.shutdown(timeout_s)
 
 
 class _Sink:
