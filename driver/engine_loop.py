@@ -25,7 +25,8 @@ class EngineLoop:
         self.config, self.tokenizer, self.execute = config, tokenizer, execute
         self.max_model_len = config.model.max_model_len
         sched = config.scheduler
-        self.scheduler = Scheduler(BlockManager(num_blocks, config.cache.block_size), sched.max_num_seqs, sched.max_num_batched_tokens)
+        blocks = BlockManager(num_blocks, config.cache.block_size, enable_prefix_caching=config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(blocks, sched.max_num_seqs, sched.max_num_batched_tokens)
         self.requests: dict[str, Request] = {}
         self.seqs: dict[int, Sequence] = {}
         self.next_seq_id = 0
@@ -96,14 +97,16 @@ class EngineLoop:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
-    def stats(self) -> dict[str, int]:
-        """Counters since start: steps run, sequences preempted; and the queues now."""
+    def stats(self) -> dict[str, int | float]:
+        """Counters since start: steps run, sequences preempted, prompt tokens looked up in the
+        prefix cache and found there (and their ratio); the queues and blocks now."""
         return {
             "steps": self.steps,
             "preemptions": self.preemptions,
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
             "free_blocks": self.scheduler.blocks.num_free,
+            **self.scheduler.blocks.stats(),
         }
 
     # -- a step -----------------------------------------------------------------------------
@@ -120,6 +123,8 @@ class EngineLoop:
         result = self.execute(batch)
         touched: dict[str, Request] = {}
         for seq, count in planned.scheduled:
+            if not seq.finished:  # (a sequence aborted meanwhile holds no blocks)
+                self.scheduler.blocks.computed(seq, seq.num_computed_tokens, seq.num_computed_tokens + count)
             seq.num_computed_tokens += count
             if seq.request.metrics.first_scheduled_time is None:
                 seq.request.metrics.first_scheduled_time = now

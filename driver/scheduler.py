@@ -3,8 +3,9 @@
 Each step gets at most max_num_batched_tokens tokens. Running sequences go first, oldest
 first: a decode computes one token, a prompt a chunk of what is left. When the pool has no block
 for a sequence, the newest running sequence is preempted (its blocks freed, to be recomputed
-from the start when readmitted). Then, if nobody was preempted, waiting sequences are admitted
-in arrival order while tokens, blocks and max_num_seqs allow.
+when readmitted, from the longest prefix still cached). Then, if nobody was preempted, waiting
+sequences are admitted in arrival order while tokens, blocks and max_num_seqs allow, each from
+its longest cached prefix (`BlockManager`), except requests that ask for prompt logprobs.
 """
 
 from __future__ import annotations
@@ -63,15 +64,31 @@ class Scheduler:
     def _admit_waiting(self, step: ScheduledStep, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            count = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self.blocks.can_grow(seq, seq.num_computed_tokens + count):
+            if self._sibling_computing_prompt(seq):
+                return  # admitted next step, from the prompt blocks its sibling is caching now
+            prefix = [] if seq.request.params.prompt_logprobs is not None else self.blocks.cached_prefix(seq)
+            start = len(prefix) * self.blocks.block_size
+            count = min(seq.num_tokens - start, budget)
+            if not self.blocks.can_take(seq, prefix, start + count):
                 return
             self.waiting.popleft()
+            seq.num_computed_tokens = self.blocks.take(seq, prefix)
             self.blocks.grow(seq, seq.num_computed_tokens + count)
             seq.status = Status.RUNNING
             self.running.append(seq)
             step.scheduled.append((seq, count))
             budget -= count
+
+    def _sibling_computing_prompt(self, seq: Sequence) -> bool:
+        """Whether, with prefix caching, another completion of `seq`'s request (n > 1) is still
+        computing the prompt's full blocks, which `seq` will then share instead of recomputing."""
+        if not self.blocks.enable_prefix_caching or len(seq.request.seqs) == 1:
+            return False
+        full = len(seq.prompt_token_ids) // self.blocks.block_size * self.blocks.block_size
+        return any(
+            other is not seq and other.status is Status.RUNNING and other.num_computed_tokens < full
+            for other in seq.request.seqs
+        )
 
     def _preempt(self, seq: Sequence, step: ScheduledStep) -> None:
         self.blocks.release(seq)

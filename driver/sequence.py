@@ -29,6 +29,8 @@ class Sequence:
     num_computed_tokens: int = 0
     """Tokens whose keys and values are in the cache (reset to 0 on preemption: recompute)."""
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)
+    """Prefix-cache keys of its full blocks so far, first to last (kept through preemption)."""
     status: Status = Status.WAITING
     detokenizer: IncrementalDetokenizer | None = None
     text: str = ""

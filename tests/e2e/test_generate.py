@@ -63,6 +63,26 @@ def test_a_pool_too_small_for_the_batch_preempts_and_still_finishes(ray_cluster,
         assert [o.outputs[0].token_ids for o in outputs] == [references[i] for i in keep]
 
 
+def test_prefix_cache_hits_give_transformers_greedy_tokens(llm, smollm2_reference) -> None:
+    """A long prompt computed once; then again (all its full blocks hit) and extended (its
+    prefix hits): every answer is transformers' greedy continuation."""
+    from tests.helpers import transformers_greedy
+
+    tokenizer = llm.get_tokenizer()
+    long_ids = tokenizer(" ".join(PROMPTS[:6]))["input_ids"]
+    extended = long_ids + tokenizer(" And so")["input_ids"]
+    assert len(long_ids) > 2 * 16  # two full blocks at least (block_size 16)
+    refs = [transformers_greedy(smollm2_reference[1], ids, 8) for ids in (long_ids, extended)]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    before = llm.stats()["prefix_cache_hits"]
+    first = llm.generate([{"prompt_token_ids": long_ids}], params, use_tqdm=False)[0]
+    again, longer = llm.generate([{"prompt_token_ids": long_ids}, {"prompt_token_ids": extended}], params, use_tqdm=False)
+    assert [first.outputs[0].token_ids, again.outputs[0].token_ids, longer.outputs[0].token_ids] == [refs[0], refs[0], refs[1]]
+    stats = llm.stats()
+    assert stats["prefix_cache_hits"] - before >= 2 * (len(long_ids) // 16) * 16 - 32
+    assert 0 < stats["prefix_cache_hit_rate"] <= 1
+
+
 def test_seeded_sampling_is_reproducible_within_and_across_batches(llm) -> None:
     seeded = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=12, seed=1234)
     alone = llm.generate("Once upon a time", seeded, use_tqdm=False)[0].outputs[0].text
