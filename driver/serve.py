@@ -421,6 +421,7 @@ def run_server(
     os.environ.setdefault(QUEUE_PROBE_ENV, QUEUE_PROBE_S)  # for the proxies of a local cluster started here
     connect(None, num_cpus=(args.tensor_parallel_size + 1) * num_replicas)
     app = bind(config, args)
+    logger.info("starting Ray Serve at http://%s:%d and %d engine(s) behind it", host, port, num_replicas)
     try:
         serve.start(http_options={"host": host, "port": port}, logging_config=serve_logging())
         quiet_ray_loggers()  # Serve's own logger in this process, set to INFO when Ray Serve was imported

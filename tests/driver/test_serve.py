@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -357,3 +358,48 @@ def test_sleep_routes_are_off_unless_dev_mode(server: Any) -> None:
         assert status == 404 and "SHARDLM_SERVER_DEV_MODE=1" in body["error"]["message"]
     status, body = error_response(EngineAsleepError("the engine is asleep (sleep level 1): call wake_up() first"))
     assert status == 503 and body["error"]["code"] == "engine_asleep"
+
+
+class SlowStart(FakeEngine):
+    """An engine whose start waits for `go`, then returns a report or raises `error`."""
+
+    def __init__(self, error: BaseException | None = None) -> None:
+        super().__init__()
+        self.go, self.error, self.phase = threading.Event(), error, "weights"
+
+    def start(self, placement_timeout_s: float) -> str:
+        self.go.wait(30)
+        if self.error is not None:
+            raise self.error
+        self.phase = "ready"
+        return "report"
+
+
+def test_a_starting_engine_answers_within_a_bound_then_serves_or_says_why_it_failed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import driver.async_engine as async_engine
+    from driver.async_engine import StartingEngine
+    from driver.serve import RETRY_AFTER_S, _error, _Starting
+
+    engines = [SlowStart(), SlowStart(ConfigError("no room for the KV cache"))]
+    monkeypatch.setattr(async_engine, "build_engine", lambda args, strategy: engines.pop(0))
+
+    async def scenario(starting: StartingEngine, fake: SlowStart) -> AsyncEngine | None:
+        began = time.monotonic()
+        assert await starting.wait(0.2) is None and time.monotonic() - began < 5
+        assert starting.phase == "weights" and not starting.done
+        fake.go.set()
+        return await starting.wait(30)
+
+    fine, failing = engines
+    starting = StartingEngine(EngineArgs())
+    try:
+        engine = asyncio.run(scenario(starting, fine))
+        assert engine is starting.engine and engine.load_report == "report" and starting.done
+    finally:
+        starting.shutdown()
+    with pytest.raises(EngineDeadError, match="the engine failed to start: ConfigError: no room for the KV cache"):
+        asyncio.run(scenario(StartingEngine(EngineArgs()), failing))
+
+    response = _error(_Starting("the engine is starting (weights); retry in 5 s"))
+    assert response.status_code == 503 and response.headers["Retry-After"] == str(RETRY_AFTER_S)
+    assert json.loads(response.body)["error"]["code"] == "engine_starting"
