@@ -6,6 +6,7 @@ import argparse
 import ast
 import atexit
 import contextlib
+import difflib
 import functools
 import gc
 import importlib.util
@@ -13,16 +14,18 @@ import inspect
 import json
 import logging
 import os
+import re
 import stat
 import sys
 import textwrap
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, Sequence
 
-from cluster.connect import shutdown_local_cluster
 from cluster.logs import log_to_stderr
-from parallel.errors import ShardLMError
+from driver.units import parse_size
+from parallel.errors import ConfigError, EngineDeadError, ShardLMError
 
 if TYPE_CHECKING:
     from driver.args import EngineArgs
@@ -32,6 +35,81 @@ if TYPE_CHECKING:
 SHORT_FLAGS = {"tensor_parallel_size": "-tp"}
 DEFAULT_PROMPT = "The capital of France is"
 EXIT_COMMANDS = ("/exit", "/quit")
+SAMPLING_FLAGS = ("max_tokens", "temperature", "top_p", "top_k")
+CHAT_MAX_TOKENS = 256
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_DOES_NOT_FIT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_STATUS = f"""\
+exit status: {EXIT_OK} done; {EXIT_BAD_INPUT} bad input (a flag, a model that cannot be found or read, a
+config the engine refuses), with one line `shardlm: error: ...` on stderr (--debug adds the
+traceback); {EXIT_FAILED} the engine failed while running; {EXIT_INTERRUPTED} interrupted (Ctrl-C)."""
+PLAN_EPILOG = f"""\
+The model may be a folder holding only config.json, a Hugging Face repo id (only its config
+files are fetched, or read from the cache offline) or a .gguf file (its metadata): no weights
+are read. 4-bit GPTQ and AWQ checkpoints are planned from their quantization_config.
+
+example:
+  shardlm plan --model meta-llama/Llama-3.1-70B-Instruct -tp 4 --gpu-memory 80GiB
+
+sizes: 80GiB (80 x 2**30 bytes), 80GB (80 x 10**9), 81920MiB; a bare number is refused.
+
+exit status: {EXIT_OK} it fits; {EXIT_BAD_INPUT} bad input (a flag, a model that cannot be read, a -tp
+that does not split the model, e.g. -tp 3 on 64 heads), one line on stderr; {EXIT_DOES_NOT_FIT} it does not
+fit: the plan says by how much per rank and what would fit (the largest --max-model-len, the
+smallest -tp, --kv-cache-dtype fp8 or --quantization fp8). --json prints one JSON object on
+stdout whatever the outcome, with "fits", "shortfall_bytes_per_rank" and "suggestions"."""
+SAMPLING_EPILOG = """\
+sampling: the flags not given take the model's own defaults from its generation_config.json
+(temperature, top_p, top_k, repetition_penalty, and max_new_tokens as --max-tokens) where it
+has one; --generation-config vllm ignores that file, for shardlm's defaults: temperature 1.0,
+top_p 1.0, top_k 0 (all tokens), {max_tokens} new tokens. --temperature 0 samples greedily."""
+
+
+class ShardLMParser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (`shardlm: error: ...`, exit 2) and the nearest
+    flag suggested for an unknown one."""
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments:"):
+            message += near_flags(message.split(":", 1)[1].split())
+        self.exit(EXIT_BAD_INPUT, f"shardlm: error: {message} (see `{self.prog} --help`)\n")
+
+
+def near_flags(words: list[str]) -> str:
+    known = sorted({opt for p in all_parsers(build_parser()) for a in p._actions for opt in a.option_strings})
+    for word in words:
+        if word.startswith("-") and (near := difflib.get_close_matches(word.split("=")[0], known, n=1)):
+            return f"; did you mean {near[0]}?"
+    return ""
+
+
+def all_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """`parser` and every subcommand's parser under it."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return [parser, *(q for a in subs for p in dict.fromkeys(a.choices.values()) for q in all_parsers(p))]
+
+
+def memory_size(text: str) -> int:
+    """A size with its unit: 80GiB, 80GB, 81920MiB (a bare number is refused)."""
+    try:
+        return parse_size(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def byte_count(text: str) -> int:
+    """Bytes, or a size with its unit."""
+    try:
+        return parse_size(text, bare="bytes", what="a number of bytes")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def capability(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)(?:\.(\d+))?\s*", text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"cannot read {text!r} as a compute capability: write MAJOR.MINOR, e.g. 9.0 (H100) or 8.0 (A100)")
+    return int(match.group(1)), int(match.group(2) or 0)
 
 
 class PromptsError(ShardLMError, ValueError):
@@ -78,9 +156,13 @@ def engine_fields() -> tuple[EngineField, ...]:
     )
 
 
-def _flag_type(annotation: str) -> Any:
+FLAG_TYPES = {"kv_cache_memory_bytes": (byte_count, "bytes, or a size such as 16GiB")}
+"""Engine flags read otherwise than their annotation says, and what the flag's help adds."""
+
+
+def _flag_type(name: str, annotation: str) -> Any:
     base = annotation.replace(" | None", "").strip()
-    return {"int": int, "float": float}.get(base, str)
+    return FLAG_TYPES[name][0] if name in FLAG_TYPES else {"int": int, "float": float}.get(base, str)
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -88,11 +170,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
     for f in engine_fields():
         flags = [f"--{f.name.replace('_', '-')}"] + ([SHORT_FLAGS[f.name]] if f.name in SHORT_FLAGS else [])
-        help_text = f.doc + (f" (default: {f.default})" if f.default is not None else "")
+        note = f" ({FLAG_TYPES[f.name][1]})" if f.name in FLAG_TYPES else ""
+        help_text = f.doc + note + (f" (default: {f.default})" if f.default is not None else "")
         if f.type == "bool":
             group.add_argument(*flags, dest=f.name, action="store_true", default=f.default, help=help_text)
         else:
-            group.add_argument(*flags, dest=f.name, type=_flag_type(f.type), default=f.default, help=help_text)
+            group.add_argument(*flags, dest=f.name, type=_flag_type(f.name, f.type), default=f.default, help=help_text)
 
 
 def engine_args_from(ns: argparse.Namespace) -> "EngineArgs":
@@ -107,11 +190,19 @@ def changed_engine_args(ns: argparse.Namespace) -> dict[str, Any]:
     return {f.name: getattr(ns, f.name) for f in engine_fields() if getattr(ns, f.name) != f.default}
 
 
-def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
-    parser.add_argument("--max-tokens", type=int, default=max_tokens, help=f"new tokens per reply (default: {max_tokens})")
-    parser.add_argument("--temperature", type=float, default=1.0, help="0 samples greedily (default: 1.0)")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
+def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: str) -> None:
+    """The sampling flags, None unless typed: what is not typed takes the model's defaults."""
+    model = "the model's generation_config.json where it sets it, else"
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-tokens", type=int, default=None, help=f"the most new tokens per reply (default: {max_tokens})")
+    group.add_argument("--temperature", type=float, default=None, help=f"0 samples greedily (default: {model} 1.0)")
+    group.add_argument(
+        "--top-p", type=float, default=None,
+        help=f"sample from the smallest set of likeliest tokens whose probability reaches this, in (0, 1] (default: {model} 1.0)",
+    )
+    group.add_argument(
+        "--top-k", type=int, default=None, help=f"sample from the k likeliest tokens; 0 or -1: all (default: {model} 0)"
+    )
 
 
 def add_common_flags(parser: argparse.ArgumentParser, top: bool = False) -> None:
@@ -122,52 +213,78 @@ def add_common_flags(parser: argparse.ArgumentParser, top: bool = False) -> None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shardlm", description="Tensor-parallel LLM inference on Ray.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = ShardLMParser(prog="shardlm", description="Tensor-parallel LLM inference on Ray.", epilog=EXIT_STATUS, formatter_class=raw)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    gen = sub.add_parser("generate", help="start an engine and complete prompts")
+    gen = sub.add_parser(
+        "generate", help="start an engine and complete prompts", description="Start an engine and complete prompts.",
+        epilog=SAMPLING_EPILOG.format(max_tokens=16) + "\n\n" + EXIT_STATUS, formatter_class=raw,
+    )
     gen.add_argument(
         "prompts", nargs="*",
         help=f"prompts; '-' reads stdin, one prompt a line. With no prompts and no --prompts-file: stdin when it is "
         f"a pipe or a file, else {DEFAULT_PROMPT!r}",
     )
     gen.add_argument("--prompts-file", default=None, help='one prompt a line; in a .jsonl file, {"prompt": ...} or a JSON string a line')
-    add_sampling_args(gen, max_tokens=16)
+    add_sampling_args(gen, max_tokens="the model's max_new_tokens, else 16")
     gen.add_argument("--json", action="store_true", help="print machine-readable JSON")
     add_engine_args(gen)
 
-    chat = sub.add_parser("chat", help="talk with the model through its chat template, a reply streamed as it is generated")
+    chat = sub.add_parser(
+        "chat", help="talk with the model through its chat template, a reply streamed as it is generated",
+        description="Talk with the model through its chat template, a reply streamed as it is generated.",
+        epilog=SAMPLING_EPILOG.format(max_tokens=CHAT_MAX_TOKENS) + "\n\n" + EXIT_STATUS, formatter_class=raw,
+    )
     chat.add_argument("--message", default=None, help="answer this one message and exit (default: read a message a line until /exit or EOF)")
     chat.add_argument("--system", default=None, help="a system prompt at the start of the conversation")
-    add_sampling_args(chat, max_tokens=256)
+    add_sampling_args(chat, max_tokens=f"the model's max_new_tokens, else {CHAT_MAX_TOKENS}")
     add_engine_args(chat)
 
-    srv = sub.add_parser("serve", help="serve OpenAI's completions and chat completions API (Ray Serve) until Ctrl-C")
+    srv = sub.add_parser(
+        "serve", help="serve OpenAI's completions and chat completions API (Ray Serve) until Ctrl-C",
+        epilog=EXIT_STATUS, formatter_class=raw,
+    )
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    srv.add_argument("--port", type=int, default=8000, help="(default: 8000)")
+    srv.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     srv.add_argument("--served-model-name", default=None, help="the name clients give as `model` (default: --model as given, or the default model's name)")
     srv.add_argument("--num-replicas", type=int, default=1, help="engines serving it, each with its own ranks (default: 1)")
     add_engine_args(srv)
 
-    plan = sub.add_parser("plan", help="does it fit? weights and KV capacity per rank, without loading weights or a GPU")
-    plan.add_argument("--gpu-memory", default=None, help="memory of each GPU, e.g. 80GiB (or give --kv-cache-memory-bytes)")
-    plan.add_argument("--gpu-capability", default="9.0", help="compute capability, for dtype=auto (default: 9.0)")
-    plan.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    plan = sub.add_parser(
+        "plan", help="does it fit? weights and KV capacity per rank, from the model's config alone: no weights, no GPU",
+        description="Does it fit? Weights, KV bytes per token and KV capacity per rank, from the model's config alone.",
+        epilog=PLAN_EPILOG, formatter_class=raw,
+    )
+    plan.add_argument(
+        "--gpu-memory", type=memory_size, default=None,
+        help="memory of each GPU, with its unit: 80GiB, 80GB, 81920MiB (or give --kv-cache-memory-bytes)",
+    )
+    plan.add_argument(
+        "--gpu-capability", type=capability, default=(9, 0), help="compute capability, for --dtype auto and fp8 (default: 9.0)"
+    )
+    plan.add_argument("--json", action="store_true", help="print the plan as one JSON object on stdout")
     add_engine_args(plan)
 
-    save = sub.add_parser("save-sharded", help="write each rank's final tensors (sharded_state) for fast later starts")
+    save = sub.add_parser(
+        "save-sharded", help="write each rank's final tensors (sharded_state) for fast later starts",
+        epilog=EXIT_STATUS, formatter_class=raw,
+    )
     save.add_argument("output", help="the folder to write: model-rank-R-part-P.safetensors, config, tokenizer, manifest")
-    save.add_argument("--max-size", type=int, default=None, help="the most bytes per file (default: 5 GiB)")
+    save.add_argument("--max-size", type=byte_count, default=None, help="the most bytes per file, e.g. 2GiB (default: 5GiB)")
     add_engine_args(save)
 
-    bench = sub.add_parser("bench", help="measure shardlm beside transformers")
-    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    bench = sub.add_parser("bench", help="measure shardlm beside transformers", epilog=EXIT_STATUS, formatter_class=raw)
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
     load = bench_sub.add_parser("load", help="load time and peak memory against from_pretrained")
     load.add_argument("--model", required=True, help="a checkpoint folder or .gguf file")
-    load.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    load.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="the dtype both load in (default: float32)")
     load.add_argument("--repeat", type=int, default=1, help="runs of each; the best is shown")
     load.add_argument("-tp", "--tensor-parallel-size", type=int, default=1, help="ranks, each loading in its own process")
-    load.add_argument("--safetensors-load-strategy", default="auto", choices=["auto", "page_cache", "direct"])
+    load.add_argument(
+        "--safetensors-load-strategy", default="auto", choices=["auto", "page_cache", "direct"],
+        help="how shardlm's ranks read the files, as for the engine (default: auto)",
+    )
     load.add_argument("--engine", action="store_true", help="also time one whole LLM(...) start, phase by phase")
     load.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
@@ -177,10 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(start)
 
     tput = bench_sub.add_parser("throughput", help="offline generation against transformers' batched generate")
-    tput.add_argument("--num-prompts", type=int, default=64)
+    tput.add_argument("--num-prompts", type=int, default=64, help="random prompts, all submitted at once (default: 64)")
     tput.add_argument("--input-len", type=int, default=32, help="prompt length (the shortest, with --input-len-max)")
     tput.add_argument("--input-len-max", type=int, default=None, help="draw prompt lengths from [input-len, this]")
-    tput.add_argument("--output-len", type=int, default=64)
+    tput.add_argument("--output-len", type=int, default=64, help="new tokens per prompt (default: 64)")
     tput.add_argument("--bench-seed", type=int, default=0, help="seed of the random prompts")
     tput.add_argument("--json", action="store_true", help="print machine-readable JSON")
     add_engine_args(tput)
@@ -197,17 +314,37 @@ def open_llm(ns: argparse.Namespace) -> "LLM":
     return LLM(**changed_engine_args(ns), show_progress=not ns.quiet)
 
 
-def sampling_params_from(ns: argparse.Namespace) -> "SamplingParams":
+def typed_sampling(ns: argparse.Namespace) -> dict[str, Any]:
+    """The sampling flags typed on the command line, checked before any engine starts
+    (`SamplingParams`' own message, about the flag)."""
     from workers.sampling_params import SamplingParams
 
-    return SamplingParams(max_tokens=ns.max_tokens, temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k)
+    typed = {name: getattr(ns, name) for name in SAMPLING_FLAGS if getattr(ns, name) is not None}
+    try:
+        SamplingParams(**typed)
+    except ValueError as exc:
+        raise ConfigError(str(exc), field=str(exc).split()[0]) from None
+    return typed
+
+
+def sampling_params_from(llm: "LLM", typed: dict[str, Any], fallback: dict[str, Any] | None = None) -> "SamplingParams | None":
+    """What to pass to `llm.generate`: None when no sampling flag was typed and the command has
+    no defaults of its own, so that the engine applies its defaults; else the typed flags over
+    the model's defaults (`llm.generation_defaults`: its generation_config.json, unless
+    --generation-config vllm) over the command's `fallback` (chat's longer max_tokens)."""
+    from workers.sampling_params import SamplingParams
+
+    if not typed and not fallback:
+        return None
+    model = getattr(getattr(llm, "generation_defaults", None), "values", None) or {}
+    return SamplingParams(**{**(fallback or {}), **model, **typed})
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
-    params = sampling_params_from(ns)
+    typed = typed_sampling(ns)
     prompts = read_prompts(ns)
     with open_llm(ns) as llm:
-        outputs = llm.generate(prompts, params, use_tqdm=not ns.quiet)
+        outputs = llm.generate(prompts, sampling_params_from(llm, typed), use_tqdm=not ns.quiet)
         report = llm.load_report
     if ns.json:
         texts = [{"prompt": p, "text": o.outputs[0].text, "token_ids": o.outputs[0].token_ids,
@@ -303,9 +440,10 @@ def stdin_is_terminal() -> bool:
 def cmd_chat(ns: argparse.Namespace) -> int:
     """One reply to --message, or a conversation: a message a line (typed, or piped in), each
     reply streamed; /exit, EOF or Ctrl-C ends it."""
-    params = sampling_params_from(ns)
+    typed = typed_sampling(ns)
     history = [{"role": "system", "content": ns.system}] if ns.system else []
     with open_llm(ns) as llm:
+        params = sampling_params_from(llm, typed, fallback={"max_tokens": CHAT_MAX_TOKENS})
         if ns.message is not None:
             stream_reply(llm, [*history, {"role": "user", "content": ns.message}], params)
             return 0
@@ -357,15 +495,25 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
 
 def cmd_plan(ns: argparse.Namespace) -> int:
-    from driver.planner import parse_size, plan
+    """Print the plan; exit 0 when it fits, 3 when it does not, 2 (one line on stderr) when the
+    layout does not split."""
+    from driver.planner import plan
 
     args = engine_args_from(ns)
-    device = "cpu" if args.device == "cpu" else "cuda"
-    capability = tuple(int(x) for x in ns.gpu_capability.split("."))
-    gpu_memory = parse_size(ns.gpu_memory) if ns.gpu_memory else None
-    result = plan(args, device, gpu_memory, capability)
-    print(json.dumps(msgspec_to_builtins(result)) if ns.json else result.format())
-    return 0 if result.fits else 1
+    result = plan(args, "cpu" if args.device == "cpu" else "cuda", ns.gpu_memory, ns.gpu_capability)
+    if ns.json:
+        print(json.dumps(result.to_builtins()))
+    if not result.valid:
+        fits = [s for s in result.suggestions if "tensor_parallel_size" in s.changes]
+        raise ConfigError(
+            f"tensor_parallel_size={args.tensor_parallel_size} does not split the model: {result.problem} "
+            f"It splits into {', '.join(map(str, result.split_sizes))} ranks"
+            + (f"; use {fits[0].format()}" if fits else ""),
+            field="tensor_parallel_size",
+        )
+    if not ns.json:
+        print(ns.spell(result.format()))
+    return EXIT_OK if result.fits else EXIT_DOES_NOT_FIT
 
 
 def msgspec_to_builtins(obj: object) -> object:
@@ -442,23 +590,66 @@ COMMANDS = {
 }
 
 
+class FlagSpelling:
+    """Rewrites messages written for Python (`max_model_len=999999`, `use max_model_len <= 131072`)
+    into the flags of the command line, spelt as the user typed them (`-tp 3`) or else long."""
+
+    def __init__(self, parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+        typed = {arg.split("=", 1)[0] for arg in argv if arg.startswith("-")}
+        self.flags: dict[str, str] = {}
+        for action in (a for p in all_parsers(parser) for a in p._actions):
+            options = [o for o in action.option_strings if o.startswith("-")]
+            if options and action.dest != "help" and action.dest not in self.flags:
+                self.flags[action.dest] = next((o for o in options if o in typed), max(options, key=len))
+
+    def __call__(self, message: str, field: str | None = None) -> str:
+        for dest, flag in self.flags.items():
+            message = re.sub(
+                rf"(?<![\w./'\"-]){dest}=('[^']*'|\"[^\"]*\"|[^\s,;)\]]+)", lambda m: f"{flag} {_unquote(m.group(1))}", message
+            )
+            if "_" in dest or dest == field:
+                message = re.sub(rf"(?<![\w./'\"-]){dest}(?![\w-])", flag, message)
+        return message
+
+
+def _unquote(value: str) -> str:
+    """'fp8' -> fp8, as it is typed; a quoted value with spaces keeps its quotes."""
+    quoted = len(value) > 1 and value[0] == value[-1] and value[0] in "'\""
+    return value[1:-1] if quoted and not any(c.isspace() for c in value) else value
+
+
+def error_line(exc: BaseException, spell: FlagSpelling) -> str:
+    """The one line `shardlm: error: ...` for `exc`, in the command line's words."""
+    text = spell(str(exc), getattr(exc, "field", None)) if not isinstance(exc, PromptsError) else str(exc)
+    return "shardlm: error: " + "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command in `argv` (None: this process's command line, after which it exits)."""
-    ns = build_parser().parse_args(argv)
     if argv is None:
         atexit.register(_freeze_objects)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    ns.spell = FlagSpelling(parser, argv)
     with log_to_stderr(logging.DEBUG if ns.debug else logging.WARNING if ns.quiet else logging.INFO):
         try:
             return COMMANDS[ns.command](ns)
         except KeyboardInterrupt:
             print("\nshardlm: interrupted", file=sys.stderr)
-            return 130
+            return EXIT_INTERRUPTED
         except (ShardLMError, TypeError, ValueError) as exc:
             if ns.debug:
-                raise
-            print(f"shardlm: error: {exc}", file=sys.stderr)
-            if not isinstance(exc, PromptsError):  # its message says all there is to say
-                print("(run with --debug for the traceback)", file=sys.stderr)
-            return 2
+                traceback.print_exc()
+            print(error_line(exc, ns.spell), file=sys.stderr)
+            return EXIT_FAILED if isinstance(exc, EngineDeadError) else EXIT_BAD_INPUT
         finally:
             shutdown_local_cluster()
+
+
+def shutdown_local_cluster() -> None:
+    """Shut down the local Ray cluster this process started, if it started one (a command that
+    never imported cluster.connect, such as plan, did not: Ray is not even imported for it)."""
+    connect = sys.modules.get("cluster.connect")
+    if connect is not None:
+        connect.shutdown_local_cluster()

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import logging
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
 import msgspec
 
 from cluster.logs import log_to_stderr
-from driver.cli import DEFAULT_PROMPT, build_parser, main, read_prompts
+from driver.cli import (
+    DEFAULT_PROMPT, FlagSpelling, all_parsers, build_parser, error_line, main, read_prompts, sampling_params_from,
+    typed_sampling,
+)
 from driver.report import LoadReport
+from parallel.errors import ConfigError
+from workers.sampling_params import SamplingParams
 
 
 SMALL_ENGINE = ["--max-model-len", "256", "--max-num-batched-tokens", "256", "--kv-cache-memory-bytes", str(16 * 2**20)]
@@ -38,10 +45,66 @@ def test_generate_on_the_default_model(ray_cluster, capsys) -> None:
 def test_user_errors_are_one_line_and_exit_2(capsys, tmp_path) -> None:
     assert main(["generate", "--model", str(tmp_path / "absent")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[0].startswith("shardlm: error: model ") and "no such file or folder" in err[0]
-    assert "--debug" in err[1] and len(err) == 2
-    with pytest.raises(Exception, match="no such file or folder"):
-        main(["--debug", "generate", "--model", str(tmp_path / "absent")])
+    assert len(err) == 1 and err[0].startswith("shardlm: error: model ") and "no such file or folder" in err[0]
+    assert main(["--debug", "generate", "--model", str(tmp_path / "absent")]) == 2  # the traceback, then the line
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == "Traceback (most recent call last):" and err[-1].startswith("shardlm: error: model ")
+
+
+def test_messages_name_the_flags_as_typed() -> None:
+    """What Python spells `max_model_len=999999` the command line spells `--max-model-len 999999`;
+    `-tp` where the user typed it; paths and other words are left alone."""
+    spell = FlagSpelling(build_parser(), ["plan", "-tp", "3", "--max-model-len", "999999"])
+    assert spell("max_model_len=999999 is larger; use max_model_len <= 131072") == "--max-model-len 999999 is larger; use --max-model-len <= 131072"
+    assert spell("tensor_parallel_size=3 does not split") == "-tp 3 does not split"
+    assert spell("dtype='fp32' is not one of 'auto'", "dtype") == "--dtype fp32 is not one of 'auto'"
+    assert spell("device='cuda' was asked for; use device='cpu' or 'auto'") == "--device cuda was asked for; use --device cpu or 'auto'"
+    assert spell("give the GPUs' memory (gpu_memory, e.g. 80GiB)") == "give the GPUs' memory (--gpu-memory, e.g. 80GiB)"
+    assert spell("/data/max_model_len/config.json has no model") == "/data/max_model_len/config.json has no model"
+    assert spell("raise gpu_memory_utilization") == "raise --gpu-memory-utilization"
+    error = ConfigError("kv_cache_memory_bytes=7 holds no block\nat all", field="kv_cache_memory_bytes")
+    assert error_line(error, spell) == "shardlm: error: --kv-cache-memory-bytes 7 holds no block; at all"
+
+
+def test_every_flag_of_every_command_has_help() -> None:
+    missing = [
+        f"{parser.prog} {'/'.join(action.option_strings) or action.dest}"
+        for parser in all_parsers(build_parser())
+        for action in parser._actions
+        if not isinstance(action, argparse._SubParsersAction) and not (action.help or "").strip()
+    ]
+    assert missing == []
+    commands = [a for p in all_parsers(build_parser()) for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+    assert all(choice.help for action in commands for choice in action._choices_actions)
+
+
+def test_help_gives_exit_codes_and_where_sampling_defaults_come_from() -> None:
+    commands = {p.prog: p for p in all_parsers(build_parser())}
+    plan = commands["shardlm plan"].format_help()
+    assert "0 it fits; 2 bad input" in plan and "3 it does not\nfit" in plan and "-tp 4 --gpu-memory 80GiB" in plan
+    generate = " ".join(commands["shardlm generate"].format_help().split())
+    assert "the model's own defaults from its generation_config.json" in generate and "--generation-config vllm" in generate
+
+
+def test_sampling_flags_pass_only_what_was_typed() -> None:
+    """Nothing typed: None, and the engine applies its defaults (the model's generation_config.json);
+    typed flags go over the model's defaults, which go over the command's own (chat's 256 tokens)."""
+    parse = build_parser().parse_args
+    model = SimpleNamespace(generation_defaults=SimpleNamespace(values={"temperature": 0.6, "top_p": 0.9, "max_tokens": 512}))
+    bare = SimpleNamespace()  # an engine without generation defaults
+    assert typed_sampling(parse(["generate"])) == {}
+    assert sampling_params_from(model, {}) is None and sampling_params_from(bare, {}) is None
+    typed = typed_sampling(parse(["generate", "--temperature", "0", "--top-k", "5"]))
+    assert typed == {"temperature": 0.0, "top_k": 5}
+    assert sampling_params_from(model, typed) == SamplingParams(temperature=0.0, top_p=0.9, top_k=5, max_tokens=512)
+    assert sampling_params_from(bare, typed) == SamplingParams(temperature=0.0, top_k=5)
+    chat = {"max_tokens": 256}
+    assert sampling_params_from(bare, {}, fallback=chat) == SamplingParams(max_tokens=256)
+    assert sampling_params_from(model, {}, fallback=chat).max_tokens == 512
+    assert sampling_params_from(model, {"max_tokens": 9}, fallback=chat).max_tokens == 9
+    with pytest.raises(ConfigError, match=r"top_p must be in \(0, 1\], got 1.5") as refused:
+        typed_sampling(parse(["chat", "--top-p", "1.5"]))
+    assert refused.value.field == "top_p"
 
 
 def test_engine_flags_use_vllm_spellings() -> None:
@@ -106,7 +169,7 @@ def test_quiet_and_debug_go_before_or_after_every_command() -> None:
         assert parse([*command, "--debug"]).debug and parse(["--debug", *command]).debug
         assert not parse(command).quiet and not parse(command).debug
     chat = parse(["chat", "--message", "Hi", "--system", "Be brief.", "--max-tokens", "9"])
-    assert (chat.message, chat.system, chat.max_tokens, chat.temperature) == ("Hi", "Be brief.", 9, 1.0)
+    assert (chat.message, chat.system, chat.max_tokens, chat.temperature) == ("Hi", "Be brief.", 9, None)
 
 
 def test_shardlm_logs_go_to_stderr_at_the_level_asked_and_to_the_actors(capsys) -> None:
