@@ -592,7 +592,11 @@ COMMANDS = {
 
 class FlagSpelling:
     """Rewrites messages written for Python (`max_model_len=999999`, `use max_model_len <= 131072`)
-    into the flags of the command line, spelt as the user typed them (`-tp 3`) or else long."""
+    into the flags of the command line, spelt as the user typed them (`-tp 3`) or else long.
+
+    `name=value` becomes `--flag value` for every flag; a bare name only where it cannot be an
+    ordinary word: a snake_case name, or the error's own `field` opening the message
+    ("temperature must be non-negative")."""
 
     def __init__(self, parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
         typed = {arg.split("=", 1)[0] for arg in argv if arg.startswith("-")}
@@ -607,8 +611,10 @@ class FlagSpelling:
             message = re.sub(
                 rf"(?<![\w./'\"-]){dest}=('[^']*'|\"[^\"]*\"|[^\s,;)\]]+)", lambda m: f"{flag} {_unquote(m.group(1))}", message
             )
-            if "_" in dest or dest == field:
+            if "_" in dest:
                 message = re.sub(rf"(?<![\w./'\"-]){dest}(?![\w-])", flag, message)
+            elif dest == field:
+                message = re.sub(rf"^{dest}(?![\w-])", flag, message)
         return message
 
 

@@ -180,6 +180,10 @@ def test_cli_plan(smollm2_gguf, capsys) -> None:
     assert captured.out == "" and captured.err.count("\n") == 1
     assert captured.err.startswith("shardlm: error: -tp 2 does not split the model: Total number of attention heads (9)")
     assert "It splits into 1, 3 ranks; use -tp 1 (the smallest that fits" in captured.err
+    assert main(["plan", "--model", str(smollm2_gguf), "-tp", "2", "--gpu-memory", "24GiB", "--json"]) == 2
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)  # still one JSON object on stdout, the error line on stderr
+    assert (out["valid"], out["fits"], out["split_sizes"]) == (False, False, [1, 3]) and captured.err.count("\n") == 1
     assert main(["plan", "--model", str(smollm2_gguf), "--kv-cache-memory-bytes", "64MiB", "--device", "cpu"]) == 3
     out = capsys.readouterr().out
     assert "does not fit: " in out and "would fit with --max-model-len 1440 (the most the KV cache holds)" in out
