@@ -34,6 +34,7 @@ from cluster.logs import ROOT, quiet_ray_loggers, ray_level
 from cluster.placement import STRATEGIES, rank_bundle
 from driver.args import EngineArgs
 from driver.async_engine import AsyncEngine, StartingEngine
+from driver.generation_defaults import load_generation_defaults
 from driver.openai_api import OpenAIError, OpenAIServing, error_response
 from driver.progress import StartProgress
 from driver.report import LoadReport
@@ -181,6 +182,7 @@ class OpenAIServer:
         self.engine: AsyncEngine | None = None
         self.openai: OpenAIServing | None = None
         self.starting = StartingEngine(args, config.placement_group_config.strategy)
+        self.generation_config = args.generation_config
 
     async def _serving(self) -> OpenAIServing:
         """The OpenAI front, once the engine is up (waiting up to START_WAIT_S for it)."""
@@ -191,7 +193,8 @@ class OpenAIServer:
                 raise _Starting(f"the engine is starting ({phase}); retry in {RETRY_AFTER_S} s")
             model = engine.config.model
             self.engine = engine
-            self.openai = OpenAIServing(engine, self.model_id, model.max_model_len, model.arch.vocab_size)
+            defaults = load_generation_defaults(self.generation_config, model)
+            self.openai = OpenAIServing(engine, self.model_id, model.max_model_len, model.arch.vocab_size, defaults=defaults)
         return self.openai
 
     async def _answer(self, route: str, request: Request) -> Response:
@@ -329,15 +332,24 @@ def build_app(args: dict) -> serve.Application:
     the model found (and its layout checked) here, before anything is deployed."""
     config = parse_config(args)
     engine_args = config.engine_args()
-    check_model(engine_args)
-    return bind(config, engine_args)
+    config = pinned(config, check_model(engine_args))
+    return bind(config, config.engine_args())
 
 
-def check_model(args: EngineArgs) -> None:
+def check_model(args: EngineArgs) -> str | None:
     """Find the model and check that its layout splits over the ranks (a missing model, or heads
-    that do not divide, fail here rather than in every replica)."""
-    _, _, arch = args.find_model()
+    that do not divide, fail here rather than in every replica); a Hub model's commit."""
+    files, _, arch = args.find_model()
     model_class(arch.architecture).check_layout(arch, args.tensor_parallel_size)
+    return files.commit
+
+
+def pinned(config: LLMConfig, commit: str | None) -> LLMConfig:
+    """`config` with a Hub model's revision replaced by the commit it resolved to here, so that
+    every replica, on any node, loads that commit and none re-resolves a branch."""
+    if commit is None:
+        return config
+    return msgspec.structs.replace(config, engine_kwargs={**config.engine_kwargs, "revision": commit})
 
 
 def bind(config: LLMConfig, args: EngineArgs) -> serve.Application:
@@ -416,8 +428,8 @@ def run_server(
     )
     if show_progress is None:
         show_progress = logging.getLogger(ROOT).getEffectiveLevel() <= logging.INFO
+    config = pinned(config, check_model(config.engine_args()))
     args = config.engine_args()
-    check_model(args)
     os.environ.setdefault(QUEUE_PROBE_ENV, QUEUE_PROBE_S)  # for the proxies of a local cluster started here
     connect(None, num_cpus=(args.tensor_parallel_size + 1) * num_replicas)
     app = bind(config, args)
