@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
+
+import msgspec
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
@@ -15,10 +18,13 @@ from cluster.connect import runtime_env_options
 from cluster.logs import configure_actor_logging
 from cluster.placement import Placement
 from parallel.errors import EngineDeadError, ShardLMError
+from workers.batch import Batch, StepResult
 from workers.config import EngineConfig
 from workers.progress import RankProgress
 
 logger = logging.getLogger(f"shardlm.{__name__}")
+
+STEP_SUBMIT_TIMEOUT_S = 60.0
 
 
 class WorkerActor:
@@ -30,6 +36,15 @@ class WorkerActor:
         configure_actor_logging()
         self.rank = rank
         self.worker = Worker(config, rank, world_size)
+        self._step_setup: Callable[[], None] | None = self._bind_device_to_step_thread
+        """Run once on the compiled graph's thread before its first step."""
+
+    def _bind_device_to_step_thread(self) -> None:
+        device = getattr(self.worker, "device", None)
+        if device is not None and device.type == "cuda":
+            import torch
+
+            torch.cuda.set_device(device)  # the current device is per thread
 
     def __repr__(self) -> str:
         return f"shardlm-rank{self.rank}"  # Ray's prefix of this actor's log lines: (shardlm-rank1 pid=...)
@@ -46,6 +61,15 @@ class WorkerActor:
     def execute(self, method: str, *args: Any) -> Any:
         return getattr(self.worker, method)(*args)
 
+    def execute_step(self, message: bytes) -> bytes | None:
+        """One engine step from its encoded `Batch` (the same bytes for every rank); rank 0
+        answers the encoded `StepResult`. Runs on the compiled graph's own thread."""
+        if self._step_setup is not None:
+            self._step_setup()
+            self._step_setup = None
+        result = self.worker.execute_model(STEP_DECODER.decode(message))
+        return None if result is None else STEP_ENCODER.encode(result)
+
     @ray.method(concurrency_group="progress")
     def progress(self) -> RankProgress:
         """Where the rank's start-up has got: answered by a second thread while `execute` runs."""
@@ -53,6 +77,23 @@ class WorkerActor:
 
 
 RemoteWorker = ray.remote(concurrency_groups={"progress": 1})(WorkerActor)
+
+STEP_ENCODER = msgspec.msgpack.Encoder()
+STEP_DECODER = msgspec.msgpack.Decoder(Batch)
+RESULT_DECODER = msgspec.msgpack.Decoder(StepResult)
+COMPILED_GRAPH_ENV = "SHARDLM_COMPILED_GRAPH"
+""""1" or "0" force the step dispatch; unset: a compiled graph on CPU, plain calls on CUDA (where
+it has not run yet)."""
+
+
+def compiled_graph_wanted(device: str) -> tuple[bool, str]:
+    """Whether to build the step's compiled graph, and why (for the log)."""
+    value = os.environ.get(COMPILED_GRAPH_ENV, "").strip()
+    if value in ("0", "1"):
+        return value == "1", f"{COMPILED_GRAPH_ENV}={value}"
+    if device == "cuda":
+        return False, f"not yet run on CUDA: set {COMPILED_GRAPH_ENV}=1 to try it"
+    return True, "the default on CPU"
 
 
 def worker_error(rank: int, method: str, error: Exception) -> ShardLMError:
@@ -88,10 +129,81 @@ def gather(refs: Sequence[ray.ObjectRef], method: str, timeout_s: float | None) 
 
 
 class WorkerGroup:
-    """The engine's worker actors and the one way to call them."""
+    """The engine's worker actors and the one way to call them; the step goes through a Ray
+    Compiled Graph where one is built (`compile_step`), else through plain calls."""
 
     def __init__(self, actors: list[Any]) -> None:
         self.actors = actors
+        self.step_graph: Any = None
+        self.step_dispatch = "plain calls"
+        """How steps reach the ranks, for the load report and tests."""
+
+    def compile_step(self, device: str) -> None:
+        """Build the compiled graph of `execute_step` over every rank: the driver writes each
+        step's message once into shared-memory channels (one node) or Ray's transport (across
+        nodes) that every rank reads. Where it cannot be built, steps stay plain calls and the
+        reason is logged once."""
+        wanted, why = compiled_graph_wanted(device)
+        if not wanted:
+            logger.info("steps go to the ranks as plain Ray calls (%s)", why)
+            return
+        if not logger.isEnabledFor(logging.DEBUG):
+            logging.getLogger("ray.dag").setLevel(logging.WARNING)  # its INFO lines at teardown
+        try:
+            from ray.dag import InputNode, MultiOutputNode
+
+            with InputNode() as message:
+                dag = MultiOutputNode([actor.execute_step.bind(message) for actor in self.actors])
+            self.step_graph = dag.experimental_compile(_submit_timeout=STEP_SUBMIT_TIMEOUT_S)
+            self.step_dispatch = "compiled graph"
+        except Exception as exc:  # noqa: BLE001  an old Ray, a transport it refuses: plain calls work
+            logger.warning("steps go to the ranks as plain Ray calls: a compiled graph could not be built (%s: %s)", type(exc).__name__, exc)
+            self.step_graph = None
+
+    def step(self, batch: Batch, timeout_s: float) -> StepResult:
+        """Run one step on every rank; rank 0's result."""
+        if self.step_graph is None:
+            return self.call("execute_model", batch, timeout_s=timeout_s)[0]
+        try:
+            refs = self.step_graph.execute(STEP_ENCODER.encode(batch))
+        except Exception as exc:  # noqa: BLE001  a closed channel: a rank died since the last step
+            raise self._step_error(0, exc) from exc
+        results = []
+        for rank, ref in enumerate(refs):
+            try:
+                results.append(ray.get(ref, timeout=timeout_s))
+            except Exception as exc:  # noqa: BLE001  named by rank below
+                raise self._step_error(rank, exc) from exc
+        return RESULT_DECODER.decode(results[0])
+
+    def _step_error(self, rank: int, error: Exception) -> ShardLMError:
+        """The error of a failed compiled step, naming the rank that died if one did (the channel
+        error itself may come from a survivor's read), else the rank that raised."""
+        if isinstance(error, RayTaskError):
+            return worker_error(rank, "execute_model", error)
+        for other, actor in enumerate(self.actors):
+            try:
+                ray.get(actor.node_id.remote(), timeout=5)
+            except (RayActorError, GetTimeoutError) as exc:
+                return EngineDeadError(f"rank {other} died during execute_model: {exc}")
+        kind = type(error).__name__
+        return EngineDeadError(f"execute_model failed in the compiled graph (rank {rank}'s answer): {kind}: {error}")
+
+    def teardown_step(self) -> None:
+        """End the compiled graph's loops on the ranks (before they are shut down or killed)."""
+        graph, self.step_graph = self.step_graph, None
+        if graph is None:
+            return
+        dag_logger = logging.getLogger("ray.dag")
+        saved = dag_logger.level
+        if not logger.isEnabledFor(logging.DEBUG):
+            dag_logger.setLevel(logging.CRITICAL)  # a dead rank's loop cannot be cancelled: said already
+        try:
+            graph.teardown()
+        except Exception as exc:  # noqa: BLE001  a dead rank's loop is gone already
+            logger.debug("tearing down the step graph: %s", exc)
+        finally:
+            dag_logger.setLevel(saved)
 
     @classmethod
     def start(cls, config: EngineConfig, placement: Placement, env: dict[str, str]) -> "WorkerGroup":
@@ -138,6 +250,7 @@ class WorkerGroup:
 
     def shutdown(self, timeout_s: float = 30) -> None:
         """Ask every rank to leave its process group, then end the actors whatever they answered."""
+        self.teardown_step()
         try:
             self.call("shutdown", timeout_s=timeout_s)
         except (ShardLMError, GetTimeoutError) as exc:
@@ -146,6 +259,7 @@ class WorkerGroup:
 
     def kill(self) -> None:
         """End the actors now (a rank blocked in a collective with a failed one never answers)."""
+        self.teardown_step()
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         self.actors = []

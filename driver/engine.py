@@ -92,6 +92,7 @@ class Engine:
                 self.tokenizer = tokenizer.result()
         self.loop = EngineLoop(config, num_blocks, self.tokenizer, self._execute)
         with self._phase(phases, "warmup"):
+            self.workers.compile_step(config.model.device)
             self._warm_up()
         self.phase = "ready"
         return LoadReport(
@@ -103,6 +104,7 @@ class Engine:
             block_size=config.cache.block_size,
             kv_cache_bytes=kv_bytes,
             nodes=nodes,
+            step_dispatch=self.workers.step_dispatch,
         )
 
     def _warm_up(self) -> None:
@@ -163,7 +165,7 @@ class Engine:
         process group are in an unknown state, so every later call gets EngineDeadError."""
         self._check_alive()
         try:
-            return self.workers.call("execute_model", batch, timeout_s=TIMEOUTS_S["execute_model"])[0]
+            return self.workers.step(batch, timeout_s=TIMEOUTS_S["execute_model"])
         except Exception as exc:
             self.dead = EngineDeadError(f"the engine stopped: a worker failed during a step: {exc}")
             raise self.dead from exc

@@ -32,6 +32,8 @@ class LoadReport(msgspec.Struct, kw_only=True):
     phases (nor of their total)."""
     generation_defaults: GenerationDefaults | None = None
     """The sampling defaults in force where a request does not set its own (set by `LLM`)."""
+    step_dispatch: str = ""
+    """How each step reaches the ranks: "compiled graph" or "plain calls"."""
 
     @property
     def token_capacity(self) -> int:
@@ -67,6 +69,11 @@ class LoadReport(msgspec.Struct, kw_only=True):
                 f"  KV cache: {self.num_blocks} blocks of {self.block_size} tokens per rank = "
                 f"{self.token_capacity} tokens"
             )
+        commits = {r.commit for r in self.ranks if r.commit}
+        if commits:
+            lines.append(f"  Hub commit: {', '.join(sorted(commits))}" + ("" if len(commits) == 1 else "  (ranks differ!)"))
+        if self.step_dispatch:
+            lines.append(f"  steps: {self.step_dispatch}")
         if self.generation_defaults is not None:
             lines.append(f"  {self.generation_defaults.describe()}")
         return "\n".join(lines)
