@@ -124,6 +124,10 @@ class EngineArgs:
     """Seed for dummy weights and for sampling without a per-request seed."""
     num_gpu_blocks_override: int | None = None
     """Use this many KV-cache blocks per rank, whatever the memory profile says (testing preemption)."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV-cache blocks of prompt prefixes computed before (vLLM V1's default): a full
+    block is found by a hash of its tokens and its prefix; unreferenced cached blocks are evicted
+    least recently used first. False: every prompt is computed whole."""
     enforce_eager: bool = False
     """Never capture CUDA graphs."""
     device: str = "auto"
@@ -187,6 +191,7 @@ class EngineArgs:
                 gpu_memory_utilization=self.gpu_memory_utilization,
                 kv_cache_memory_bytes=self.kv_cache_memory_bytes,
                 num_gpu_blocks_override=self.num_gpu_blocks_override,
+                enable_prefix_caching=self.enable_prefix_caching,
             ),
             parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
             scheduler=SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=batched, max_model_len=max_model_len),

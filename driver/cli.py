@@ -38,11 +38,11 @@ EXIT_COMMANDS = ("/exit", "/quit")
 SAMPLING_FLAGS = ("max_tokens", "temperature", "top_p", "top_k")
 CHAT_MAX_TOKENS = 256
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_DOES_NOT_FIT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_DOES_NOT_FIT, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 130, 143
 EXIT_STATUS = f"""\
 exit status: {EXIT_OK} done; {EXIT_BAD_INPUT} bad input (a flag, a model that cannot be found or read, a
 config the engine refuses), with one line `shardlm: error: ...` on stderr (--debug adds the
-traceback); {EXIT_FAILED} the engine failed while running; {EXIT_INTERRUPTED} interrupted (Ctrl-C)."""
+traceback); {EXIT_FAILED} the engine failed while running; {EXIT_INTERRUPTED} interrupted (Ctrl-C); {EXIT_TERMINATED} ended by SIGTERM."""
 PLAN_EPILOG = f"""\
 The model may be a folder holding only config.json, a Hugging Face repo id (only its config
 files are fetched, or read from the cache offline) or a .gguf file (its metadata): no weights
@@ -293,6 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--json", action="store_true", help="print machine-readable JSON: every run's seconds")
     add_engine_args(start)
 
+    prefix = bench_sub.add_parser("prefix", help="one long prompt twice, prefix caching on and off: the second request's time")
+    prefix.add_argument("--prompt-len", type=int, default=2000, help="prompt tokens (random ids; default: 2000)")
+    prefix.add_argument("--output-len", type=int, default=8, help="new tokens per request (default: 8)")
+    prefix.add_argument("--bench-seed", type=int, default=0, help="seed of the random prompt")
+    prefix.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    add_engine_args(prefix)
+
     tput = bench_sub.add_parser("throughput", help="offline generation against transformers' batched generate")
     tput.add_argument("--num-prompts", type=int, default=64, help="random prompts, all submitted at once (default: 64)")
     tput.add_argument("--input-len", type=int, default=32, help="prompt length (the shortest, with --input-len-max)")
@@ -302,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     tput.add_argument("--json", action="store_true", help="print machine-readable JSON")
     add_engine_args(tput)
 
+    from driver.download import add_download_parser
+
+    add_download_parser(sub, EXIT_STATUS, raw)
     for command in [parser, *sub.choices.values(), *bench_sub.choices.values()]:
         add_common_flags(command, top=command is parser)
     return parser
@@ -525,6 +535,8 @@ def msgspec_to_builtins(obj: object) -> object:
 def cmd_bench(ns: argparse.Namespace) -> int:
     if ns.bench_command == "throughput":
         return cmd_bench_throughput(ns)
+    if ns.bench_command == "prefix":
+        return cmd_bench_prefix(ns)
     if ns.bench_command == "start":
         return cmd_bench_start(ns)
     from driver.bench import bench_load, format_bench_load
@@ -534,6 +546,12 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     )
     print(json.dumps(results) if ns.json else format_bench_load(ns.model, ns.dtype, results))
     return 0
+
+
+def cmd_download(ns: argparse.Namespace) -> int:
+    from driver.download import cmd_download as download
+
+    return download(ns)
 
 
 def cmd_save_sharded(ns: argparse.Namespace) -> int:
@@ -551,6 +569,17 @@ def cmd_bench_start(ns: argparse.Namespace) -> int:
     args.validate()
     runs = bench_start(changed_engine_args(ns), ns.repeat)
     print(json.dumps(runs) if ns.json else format_bench_start(runs, args.tensor_parallel_size))
+    return 0
+
+
+def cmd_bench_prefix(ns: argparse.Namespace) -> int:
+    from driver.bench_prefix import format_prefix, run_prefix
+
+    engine = changed_engine_args(ns)
+    engine.pop("enable_prefix_caching", None)  # both settings are run
+    rows = run_prefix(engine, ns.prompt_len, ns.output_len, ns.bench_seed)
+    setup = f"{ns.model or 'default model'}, {ns.prompt_len}-token prompt, {ns.output_len} new tokens"
+    print(json.dumps(rows) if ns.json else format_prefix(setup, rows))
     return 0
 
 
@@ -586,7 +615,7 @@ def _freeze_objects() -> None:
 
 COMMANDS = {
     "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "plan": cmd_plan, "bench": cmd_bench,
-    "save-sharded": cmd_save_sharded,
+    "save-sharded": cmd_save_sharded, "download": cmd_download,
 }
 
 
@@ -641,7 +670,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with log_to_stderr(logging.DEBUG if ns.debug else logging.WARNING if ns.quiet else logging.INFO):
         try:
             return COMMANDS[ns.command](ns)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
+            if type(exc).__name__ == "Terminated":  # cluster.connect's SIGTERM: ended below, quietly
+                return EXIT_TERMINATED
             print("\nshardlm: interrupted", file=sys.stderr)
             return EXIT_INTERRUPTED
         except (ShardLMError, TypeError, ValueError) as exc:

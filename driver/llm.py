@@ -341,6 +341,7 @@ def discover_and_connect(
     """
     if ray.is_initialized():
         return (*_discover(model, engine_args), 0.0)
+    _check_sizes(engine_args)
     _check_device(engine_args.get("device", "auto"), ray_address)
     _check_local_model(model, engine_args)
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shardlm-discover") as pool:
@@ -391,6 +392,15 @@ def _check_local_model(model: str | None, engine_args: dict[str, Any]) -> None:
 
 
 # -- checks before Ray starts, without torch (whose import overlaps Ray's start) ---------------
+
+
+def _check_sizes(engine_args: dict[str, Any]) -> None:
+    """tensor_parallel_size and max_num_seqs that are not positive integers: refused at once, as
+    `EngineArgs.validate` would after Ray's start (its module imports torch)."""
+    for name in ("tensor_parallel_size", "max_num_seqs"):
+        value = engine_args.get(name, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name}={value!r} must be a positive integer", field=name)
 
 
 def _check_device(device: Any, ray_address: str | None) -> None:
