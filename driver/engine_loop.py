@@ -13,7 +13,7 @@ from driver.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOut
 from driver.scheduler import Scheduler, ScheduledStep
 from driver.sequence import Request, Sequence, Status
 from driver.tokenizer import IncrementalDetokenizer
-from workers.batch import Batch, NewSequence, PromptLogprobs, SampledToken, StepResult
+from workers.batch import Batch, NewSequence, PromptLogprobs, SampledToken, StepResult, TableUpdate
 from workers.config import EngineConfig
 from workers.sampling_params import SamplingParams
 
@@ -142,7 +142,7 @@ class EngineLoop:
         return outputs
 
     def _batch(self, planned: ScheduledStep) -> Batch:
-        fields: dict[str, list] = {k: [] for k in ("seq_ids", "token_ids", "query_lens", "context_lens", "block_tables", "sample", "prompt_logprob_counts")}
+        fields: dict[str, list] = {k: [] for k in ("seq_ids", "token_ids", "query_lens", "context_lens", "table_updates", "sample", "prompt_logprob_counts")}
         new_seqs = []
         for seq, count in planned.scheduled:
             start, stop = seq.num_computed_tokens, seq.num_computed_tokens + count
@@ -150,7 +150,9 @@ class EngineLoop:
             fields["token_ids"].extend(seq.token_slice(start, stop))
             fields["query_lens"].append(count)
             fields["context_lens"].append(stop)
-            fields["block_tables"].append(list(seq.block_table))
+            update = table_update(seq)
+            if update is not None:
+                fields["table_updates"].append(update)
             fields["sample"].append(stop == seq.num_tokens)
             fields["prompt_logprob_counts"].append(self._prompt_logprob_count(seq, start, stop))
             if not seq.announced:
@@ -286,6 +288,15 @@ class EngineLoop:
             return seq.text
         hold = max(len(s) for s in stops) - 1
         return seq.text[: max(0, len(seq.text) - hold)]
+
+
+def table_update(seq: Sequence) -> TableUpdate | None:
+    """The blocks of `seq`'s table the ranks do not hold yet, as one update (None: none)."""
+    sent, table = seq.blocks_sent, seq.block_table
+    if len(table) == sent:
+        return None
+    seq.blocks_sent = len(table)
+    return TableUpdate(seq.seq_id, sent, table[sent:])
 
 
 def _seed(seed: int | None, index: int) -> int | None:

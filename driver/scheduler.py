@@ -92,7 +92,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence, step: ScheduledStep) -> None:
         self.blocks.release(seq)
-        seq.num_computed_tokens = 0
+        seq.num_computed_tokens = seq.blocks_sent = 0
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         step.preempted.append(seq)

@@ -29,6 +29,8 @@ class Sequence:
     num_computed_tokens: int = 0
     """Tokens whose keys and values are in the cache (reset to 0 on preemption: recompute)."""
     block_table: list[int] = field(default_factory=list)
+    blocks_sent: int = 0
+    """How much of block_table the ranks hold (0 again after preemption: it is sent whole)."""
     block_hashes: list[bytes] = field(default_factory=list)
     """Prefix-cache keys of its full blocks so far, first to last (kept through preemption)."""
     status: Status = Status.WAITING

@@ -20,18 +20,30 @@ class NewSequence(msgspec.Struct, frozen=True, kw_only=True):
     """Token ids that min_tokens keeps from ending the sequence early (end of sequence, stop_token_ids)."""
 
 
+class TableUpdate(msgspec.Struct, frozen=True, array_like=True):
+    """A change to one sequence's block table: from index `start` on, it is `blocks` (start 0:
+    the whole table, for a sequence new to the ranks or resumed after preemption)."""
+
+    seq_id: int
+    start: int
+    blocks: list[int]
+
+
 class Batch(msgspec.Struct, frozen=True, kw_only=True):
-    """One step's work. Sequences come decodes first (one new token each), then chunks of prompts.
+    """One step's work, the same message for every rank. Sequences come decodes first (one new
+    token each), then chunks of prompts.
 
     For sequence i, the new tokens `token_ids[sum(query_lens[:i]) : ...]` sit at positions
-    context_lens[i] - query_lens[i] ... context_lens[i] - 1, in the cache blocks of block_tables[i].
+    context_lens[i] - query_lens[i] ... context_lens[i] - 1, in the cache blocks of its block
+    table. The ranks keep every table between steps (`workers.block_tables`): a batch carries
+    only the blocks added since the last one (`table_updates`).
     """
 
     seq_ids: list[int]
     token_ids: list[int]
     query_lens: list[int]
     context_lens: list[int]
-    block_tables: list[list[int]]
+    table_updates: list[TableUpdate] = []
     num_decodes: int
     sample: list[bool]
     """Whether this chunk ends the sequence's known tokens, so that a next token is sampled."""

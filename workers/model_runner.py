@@ -9,6 +9,7 @@ from torch import nn
 from kernels.paged_decode_attention import decode_gather_plan
 from parallel.state import TensorParallelGroup
 from workers.batch import Batch, StepResult
+from workers.block_tables import BlockTables
 from workers.config import EngineConfig
 from workers.kv_cache import KVCache
 from workers.models.layers import PagedMetadata
@@ -21,9 +22,11 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         model.bind_kv_cache(kv_cache.keys, kv_cache.values)
         self.sampler = Sampler(device, config.model.seed) if tp.rank == 0 else None
+        self.tables = BlockTables(-(-config.model.max_model_len // self.block_size))
 
     @torch.inference_mode()
     def execute(self, batch: Batch) -> StepResult | None:
+        self.tables.apply(batch.table_updates, batch.finished_seq_ids)
         if self.sampler is not None:
             self.sampler.forget(batch.finished_seq_ids)
             for seq in batch.new_seqs:
@@ -47,8 +50,7 @@ class ModelRunner:
         seq_of_token = torch.repeat_interleave(torch.arange(len(batch.seq_ids)), query)
         starts = torch.cumsum(query, 0) - query
         positions = (context - query)[seq_of_token] + torch.arange(int(query.sum())) - starts[seq_of_token]
-        width = max(len(t) for t in batch.block_tables)
-        tables = torch.tensor([t + [0] * (width - len(t)) for t in batch.block_tables], dtype=torch.int32)
+        tables = self.tables.gather(batch.seq_ids)
         slots = tables[seq_of_token, positions // bs].long() * bs + positions % bs
         n = batch.num_decodes
         prefill_query = query[n:]
