@@ -304,10 +304,33 @@ def build_parser() -> argparse.ArgumentParser:
     tput.add_argument("--num-prompts", type=int, default=64, help="random prompts, all submitted at once (default: 64)")
     tput.add_argument("--input-len", type=int, default=32, help="prompt length (the shortest, with --input-len-max)")
     tput.add_argument("--input-len-max", type=int, default=None, help="draw prompt lengths from [input-len, this]")
-    tput.add_argument("--output-len", type=int, default=64, help="new tokens per prompt (default: 64)")
+    tput.add_argument("--output-len", type=int, default=64, help="new tokens per prompt (the most, with --output-len-min; default: 64)")
+    tput.add_argument("--output-len-min", type=int, default=None, help="draw each request's output length from [this, output-len]")
+    tput.add_argument(
+        "--mixed", action="store_true",
+        help="a mixed workload: prompt and output lengths drawn per request (--input-len-max default: 4 x input-len, "
+        "--output-len-min default: output-len / 8); transformers runs one padded batch to the longest output, "
+        "and only the requested tokens count",
+    )
     tput.add_argument("--bench-seed", type=int, default=0, help="seed of the random prompts")
     tput.add_argument("--json", action="store_true", help="print machine-readable JSON")
     add_engine_args(tput)
+
+    from driver.bench_latency import batch_sizes
+
+    lat = bench_sub.add_parser("latency", help="ms per decode step at given batch sizes against transformers' generate loop")
+    lat.add_argument("--batch-sizes", type=batch_sizes, default=[1, 8, 64], help="comma-separated batch sizes (default: 1,8,64)")
+    lat.add_argument("--input-len", type=int, default=16, help="prompt tokens (random ids; default: 16)")
+    lat.add_argument("--output-len", type=int, default=128, help="new tokens per request, at least 2 (default: 128)")
+    lat.add_argument("--repeat", type=int, default=3, help="runs of each timing; the best is shown (default: 3)")
+    lat.add_argument("--bench-seed", type=int, default=0, help="seed of the random prompts")
+    lat.add_argument(
+        "--tiny", action="store_true",
+        help="issue 11's tiny Llama (hidden 64, 2 layers, dummy weights) written to a temporary folder: the step's "
+        "overhead alone (instead of --model)",
+    )
+    lat.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    add_engine_args(lat)
 
     from driver.download import add_download_parser
 
@@ -535,6 +558,8 @@ def msgspec_to_builtins(obj: object) -> object:
 def cmd_bench(ns: argparse.Namespace) -> int:
     if ns.bench_command == "throughput":
         return cmd_bench_throughput(ns)
+    if ns.bench_command == "latency":
+        return cmd_bench_latency(ns)
     if ns.bench_command == "prefix":
         return cmd_bench_prefix(ns)
     if ns.bench_command == "start":
@@ -588,20 +613,43 @@ def cmd_bench_throughput(ns: argparse.Namespace) -> int:
 
     args = engine_args_from(ns)
     config = args.create_engine_config()
-    lengths = (ns.input_len, ns.input_len_max or ns.input_len)
+    lengths = (ns.input_len, ns.input_len_max or (4 * ns.input_len if ns.mixed else ns.input_len))
+    out_lengths = (ns.output_len_min or (max(1, ns.output_len // 8) if ns.mixed else ns.output_len), ns.output_len)
+    if not 1 <= out_lengths[0] <= out_lengths[1] or lengths[0] > lengths[1]:
+        raise ValueError(f"no lengths to draw from: input {lengths[0]}-{lengths[1]}, output {out_lengths[0]}-{out_lengths[1]}")
     prompts = bench.random_prompts(ns.num_prompts, lengths, config.model.arch.vocab_size, ns.bench_seed)
-    ours = bench.run_shardlm_throughput({**changed_engine_args(ns), "show_progress": not ns.quiet}, prompts, ns.output_len)
+    output_lens = bench.random_lengths(ns.num_prompts, out_lengths, ns.bench_seed + 1)
+    ours = bench.run_shardlm_throughput({**changed_engine_args(ns), "show_progress": not ns.quiet}, prompts, output_lens)
     weights = config.model.path if config.model.gguf_file is None else f"{config.model.path}/{config.model.gguf_file}"
-    theirs = bench.run_transformers_throughput(weights, config.model.dtype, prompts, ns.output_len)
+    theirs = bench.run_transformers_throughput(weights, config.model.dtype, prompts, output_lens)
     setup = (
         f"{config.model.model or 'default'} ({config.model.dtype}, {config.model.device}, tp={args.tensor_parallel_size}), "
-        f"{ns.num_prompts} prompts x {lengths[0]}{'-' + str(lengths[1]) if lengths[1] != lengths[0] else ''} tokens, "
-        f"{ns.output_len} new tokens each"
+        f"{ns.num_prompts} prompts x {bench.span(lengths)} tokens, {bench.span(out_lengths)} new tokens each"
     )
     if ns.json:
         print(json.dumps({"setup": setup, "shardlm": ours, "transformers": theirs, "ratio": ours["tokens_per_s"] / theirs["tokens_per_s"]}))
     else:
         print(bench.format_throughput(setup, ours, theirs))
+    return 0
+
+
+def cmd_bench_latency(ns: argparse.Namespace) -> int:
+    import tempfile
+
+    from driver.bench_latency import bench_latency, format_latency, tiny_llama_folder
+
+    if ns.output_len < 2:
+        raise ValueError(f"output_len={ns.output_len}: a decode step needs at least 2 new tokens")
+    engine = {**changed_engine_args(ns), "show_progress": not ns.quiet}
+    with tempfile.TemporaryDirectory(prefix="shardlm-tiny-") as tmp:
+        if ns.tiny:
+            if ns.model is not None:
+                raise ValueError("give --tiny or --model, not both")
+            engine.update(model=str(tiny_llama_folder(Path(tmp))), load_format="dummy", skip_tokenizer_init=True)
+        result = bench_latency(engine, ns.batch_sizes, ns.input_len, ns.output_len, ns.repeat, ns.bench_seed)
+        if ns.tiny:
+            result["setup"]["model"] = "tiny Llama (hidden 64, 2 layers)"
+    print(json.dumps(result) if ns.json else format_latency(result))
     return 0
 
 
