@@ -56,7 +56,9 @@ def connect(address: str | None = None, num_cpus: int = 1) -> None:
     env = forwarded_env()
     previous = signal.getsignal(signal.SIGTERM)  # ray.init replaces it
     with _token_notice(show=True):
-        ray.init(num_cpus=cpus, include_dashboard=False, logging_level=ray_level())
+        # address="local": a new cluster even where `ray start` left one running on this machine
+        # (which ray.init() would join, and then refuse num_cpus); join one with RAY_ADDRESS
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=ray_level())
     quiet_ray_loggers()
     _local.update(address=_gcs_address(), env=env, sigterm=_catch_sigterm(previous))
 

@@ -209,7 +209,7 @@ class Engine:
         deadline = time.monotonic() + max_seconds
         changed: dict[str, RequestOutput] = {}
         while self.loop.has_unfinished():
-            for out in self.loop.step():
+            for out in self.loop.step(finished_only=not stream):
                 if stream or out.finished:
                     changed[out.request_id] = out
             if time.monotonic() >= deadline or (stream and changed):

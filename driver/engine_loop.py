@@ -111,8 +111,9 @@ class EngineLoop:
 
     # -- a step -----------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
-        """Schedule, run the batch on every rank, apply the sampled tokens; the requests that changed."""
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
+        """Schedule, run the batch on every rank, apply the sampled tokens; the requests that
+        changed (only those that finished, with `finished_only`: nobody streams them)."""
         planned = self.scheduler.schedule()
         self.preemptions += len(planned.preempted)
         if not planned.scheduled:
@@ -133,7 +134,7 @@ class EngineLoop:
             self._add_prompt_logprobs(self.seqs[entry.seq_id].request, entry)
         for token in result.sampled:
             self._append(self.seqs[token.seq_id], token)
-        outputs = [self.output(r) for r in touched.values()]
+        outputs = [self.output(r) for r in touched.values() if r.finished or not finished_only]
         for request in touched.values():
             if request.finished:
                 del self.requests[request.request_id]

@@ -135,3 +135,27 @@ def test_llm_applies_the_models_defaults_unless_given_sampling_params(ray_cluste
             assert 1 <= len(out.token_ids) <= 3 and (len(out.token_ids) == 3) == (out.finish_reason == "length")
         given = llm.generate("Hello", SamplingParams(max_tokens=6, ignore_eos=True))[0].outputs[0]
         assert len(given.token_ids) == 6
+        _through_the_command(llm, folder)
+
+
+def _through_the_command(llm: LLM, folder: Path) -> None:
+    """`shardlm generate` on the same engine: untyped flags take the file's max_new_tokens (3),
+    a typed --max-tokens overrides it."""
+    import contextlib
+    import io
+
+    from driver import cli
+
+    def run(*flags: str) -> list[dict]:
+        out = io.StringIO()
+        with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
+            mp.setattr(cli, "open_llm", lambda ns: contextlib.nullcontext(llm))
+            assert cli.main(["generate", "--model", str(folder), "--json", "-q", *flags, "Hello"]) == 0
+        return json.loads(out.getvalue())["outputs"]
+
+    by_model = run("--temperature", "0")[0]
+    assert 1 <= len(by_model["token_ids"]) <= 3 and (len(by_model["token_ids"]) == 3) == (by_model["finish_reason"] == "length")
+    typed = run("--temperature", "0", "--max-tokens", "7")[0]
+    assert typed["token_ids"][: len(by_model["token_ids"])] == by_model["token_ids"]  # greedy: the same start
+    assert len(typed["token_ids"]) == 7 or typed["finish_reason"] == "stop"
+    assert len(typed["token_ids"]) > 3 or typed["finish_reason"] == "stop"
