@@ -78,3 +78,18 @@ def ray_cluster():
         ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """A Hub stand-in on the loopback address (tests/hub_server.py), HF_ENDPOINT pointing at it,
+    online, with this process's memory of unreachable Hubs and warnings said cleared."""
+    from tests.hub_server import HubServer
+    from workers import hub as hub_module
+
+    monkeypatch.setattr(hub_module, "_unreachable", {})
+    monkeypatch.setattr(hub_module, "_warned", set())
+    with HubServer() as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        yield server

@@ -12,8 +12,7 @@ import pytest
 
 from driver import LLM, SamplingParams
 from tests.helpers import with_byte_tokenizer
-from tests.hub_server import HubServer, folder_files
-from workers import hub as hub_module
+from tests.hub_server import folder_files
 
 REPO = "org/tiny-text"
 SMALL = dict(max_num_batched_tokens=256, kv_cache_memory_bytes=4 * 2**20, device="cpu")
@@ -27,16 +26,6 @@ def checkpoints(tiny_checkpoint, tmp_path_factory) -> tuple[dict[str, bytes], di
     first = with_byte_tokenizer(tiny_checkpoint("llama")[0], root / "llama")
     second = with_byte_tokenizer(tiny_checkpoint("qwen2")[0], root / "qwen2")
     return folder_files(first), folder_files(second)
-
-
-@pytest.fixture
-def hub(monkeypatch):
-    monkeypatch.setattr(hub_module, "_unreachable", {})
-    monkeypatch.setattr(hub_module, "_warned", set())
-    with HubServer() as server:
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
-        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-        yield server
 
 
 def test_every_rank_loads_the_drivers_commit_though_the_branch_moves(ray_cluster, hub, checkpoints, tmp_path) -> None:

@@ -15,22 +15,10 @@ import pytest
 
 from parallel.errors import ModelNotFound
 from tests.hub_server import HubServer, folder_files
-from workers import hub as hub_module
 from workers.model_files import find_model
 from workers.worker import ensure_model_files
 
 REPO = "org/tiny"
-
-
-@pytest.fixture
-def hub(monkeypatch):
-    """A stand-in Hub, HF_ENDPOINT pointing at it, online, with a fresh memory of failures."""
-    monkeypatch.setattr(hub_module, "_unreachable", {})
-    monkeypatch.setattr(hub_module, "_warned", set())
-    with HubServer() as server:
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
-        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-        yield server
 
 
 @pytest.fixture
