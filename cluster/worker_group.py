@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import time
 from typing import Any, Callable, Sequence
@@ -96,8 +97,22 @@ def compiled_graph_wanted(device: str) -> tuple[bool, str]:
     return True, "the default on CPU"
 
 
+ANSI_CODES = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def worker_error(rank: int, method: str, error: Exception) -> ShardLMError:
-    """A shardlm error that names the rank, the call, and the worker's own cause and traceback."""
+    """A shardlm error that names the rank, the call, and the worker's own cause and traceback
+    (without the colour codes Ray puts in a task error's text)."""
+    failure = _worker_error(rank, method, error)
+    text = ANSI_CODES.sub("", str(failure))
+    if text == str(failure):
+        return failure
+    clean = type(failure)(text)
+    clean.__dict__.update(vars(failure))  # ConfigError's field
+    return clean
+
+
+def _worker_error(rank: int, method: str, error: Exception) -> ShardLMError:
     if isinstance(error, RayActorError):
         return EngineDeadError(f"rank {rank} died during {method}: {error}")
     cause = getattr(error, "cause", None)

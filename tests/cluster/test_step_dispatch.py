@@ -37,3 +37,11 @@ def test_the_default_dispatch(monkeypatch) -> None:
     assert compiled_graph_wanted("cuda")[0] is False  # until it has run on a GPU
     monkeypatch.setenv(COMPILED_GRAPH_ENV, "1")
     assert compiled_graph_wanted("cuda") == (True, f"{COMPILED_GRAPH_ENV}=1")
+
+
+def test_rank_errors_carry_no_colour_codes() -> None:
+    from cluster.worker_group import worker_error
+
+    error = worker_error(1, "load_model", ValueError("\x1b[36mray::WorkerActor.execute()\x1b[39m failed"))
+    assert str(error).startswith("rank 1 failed in load_model: ValueError: ray::WorkerActor.execute() failed")
+    assert "\x1b" not in str(error)
