@@ -11,10 +11,13 @@ from typing import TYPE_CHECKING
 
 from parallel.errors import ConfigError
 
+from workers.model_files import LOAD_FORMATS as START_FORMATS
+
 if TYPE_CHECKING:
     from workers.model_files import ModelFiles
 
-LOAD_FORMATS = ("auto", "safetensors", "pt", "sharded_state", "dummy")
+LOAD_FORMATS = tuple(f for f in START_FORMATS if f != "gguf")
+"""What a download can fetch: a repo's GGUF files are not what a start of a repo id reads."""
 
 
 def download(model: str, revision: str | None = None, download_dir: str | None = None, load_format: str = "auto") -> "ModelFiles":

