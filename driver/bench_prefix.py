@@ -25,8 +25,10 @@ def run_prefix(engine_args: dict[str, Any], prompt_len: int, output_len: int, se
     for caching in (True, False):
         args = {**engine_args, "enable_prefix_caching": caching, "max_model_len": max(prompt_len + output_len + 16, 2048)}
         with LLM(**args) as llm:
-            prompt = random_prompts(1, (prompt_len, prompt_len), llm.config.model.arch.vocab_size, seed)[0]
-            llm.generate([{"prompt_token_ids": prompt[:32]}], params, use_tqdm=False)  # warm, on another prefix
+            vocab = llm.config.model.arch.vocab_size
+            prompt = random_prompts(1, (prompt_len, prompt_len), vocab, seed)[0]
+            warm = random_prompts(1, (32, 32), vocab, seed + 1)[0]  # shares no block with `prompt`
+            llm.generate([{"prompt_token_ids": warm}], params, use_tqdm=False)
             seconds, outs = [], []
             for _ in range(2):
                 start = time.perf_counter()
