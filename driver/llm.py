@@ -13,7 +13,6 @@ import glob
 import itertools
 import json
 import logging
-import mmap
 import os
 import struct
 import sys
@@ -27,7 +26,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from cluster.connect import actor_env, cluster_has_gpus, connect, gpu_capability, runtime_env_options, shutdown_local_cluster
 from driver.generation_defaults import GenerationDefaults, load_generation_defaults, sampling_params_with_defaults
 from driver.outputs import RequestOutput
-from parallel.errors import ConfigError, EngineDeadError, ShardLMError
+from parallel.errors import ConfigError, EngineDeadError, ShardLMError, WeightLoadError
 from workers.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -450,7 +449,7 @@ def _config_max_len(files: ModelFiles) -> int | None:
     (the engine's own check decides then)."""
     try:
         cfg = _gguf_config(files) if files.gguf_file else json.loads((Path(files.folder) / "config.json").read_text())
-    except (OSError, ValueError, struct.error):
+    except (OSError, ValueError, struct.error, WeightLoadError):  # the engine's index says what is wrong
         return None
     if not isinstance(cfg, dict):
         return None
@@ -472,7 +471,9 @@ def _config_max_len(files: ModelFiles) -> int | None:
 
 def _gguf_config(files: ModelFiles) -> dict[str, Any]:
     """What `workers.gguf_file.gguf_model_config` takes from a GGUF file for the sequence length."""
-    metadata = gguf_scalars(str(Path(files.folder) / files.gguf_file))
+    from workers.gguf_metadata import read_gguf_scalars
+
+    metadata = read_gguf_scalars(str(Path(files.folder) / files.gguf_file))
     arch = metadata.get("general.architecture")
     config: dict[str, Any] = {"model_type": arch, "sliding_window": metadata.get(f"{arch}.attention.sliding_window")}
     if f"{arch}.context_length" in metadata:
@@ -481,48 +482,6 @@ def _gguf_config(files: ModelFiles) -> dict[str, Any]:
     if metadata.get(f"{arch}.rope.scaling.type") == "linear":
         config["rope_scaling"] = {"rope_type": "linear", "factor": metadata[f"{arch}.rope.scaling.factor"]}
     return config
-
-
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
-def gguf_scalars(path: str) -> dict[str, Any]:
-    """A GGUF file's scalar and string metadata, arrays stepped over (`workers.gguf_file` reads
-    the same, but imports torch)."""
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        if buf[:4] != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file")
-        _, _, n_kv = struct.unpack_from("<IQQ", buf, 4)
-        pos, found = 24, {}
-
-        def step(vtype: int) -> tuple[Any, int]:
-            if vtype in _GGUF_SCALARS:
-                return struct.unpack_from(_GGUF_SCALARS[vtype], buf, pos)[0], struct.calcsize(_GGUF_SCALARS[vtype])
-            if vtype == _GGUF_STRING:
-                (length,) = struct.unpack_from("<Q", buf, pos)
-                return bytes(buf[pos + 8 : pos + 8 + length]).decode("utf-8", "replace"), 8 + length
-            raise ValueError(f"{path}: GGUF value type {vtype}")
-
-        for _ in range(n_kv):
-            key, size = step(_GGUF_STRING)
-            pos += size
-            (vtype,) = struct.unpack_from("<I", buf, pos)
-            pos += 4
-            if vtype != _GGUF_ARRAY:
-                found[key], size = step(vtype)
-                pos += size
-                continue
-            etype, count = struct.unpack_from("<IQ", buf, pos)
-            pos += 12
-            if etype in _GGUF_SCALARS:
-                pos += count * struct.calcsize(_GGUF_SCALARS[etype])
-            elif etype == _GGUF_STRING:
-                for _ in range(count):
-                    pos += 8 + struct.unpack_from("<Q", buf, pos)[0]
-            else:
-                raise ValueError(f"{path}: a GGUF array of arrays")
-        return found
 
 
 def _requested_ranks(engine_args: dict[str, Any]) -> int:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import os
 import re
-import struct
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -24,13 +23,9 @@ import torch
 from parallel.errors import ConfigError, WeightLoadError
 from parallel.weights import Index
 from workers.gguf_dequant import dequantize, supported
+from workers.gguf_metadata import read_header, read_metadata
 from workers.load_pipeline import CheckpointFile, LoadPipeline
 from workers.read_stats import ReadStats, matrix_spans, slice_bounds
-
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
-SMALL_ARRAY = 64
-
 
 @dataclass(frozen=True)
 class GGUFTensorInfo:
@@ -56,59 +51,16 @@ class GGUFIndex:
         return np.memmap(self.path, dtype=np.uint8, mode="r")
 
 
-class _Cursor:
-    def __init__(self, buf: memoryview) -> None:
-        self.buf, self.pos = buf, 0
-
-    def unpack(self, fmt: str):
-        value = struct.unpack_from(fmt, self.buf, self.pos)[0]
-        self.pos += struct.calcsize(fmt)
-        return value
-
-    def string(self) -> str:
-        length = self.unpack("<Q")
-        text = bytes(self.buf[self.pos : self.pos + length]).decode("utf-8", errors="replace")
-        self.pos += length
-        return text
-
-    def value(self, vtype: int):
-        if vtype in _SCALARS:
-            return self.unpack(_SCALARS[vtype])
-        if vtype == _STRING:
-            return self.string()
-        if vtype == _ARRAY:
-            return self.array()
-        raise ValueError(f"unknown GGUF value type {vtype}")
-
-    def array(self):
-        etype, count = self.unpack("<I"), self.unpack("<Q")
-        if count <= SMALL_ARRAY:
-            return [self.value(etype) for _ in range(count)]
-        if etype in _SCALARS:
-            self.pos += count * struct.calcsize(_SCALARS[etype])
-        else:
-            for _ in range(count):
-                self.value(etype)
-        return count
-
-
 @functools.lru_cache(maxsize=8)
 def _read_index(path: str, size: int, mtime: float) -> GGUFIndex:
     import gguf
 
     with open(path, "rb") as f:
         mapped = np.memmap(f, dtype=np.uint8, mode="r")
-    cur = _Cursor(memoryview(mapped))
-    if bytes(cur.buf[:4]) != b"GGUF":
-        raise WeightLoadError(f"{path} is not a GGUF file (its first bytes are not 'GGUF')")
-    cur.pos = 4
-    version, n_tensors, n_kv = cur.unpack("<I"), cur.unpack("<Q"), cur.unpack("<Q")
+    version, n_tensors, n_kv, cur = read_header(memoryview(mapped), path)
     if version not in (2, 3):
         raise WeightLoadError(f"{path}: GGUF version {version} is not supported (2 and 3 are, little-endian)")
-    metadata = {}
-    for _ in range(n_kv):
-        key = cur.string()
-        metadata[key] = cur.value(cur.unpack("<I"))
+    metadata = read_metadata(cur, n_kv)
     infos = []
     for _ in range(n_tensors):
         name = cur.string()

@@ -52,7 +52,9 @@ def test_the_plain_reading_agrees_with_the_engines(tmp_path: Path, smollm2_gguf:
 
 
 def test_the_gguf_scalars_are_those_of_the_engines_index(smollm2_gguf: Path) -> None:
-    scalars = preflight.gguf_scalars(str(smollm2_gguf))
+    from workers.gguf_metadata import read_gguf_scalars
+
+    scalars = read_gguf_scalars(str(smollm2_gguf))
     metadata = read_gguf_index(str(smollm2_gguf)).metadata
     assert all(metadata[key] == value for key, value in scalars.items())
     assert {"general.architecture", "llama.context_length", "tokenizer.ggml.model"} <= set(scalars)
