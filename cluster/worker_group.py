@@ -7,7 +7,7 @@ import os
 import re
 import socket
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import msgspec
 
@@ -37,8 +37,8 @@ class WorkerActor:
         configure_actor_logging()
         self.rank = rank
         self.worker = Worker(config, rank, world_size)
-        self._step_setup: Callable[[], None] | None = self._bind_device_to_step_thread
-        """Run once on the compiled graph's thread before its first step."""
+        self._step_thread_bound = False
+        """Whether the compiled graph's thread has been given this rank's device (its first step)."""
 
     def _bind_device_to_step_thread(self) -> None:
         device = getattr(self.worker, "device", None)
@@ -65,9 +65,9 @@ class WorkerActor:
     def execute_step(self, message: bytes) -> bytes | None:
         """One engine step from its encoded `Batch` (the same bytes for every rank); rank 0
         answers the encoded `StepResult`. Runs on the compiled graph's own thread."""
-        if self._step_setup is not None:
-            self._step_setup()
-            self._step_setup = None
+        if not self._step_thread_bound:
+            self._bind_device_to_step_thread()
+            self._step_thread_bound = True
         result = self.worker.execute_model(STEP_DECODER.decode(message))
         return None if result is None else STEP_ENCODER.encode(result)
 
