@@ -124,8 +124,7 @@ class EngineLoop:
         result = self.execute(batch)
         touched: dict[str, Request] = {}
         for seq, count in planned.scheduled:
-            if not seq.finished:  # (a sequence aborted meanwhile holds no blocks)
-                self.scheduler.blocks.computed(seq, seq.num_computed_tokens, seq.num_computed_tokens + count)
+            self.scheduler.blocks.computed(seq, seq.num_computed_tokens, seq.num_computed_tokens + count)
             seq.num_computed_tokens += count
             if seq.request.metrics.first_scheduled_time is None:
                 seq.request.metrics.first_scheduled_time = now
