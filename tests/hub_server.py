@@ -217,3 +217,33 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+
+
+class DroppingListener:
+    """A Hub that has gone wrong on `port`: every connection is accepted and closed at once, and
+    counted, so a test can tell how often a client tried (retries, backoff) without timing it."""
+
+    def __init__(self, port: int) -> None:
+        self.attempts = 0
+        self._socket = socket.create_server(("127.0.0.1", port))
+        self._socket.settimeout(0.1)
+        self._running = True
+        self._thread = threading.Thread(target=self._serve, name="hub-dropping", daemon=True)
+
+    def _serve(self) -> None:
+        while self._running:
+            try:
+                connection, _ = self._socket.accept()
+            except OSError:
+                continue
+            self.attempts += 1
+            connection.close()
+
+    def __enter__(self) -> "DroppingListener":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._running = False
+        self._thread.join()
+        self._socket.close()
