@@ -125,7 +125,7 @@ class AsyncEngine:
 
     def _run(self) -> None:
         while True:
-            idle = self.dead is not None or not self.engine.loop.has_unfinished()
+            idle = self.dead is not None or not self.engine.has_unfinished()
             try:
                 command = self._inbox.get(block=idle)
             except queue.Empty:
@@ -139,7 +139,7 @@ class AsyncEngine:
                     command = self._inbox.get_nowait()
                 except queue.Empty:
                     command = None
-            if self.dead is None and self.engine.loop.has_unfinished():
+            if self.dead is None and self.engine.has_unfinished():
                 self._step()
 
     def _do(self, fn: Callable[..., Any], args: tuple, future: concurrent.futures.Future | None) -> None:
@@ -158,7 +158,7 @@ class AsyncEngine:
 
     def _step(self) -> None:
         try:
-            outputs = self.engine.run(0.0, True)  # one step: every request it changed
+            outputs = self.engine.step()  # every request it changed
         except Exception as exc:
             self.dead = exc if isinstance(exc, EngineDeadError) else EngineDeadError(
                 f"the engine stopped: its loop failed: {type(exc).__name__}: {exc}"

@@ -16,8 +16,10 @@ import ray
 from cluster.logs import configure_actor_logging
 from cluster.placement import Placement, acquire_placement, release_placement
 from cluster.worker_group import WorkerGroup
-from driver.engine_loop import EngineLoop
+from driver.core import EngineCore
+from driver.output_processor import OutputProcessor
 from driver.outputs import RequestOutput
+from driver.processor import Processor, PromptRequest
 from driver.progress import StartProgress
 from driver.report import LoadReport
 from parallel.errors import EngineAsleepError, EngineDeadError
@@ -47,7 +49,9 @@ class Engine:
         self.placement: Placement | None = None
         self.workers: WorkerGroup | None = None
         self.tokenizer: Any = None
-        self.loop: EngineLoop | None = None
+        self.core: EngineCore | None = None
+        self.processor: Processor | None = None
+        self.outputs: OutputProcessor | None = None
         self.dead: EngineDeadError | None = None
         self.sleep_level = 0
         """0 awake; 1 or 2 while asleep (`sleep`)."""
@@ -90,7 +94,8 @@ class Engine:
         if tokenizer is not None:
             with self._phase(phases, "tokenizer"):  # what is left of it after the workers' phases
                 self.tokenizer = tokenizer.result()
-        self.loop = EngineLoop(config, num_blocks, self.tokenizer, self._execute)
+        self.core = EngineCore(config, num_blocks, self._execute)
+        self.processor, self.outputs = Processor(config, self.tokenizer), OutputProcessor(self.tokenizer)
         with self._phase(phases, "warmup"):
             self.workers.compile_step(config.model.device)
             self._warm_up()
@@ -116,10 +121,10 @@ class Engine:
             return
         params = SamplingParams(temperature=0.0, max_tokens=1 if self.config.model.max_model_len <= 2 else 2, ignore_eos=True)
         prompt = [0] * max(1, min(4, self.config.model.max_model_len - 2))
-        self.loop.add_requests([("shardlm-warmup", None, prompt, params, "the warm-up request")], time.time())
-        while self.loop.has_unfinished():
-            self.loop.step()
-        self.loop.steps = 0
+        self.add_requests([("shardlm-warmup", None, prompt, params)])
+        while self.has_unfinished():
+            self.step()
+        self.core.steps = 0
 
     @contextlib.contextmanager
     def _phase(self, phases: dict[str, float], name: str) -> Iterator[None]:
@@ -174,42 +179,41 @@ class Engine:
         if self.dead is not None:
             raise EngineDeadError(f"{self.dead}; every request in flight is lost: create a new LLM")
 
-    def add_requests(self, requests: list[tuple[str, str | None, list[int] | None, SamplingParams]]) -> None:
+    def add_requests(self, requests: list[PromptRequest]) -> None:
         """Queue requests (id, text, token ids, params), tokenizing text; none is queued unless all are valid."""
         self._check_alive()
         if self.sleep_level:
             raise EngineAsleepError(
                 f"the engine is asleep (sleep level {self.sleep_level}): call wake_up() before sending requests"
             )
-        prepared = []
-        for request_id, text, token_ids, params in requests:
-            if token_ids is None:
-                if self.tokenizer is None:
-                    raise ValueError("this engine started with skip_tokenizer_init=True: give prompts as token ids")
-                token_ids = self.tokenizer(text)["input_ids"]
-            where = f"prompt {request_id!r}" if text is None else f"prompt {_preview(text)}"
-            prepared.append((request_id, text, token_ids, params, where))
-        self.loop.add_requests(prepared, time.time())
+        core_requests = self.processor.process(requests, time.time())
+        self.core.add_requests(core_requests)
+        for (_, text, _, _), core in zip(requests, core_requests):
+            self.outputs.add(core.request_id, text, core.prompt_token_ids, core.params, core.arrival_time)
 
     def render_chat(self, conversations: list[list[dict]], chat_template: str | None, add_generation_prompt: bool, kwargs: dict) -> list[list[int]]:
         """Each conversation through the tokenizer's chat template, as token ids."""
-        if self.tokenizer is None:
-            raise ValueError("chat needs a tokenizer, and this engine started with skip_tokenizer_init=True")
-        rendered = []
-        for messages in conversations:
-            text = self.tokenizer.apply_chat_template(
-                messages, chat_template=chat_template, add_generation_prompt=add_generation_prompt, tokenize=False, **kwargs
-            )
-            rendered.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return rendered
+        return self.processor.render_chat(conversations, chat_template, add_generation_prompt, kwargs)
+
+    def has_unfinished(self) -> bool:
+        return self.core.has_unfinished()
+
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
+        """One step of the core, its outputs through the output processor; completions that
+        reached a stop string end in the core before the next step is scheduled. The requests
+        that changed (only the finished ones with `finished_only`)."""
+        outputs, hits = self.outputs.process(self.core.step(), finished_only)
+        for request_id, index, stop in hits:
+            self.core.finish(request_id, index, "stop", stop)
+        return outputs
 
     def run(self, max_seconds: float, stream: bool) -> list[RequestOutput]:
         """Step until `max_seconds` have passed or nothing is left: the finished requests (with
         `stream`, every request that changed, at its latest)."""
         deadline = time.monotonic() + max_seconds
         changed: dict[str, RequestOutput] = {}
-        while self.loop.has_unfinished():
-            for out in self.loop.step(finished_only=not stream):
+        while self.has_unfinished():
+            for out in self.step(finished_only=not stream):
                 if stream or out.finished:
                     changed[out.request_id] = out
             if time.monotonic() >= deadline or (stream and changed):
@@ -217,7 +221,8 @@ class Engine:
         return list(changed.values())
 
     def abort(self, request_ids: list[str]) -> None:
-        self.loop.abort(request_ids)
+        self.core.abort(request_ids)
+        self.outputs.abort(request_ids)
 
     # -- sleeping, and sharded copies ----------------------------------------------------------
 
@@ -230,8 +235,8 @@ class Engine:
         if self.sleep_level:
             logger.info("sleep(level=%d): the engine is asleep already (level %d)", level, self.sleep_level)
             return
-        if self.loop.has_unfinished():
-            raise ValueError(f"sleep() with {len(self.loop.requests)} request(s) unfinished: let them finish or abort them first")
+        if self.has_unfinished():
+            raise ValueError(f"sleep() with {len(self.core.requests)} request(s) unfinished: let them finish or abort them first")
         self.workers.call("sleep", level, timeout_s=TIMEOUTS_S["allocate_kv_cache"])
         self.sleep_level = level
 
@@ -260,7 +265,7 @@ class Engine:
             self.tokenizer.save_pretrained(path)
 
     def stats(self) -> dict[str, int]:
-        return self.loop.stats()
+        return self.core.stats()
 
     def node_ids(self) -> list[str]:
         """The Ray node each rank runs on."""
@@ -331,6 +336,3 @@ def _timed(phases: dict[str, float], name: str) -> Iterator[None]:
 def _node_resource(name: str) -> dict[str, float]:
     return {n["NodeID"]: n.get("Resources", {}).get(name) for n in ray.nodes() if n.get("Alive")}
 
-
-def _preview(text: str, width: int = 40) -> str:
-    return repr(text if len(text) <= width else text[: width - 3] + "...")

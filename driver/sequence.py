@@ -1,13 +1,12 @@
-"""Requests and their sequences (one per completion) as the engine loop tracks them."""
+"""Requests and their sequences (one per completion) as the engine core tracks them: token ids,
+blocks, status; their text and logprobs are the output processor's."""
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
 
-from driver.outputs import Logprob, RequestMetrics
-from driver.tokenizer import IncrementalDetokenizer
+from driver.outputs import RequestMetrics
 from workers.sampling_params import SamplingParams
 
 
@@ -34,12 +33,8 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)
     """Prefix-cache keys of its full blocks so far, first to last (kept through preemption)."""
     status: Status = Status.WAITING
-    detokenizer: IncrementalDetokenizer | None = None
-    text: str = ""
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    logprobs: list[dict[int, Logprob]] | None = None
-    cumulative_logprob: float | None = None
     announced: bool = False
     """Whether rank 0 has been sent this sequence's sampling state."""
 
@@ -68,13 +63,13 @@ class Sequence:
 @dataclass(eq=False)
 class Request:
     request_id: str
-    prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
     metrics: RequestMetrics
+    eos_token_id: int | None = None
     seqs: list[Sequence] = field(default_factory=list)
-    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    prompt_logprobs_scored: int = 0
+    """With prompt logprobs: how many prompt tokens have theirs (the first has none: 1 at the start)."""
 
     @property
     def finished(self) -> bool:

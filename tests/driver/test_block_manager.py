@@ -54,7 +54,7 @@ def test_growing_past_the_free_list_refuses() -> None:
 
 
 def make_seq(seq_id: int, prompt_len: int) -> Sequence:
-    request = Request(str(seq_id), None, list(range(prompt_len)), SamplingParams(), RequestMetrics(arrival_time=0.0))
+    request = Request(str(seq_id), list(range(prompt_len)), SamplingParams(), RequestMetrics(arrival_time=0.0))
     seq = Sequence(seq_id, request, 0, None)
     request.seqs.append(seq)
     return seq

@@ -19,7 +19,7 @@ from workers.sampling_params import SamplingParams
 
 def make_request(request_id: int, prompt: list[int], n: int = 1, prompt_logprobs: int | None = None) -> Request:
     params = SamplingParams(n=n, prompt_logprobs=prompt_logprobs)
-    request = Request(str(request_id), None, list(prompt), params, RequestMetrics(arrival_time=0.0))
+    request = Request(str(request_id), list(prompt), params, RequestMetrics(arrival_time=0.0))
     for index in range(n):
         request.seqs.append(Sequence(request_id * 10 + index, request, index, None))
     return request

@@ -242,21 +242,13 @@ def test_serve_command_flags() -> None:
 # -- the async front alone, on a fake engine -----------------------------------------------------
 
 
-class FakeLoop:
-    def __init__(self) -> None:
-        self.requests: dict[str, list[int]] = {}
-
-    def has_unfinished(self) -> bool:
-        return bool(self.requests)
-
-
 class FakeEngine:
     """One token per request per step; `fail_at_step` makes a step raise as a dead worker does."""
 
     config = None
 
     def __init__(self, fail_at_step: int | None = None) -> None:
-        self.loop, self.steps, self.fail_at_step = FakeLoop(), 0, fail_at_step
+        self.requests, self.steps, self.fail_at_step = {}, 0, fail_at_step
         self.limits: dict[str, int] = {}
         self.aborted: list[str] = []
 
@@ -264,25 +256,28 @@ class FakeEngine:
         if any(not token_ids for _, _, token_ids, _ in requests):
             raise ValueError("prompt is empty")  # and none is queued, as the engine does
         for request_id, _, _, params in requests:
-            self.loop.requests[request_id], self.limits[request_id] = [], params.max_tokens
+            self.requests[request_id], self.limits[request_id] = [], params.max_tokens
 
-    def run(self, max_seconds: float, stream: bool) -> list[RequestOutput]:
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def step(self) -> list[RequestOutput]:
         self.steps += 1
         if self.steps == self.fail_at_step:
             raise EngineDeadError("the engine stopped: rank 1 died during execute_model")
         time.sleep(0.001)
         outputs = []
-        for request_id, tokens in list(self.loop.requests.items()):
+        for request_id, tokens in list(self.requests.items()):
             tokens.append(len(tokens))
             done = len(tokens) == self.limits[request_id]
             outputs.append(_output(request_id, tokens, done))
             if done:
-                del self.loop.requests[request_id]
+                del self.requests[request_id]
         return outputs
 
     def abort(self, request_ids: list[str]) -> None:
         for request_id in request_ids:
-            if self.loop.requests.pop(request_id, None) is not None:
+            if self.requests.pop(request_id, None) is not None:
                 self.aborted.append(request_id)
 
     def shutdown(self) -> None:
@@ -323,7 +318,7 @@ def test_concurrent_requests_stream_and_a_closed_stream_is_aborted() -> None:
     finally:
         front.shutdown()
     assert texts == ["<0><1><2>", "<0><1><2><3><4>", "<0>"]
-    assert fake.aborted == dropped_ids and not fake.loop.requests
+    assert fake.aborted == dropped_ids and not fake.requests
 
 
 def test_a_dead_engine_fails_requests_in_flight_and_later() -> None:

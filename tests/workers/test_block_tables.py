@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from driver.block_manager import BlockManager
-from driver.engine_loop import table_update
+from driver.core import table_update
 from driver.scheduler import Scheduler
 from driver.sequence import Status
 from tests.driver.test_prefix_cache import make_request
