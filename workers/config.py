@@ -112,7 +112,7 @@ class CacheConfig(msgspec.Struct, frozen=True, kw_only=True):
     kv_cache_memory_bytes: int | None = None
     num_gpu_blocks_override: int | None = None
     enable_prefix_caching: bool = True
-    """Reuse the KV blocks of prompt prefixes other requests computed (driver/block_manager.py)."""
+    """Reuse the KV blocks of prompt prefixes other requests computed (driver/engine/block_manager.py)."""
 
 
 class ParallelConfig(msgspec.Struct, frozen=True, kw_only=True):

@@ -1,5 +1,5 @@
 """A GGUF file's header and metadata, read without torch or numpy: the engine's index
-(`workers.gguf_file`) and the checks made before Ray starts (`driver.llm`) read them alike."""
+(`workers.gguf_file`) and the checks made before Ray starts (`driver.entrypoints.llm`) read them alike."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ def test_actors_get_the_forwarded_environment_unless_the_local_cluster_inherited
 
 def test_a_missing_local_model_is_refused_before_any_cluster_starts(tmp_path) -> None:
     script = (
-        "import ray; from driver.llm import discover_and_connect; from parallel.errors import ModelNotFound\n"
+        "import ray; from driver.entrypoints.llm import discover_and_connect; from parallel.errors import ModelNotFound\n"
         f"try:\n    discover_and_connect({str(tmp_path / 'absent.gguf')!r}, {{}}, None)\n"
         "except ModelNotFound as exc:\n    print(ray.is_initialized(), exc)"
     )

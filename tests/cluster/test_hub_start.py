@@ -46,7 +46,7 @@ def test_every_rank_loads_the_drivers_commit_though_the_branch_moves(ray_cluster
 
 
 def test_download_then_starts_offline_and_with_the_hub_down(ray_cluster, hub, checkpoints, tmp_path, monkeypatch, caplog) -> None:
-    from driver.cli import main
+    from driver.entrypoints.cli import main
 
     commit = hub.repos[REPO].push(checkpoints[0])
     assert main(["download", REPO, "--download-dir", str(tmp_path), "-q"]) == 0

@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from driver import LLM
-from driver.args import EngineArgs
-from driver.loading import load_in_process
-from driver.planner import plan
+from driver.config.args import EngineArgs
+from driver.entrypoints.loading import load_in_process
+from driver.entrypoints.planner import plan
 from parallel.errors import WeightLoadError
 from parallel.layers import ParallelLinear
 from tests.helpers import SMOLLM2_PROMPTS, hf_model, reference_logits

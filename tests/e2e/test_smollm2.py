@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from driver.args import EngineArgs
-from driver.loading import load_in_process
+from driver.config.args import EngineArgs
+from driver.entrypoints.loading import load_in_process
 from tests.helpers import reference_logits
 
 PROMPTS = [

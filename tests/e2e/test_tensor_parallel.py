@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from driver import LLM, EngineArgs
-from driver.planner import plan
+from driver.entrypoints.planner import plan
 from parallel.errors import ConfigError
 from tests.helpers import reference_logits
 from workers.kv_cache import kv_block_bytes

@@ -11,11 +11,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from driver.block_manager import BlockManager
-from driver.core import table_update
-from driver.scheduler import Scheduler
-from driver.sequence import Status
-from tests.driver.test_prefix_cache import make_request
+from driver.engine.block_manager import BlockManager
+from driver.engine.core import table_update
+from driver.engine.scheduler import Scheduler
+from driver.engine.sequence import Status
+from tests.driver.engine.test_prefix_cache import make_request
 from workers.batch import TableUpdate
 from workers.block_tables import BlockTables
 

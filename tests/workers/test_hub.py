@@ -107,7 +107,7 @@ def test_uncached_repo_with_the_hub_down(hub, tmp_path) -> None:
 def test_a_rank_elsewhere_loads_the_drivers_commit_after_the_branch_moved(hub, both_formats, tmp_path, tiny_checkpoint) -> None:
     """A rank on a node without the snapshot (its own cache) fetches the commit the driver
     resolved, not the commit the branch points at by then."""
-    from driver.args import EngineArgs
+    from driver.config.args import EngineArgs
 
     first = hub.repos[REPO].push(both_formats)
     config = EngineArgs(model=REPO, download_dir=str(tmp_path / "driver"), device="cpu").create_engine_config()

@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from driver.args import EngineArgs
+from driver.config.args import EngineArgs
 from parallel.errors import WeightLoadError
 from parallel.state import TensorParallelGroup
 from workers import load_pipeline, loader
@@ -282,7 +282,7 @@ def test_the_default_gguf_model_through_the_pipeline_equals_the_plain_path(smoll
 def test_loading_imports_no_sympy(tiny_checkpoint) -> None:
     """torch imports sympy (half a second) for `empty_like` of meta tensors; the loader must not need it."""
     script = (
-        "import sys; from driver.args import EngineArgs; from workers.worker import Worker; "
+        "import sys; from driver.config.args import EngineArgs; from workers.worker import Worker; "
         f"Worker(EngineArgs(model={str(tiny_checkpoint('llama')[0])!r}, device='cpu').create_engine_config()).load_model(); "
         "print('sympy' in sys.modules)"
     )

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from driver.args import EngineArgs
+from driver.config.args import EngineArgs
 from parallel.errors import WeightLoadError
 from parallel.state import TensorParallelGroup
 from workers.loader import DummySource, checkpoint_name, checkpoint_target, load_model

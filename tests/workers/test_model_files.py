@@ -119,7 +119,7 @@ def test_repo_id_resolves_from_the_cache(tiny_checkpoint, tmp_path, offline) -> 
 
 
 def test_repo_id_loads_and_matches_the_folder(tiny_checkpoint, tmp_path, offline) -> None:
-    from driver.args import EngineArgs
+    from driver.config.args import EngineArgs
     from workers.worker import Worker
 
     source, _ = tiny_checkpoint("qwen2")

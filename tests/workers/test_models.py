@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from driver.args import EngineArgs
+from driver.config.args import EngineArgs
 from tests.helpers import reference_logits
 from workers.safetensors_file import read_header
 from workers.worker import Worker

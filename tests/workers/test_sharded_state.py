@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from driver.args import EngineArgs
-from driver.model_config import load_hf_config, model_arch
+from driver.config.args import EngineArgs
+from driver.config.model_config import load_hf_config, model_arch
 from parallel.errors import ConfigError, WeightLoadError
 from parallel.state import TensorParallelGroup
 from tests.helpers import hf_model

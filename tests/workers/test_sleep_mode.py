@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from driver.args import EngineArgs
+from driver.config.args import EngineArgs
 from parallel.state import TensorParallelGroup
 from workers.loader import load_model
 from workers.sleep_mode import HostCopy
