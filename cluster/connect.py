@@ -233,6 +233,29 @@ def cluster_has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
+def cluster_device(device: str, probe_capability: bool = True) -> tuple[str, tuple[int, int] | None]:
+    """Where ranks that run on the cluster compute, and their GPUs' compute capability.
+
+    "auto" is "cuda" when the cluster this process has joined has GPUs (this machine's, as torch
+    sees them, before it has joined one: `serve run` builds its app first), else "cpu". "cuda" on
+    a joined cluster without GPUs is refused. The capability (with `probe_capability`) is this
+    process's GPU's, else probed on one of the cluster's: the ranks' nodes may have GPUs that
+    this process lacks.
+    """
+    from parallel.errors import ConfigError
+
+    if ray.is_initialized():
+        gpus = cluster_has_gpus()
+    else:
+        import torch
+
+        gpus = device == "cuda" or torch.cuda.is_available()
+    if device == "cuda" and not gpus:
+        raise ConfigError("device='cuda' was asked for, but the Ray cluster has no GPU; use device='cpu' or 'auto'", field="device")
+    resolved = ("cuda" if gpus else "cpu") if device == "auto" else device
+    return resolved, gpu_capability() if resolved == "cuda" and probe_capability else None
+
+
 def gpu_capability(timeout_s: float = 120) -> tuple[int, int]:
     """The compute capability of the cluster's GPUs: of this process's GPU, else probed on one."""
     import torch

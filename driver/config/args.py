@@ -145,6 +145,33 @@ class EngineArgs:
         hf_config = load_hf_config(files)
         return files, hf_config, model_arch(hf_config, files)
 
+    def find_checked_model(self) -> tuple[ModelFiles, Any, ModelArch]:
+        """`find_model`, and the model's heads and sizes checked against tensor_parallel_size:
+        what every entry point checks before it starts anything."""
+        from workers.models import model_class
+
+        found = self.find_model()
+        model_class(found[2].architecture).check_layout(found[2], self.tensor_parallel_size)
+        return found
+
+    def create_cluster_engine_config(self, found: tuple[ModelFiles, Any, ModelArch] | None = None) -> EngineConfig:
+        """`create_engine_config` for ranks on the Ray cluster this process has joined: device
+        "auto" resolved by the cluster's GPUs (`cluster.connect.cluster_device`), and a
+        num_gpu_blocks_override that cannot hold one max_model_len sequence refused."""
+        from cluster.connect import cluster_device
+        from workers.kv_cache import check_pool_fits
+
+        device, capability = cluster_device(self.device)
+        config = self.create_engine_config(device=device, capability=capability, found=found)
+        if self.num_gpu_blocks_override is not None:
+            check_pool_fits(config, self.num_gpu_blocks_override)
+        return config
+
+    def non_default_kwargs(self) -> dict[str, Any]:
+        """The fields that differ from their defaults, as keyword arguments (of `LLM`, or of a
+        Serve replica's engine)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != f.default}
+
     def create_engine_config(
         self,
         device: str | None = None,

@@ -22,15 +22,13 @@ from typing import Any, Callable
 
 import ray
 
-from cluster.connect import cluster_has_gpus, forwarded_env, gpu_capability
+from cluster.connect import forwarded_env
 from driver.config.args import EngineArgs
 from driver.engine.actor import Engine
 from driver.engine.outputs import RequestOutput
 from driver.engine.progress import StartProgress
 from driver.engine.report import LoadReport
 from parallel.errors import EngineDeadError
-from workers.kv_cache import check_pool_fits
-from workers.models import model_class
 from workers.sampling_params import SamplingParams
 
 logger = logging.getLogger(f"shardlm.{__name__}")
@@ -192,13 +190,7 @@ class AsyncEngine:
 def build_engine(args: EngineArgs, placement_strategy: str = "PACK") -> Engine:
     """The engine `args` ask for, checked and configured, in this process's placement group (if
     any); not started."""
-    found = args.find_model()
-    model_class(found[2].architecture).check_layout(found[2], args.tensor_parallel_size)
-    device = args.device if args.device != "auto" else ("cuda" if cluster_has_gpus() else "cpu")
-    capability = gpu_capability() if device == "cuda" else None  # probed on a rank's GPU when this process has none
-    config = args.create_engine_config(device=device, capability=capability, found=found)
-    if args.num_gpu_blocks_override is not None:
-        check_pool_fits(config, args.num_gpu_blocks_override)
+    config = args.create_cluster_engine_config(args.find_checked_model())
     return Engine(config, forwarded_env(), ray.util.get_current_placement_group(), placement_strategy)
 
 

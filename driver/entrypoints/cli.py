@@ -181,7 +181,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 def engine_args_from(ns: argparse.Namespace) -> "EngineArgs":
     from driver.config.args import EngineArgs
 
-    return EngineArgs(**{f.name: getattr(ns, f.name) for f in engine_fields()})
+    return EngineArgs(**changed_engine_args(ns))
 
 
 def changed_engine_args(ns: argparse.Namespace) -> dict[str, Any]:

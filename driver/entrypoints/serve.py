@@ -24,12 +24,11 @@ from dataclasses import fields
 from typing import Annotated, Any
 
 import msgspec
-import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from ray import serve
 
-from cluster.connect import cluster_has_gpus, connect, forwarded_env, shutdown_local_cluster, started_local_cluster, worker_logs_muted
+from cluster.connect import cluster_device, connect, forwarded_env, shutdown_local_cluster, started_local_cluster, worker_logs_muted
 from cluster.logs import ROOT, quiet_ray_loggers, ray_level
 from cluster.placement import STRATEGIES, rank_bundle
 from driver.config.args import EngineArgs
@@ -40,7 +39,6 @@ from driver.engine.progress import StartProgress
 from driver.engine.report import LoadReport
 from parallel.errors import ConfigError, EngineAsleepError, EngineDeadError, ShardLMError
 from workers.model_files import DEFAULT_MODEL_NAME
-from workers.models import model_class
 
 logger = logging.getLogger(f"shardlm.{__name__}")
 
@@ -339,9 +337,7 @@ def build_app(args: dict) -> serve.Application:
 def check_model(args: EngineArgs) -> str | None:
     """Find the model and check that its layout splits over the ranks (a missing model, or heads
     that do not divide, fail here rather than in every replica); a Hub model's commit."""
-    files, _, arch = args.find_model()
-    model_class(arch.architecture).check_layout(arch, args.tensor_parallel_size)
-    return files.commit
+    return args.find_checked_model()[0].commit
 
 
 def pinned(config: LLMConfig, commit: str | None) -> LLMConfig:
@@ -355,7 +351,7 @@ def pinned(config: LLMConfig, commit: str | None) -> LLMConfig:
 def bind(config: LLMConfig, args: EngineArgs) -> serve.Application:
     """The deployment with its placement group (replica bundle, then a bundle per rank), bound to
     its config; nothing starts until Serve deploys it."""
-    use_gpu = _uses_gpu(args.device)
+    use_gpu = cluster_device(args.device, probe_capability=False)[0] == "cuda"
     config = msgspec.structs.replace(config, engine_kwargs={**config.engine_kwargs, "device": "cuda" if use_gpu else "cpu"})
     bundles = [dict(REPLICA_BUNDLE)] + [rank_bundle(use_gpu) for _ in range(args.tensor_parallel_size)]
     deployment = config.deployment_config
@@ -376,18 +372,6 @@ def serve_logging() -> dict[str, Any]:
     line per request, unless shardlm logs at DEBUG (then INFO, and the access log)."""
     level = ray_level()
     return {"log_level": logging.getLevelName(level), "enable_access_log": level <= logging.INFO, "encoding": "TEXT"}
-
-
-def _uses_gpu(device: str) -> bool:
-    """Whether the ranks take GPUs: device="auto" asks the cluster when this process has joined
-    one, else this machine (`serve run` builds the app before it joins the cluster)."""
-    if device != "auto":
-        return device == "cuda"
-    if ray.is_initialized():
-        return cluster_has_gpus()
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _check_names(given: dict[str, Any], valid: list[str], what: str) -> None:
@@ -419,7 +403,7 @@ def run_server(
     model's name). `show_progress`: the engine's start-up bars and load report (default: unless
     shardlm logs above INFO, as under -q).
     """
-    kwargs = {f.name: getattr(engine_args, f.name) for f in fields(EngineArgs) if getattr(engine_args, f.name) != f.default}
+    kwargs = engine_args.non_default_kwargs()
     loading = ModelLoadingConfig(model_id=model_id, model_source=kwargs.pop("model", None), tokenizer_source=kwargs.pop("tokenizer", None))
     config = LLMConfig(
         model_loading_config=loading,

@@ -30,3 +30,23 @@ def test_a_missing_local_model_is_refused_before_any_cluster_starts(tmp_path) ->
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("False model ") and "no such file or folder" in done.stdout
+
+
+def test_cluster_device_resolves_auto_by_the_cluster_and_refuses_cuda_without_gpus(monkeypatch) -> None:
+    import pytest
+
+    from parallel.errors import ConfigError
+
+    monkeypatch.setattr(connect.ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(connect, "gpu_capability", lambda: (9, 0))
+    monkeypatch.setattr(connect, "cluster_has_gpus", lambda: True)
+    assert connect.cluster_device("auto") == ("cuda", (9, 0))  # a GPU node this process need not have
+    assert connect.cluster_device("auto", probe_capability=False) == ("cuda", None)
+    assert connect.cluster_device("cpu") == ("cpu", None)
+    monkeypatch.setattr(connect, "cluster_has_gpus", lambda: False)
+    assert connect.cluster_device("auto") == ("cpu", None)
+    with pytest.raises(ConfigError, match="the Ray cluster has no GPU") as err:
+        connect.cluster_device("cuda")
+    assert err.value.field == "device"
+    monkeypatch.setattr(connect.ray, "is_initialized", lambda: False)  # before `serve run` joins one
+    assert connect.cluster_device("cuda", probe_capability=False) == ("cuda", None)

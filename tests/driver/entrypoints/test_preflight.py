@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from driver.entrypoints import llm as preflight
+from driver.entrypoints import preflight
 from driver.config.model_config import MAX_LEN_KEYS, derived_max_model_len, load_hf_config, model_arch, resolve_max_model_len
 from parallel.errors import ConfigError
 from tests.helpers import FAMILIES, hf_config
@@ -48,7 +48,7 @@ def test_the_plain_reading_agrees_with_the_engines(tmp_path: Path, smollm2_gguf:
     cases.append(config_only(tmp_path / "windowed", architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=True, sliding_window=100))
     cases.append(ModelFiles(source="gguf", folder=str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, weight_format="gguf"))
     for files in cases:
-        assert preflight._config_max_len(files) == engine_limit(files), files.folder
+        assert preflight.config_max_len(files) == engine_limit(files), files.folder
 
 
 def test_the_gguf_scalars_are_those_of_the_engines_index(smollm2_gguf: Path) -> None:
@@ -68,9 +68,9 @@ def test_the_messages_are_the_engines(tmp_path: Path, monkeypatch: pytest.Monkey
         cfg = load_hf_config(files)
         resolve_max_model_len(cfg, model_arch(cfg, files), limit + 1)
     with pytest.raises(ConfigError) as ours:
-        preflight._check_max_model_len(files, limit + 1)
+        preflight.check_max_model_len(files, limit + 1)
     assert str(ours.value) == str(theirs.value) and ours.value.field == "max_model_len"
-    preflight._check_max_model_len(files, limit)
+    preflight.check_max_model_len(files, limit)
 
     import torch
 
@@ -81,10 +81,10 @@ def test_the_messages_are_the_engines(tmp_path: Path, monkeypatch: pytest.Monkey
     with pytest.raises(ConfigError) as theirs:
         resolve_device("cuda")
     with pytest.raises(ConfigError) as ours:
-        preflight._check_device("cuda", None)
+        preflight.check_device("cuda", None)
     assert str(ours.value) == str(theirs.value) and ours.value.field == "device"
-    preflight._check_device("cuda", "ray://head:10001")  # a remote cluster's GPUs are not this machine's
-    preflight._check_device("cpu", None)
+    preflight.check_device("cuda", "ray://head:10001")  # a remote cluster's GPUs are not this machine's
+    preflight.check_device("cpu", None)
 
 
 def refused(*flags: str) -> tuple[subprocess.CompletedProcess, float]:
