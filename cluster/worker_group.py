@@ -143,6 +143,25 @@ def gather(refs: Sequence[ray.ObjectRef], method: str, timeout_s: float | None) 
     return results
 
 
+
+class PendingStep:
+    """A step sent to the ranks; `result` waits for it."""
+
+    def __init__(self, group: "WorkerGroup", refs: list[Any], compiled: bool) -> None:
+        self.group, self.refs, self.compiled = group, refs, compiled
+
+    def result(self, timeout_s: float) -> StepResult:
+        """Rank 0's result once every rank has finished the step; an error naming the rank that failed."""
+        if not self.compiled:
+            return gather(self.refs, "execute_model", timeout_s)[0]
+        results = []
+        for rank, ref in enumerate(self.refs):
+            try:
+                results.append(ray.get(ref, timeout=timeout_s))
+            except Exception as exc:  # noqa: BLE001  named by rank below
+                raise self.group._step_error(rank, exc) from exc
+        return RESULT_DECODER.decode(results[0])
+
 class WorkerGroup:
     """The engine's worker actors and the one way to call them; the step goes through a Ray
     Compiled Graph where one is built (`compile_step`), else through plain calls."""
@@ -177,19 +196,19 @@ class WorkerGroup:
 
     def step(self, batch: Batch, timeout_s: float) -> StepResult:
         """Run one step on every rank; rank 0's result."""
+        return self.submit_step(batch).result(timeout_s)
+
+    def submit_step(self, batch: Batch) -> "PendingStep":
+        """Send one step to every rank without waiting: its result comes from `PendingStep.result`.
+        Steps run on the ranks in the order they are sent (a compiled graph holds several in flight;
+        an actor runs plain calls in order), and their results must be taken in that order."""
         if self.step_graph is None:
-            return self.call("execute_model", batch, timeout_s=timeout_s)[0]
+            return PendingStep(self, [actor.execute.remote("execute_model", batch) for actor in self.actors], compiled=False)
         try:
             refs = self.step_graph.execute(STEP_ENCODER.encode(batch))
         except Exception as exc:  # noqa: BLE001  a closed channel: a rank died since the last step
             raise self._step_error(0, exc) from exc
-        results = []
-        for rank, ref in enumerate(refs):
-            try:
-                results.append(ray.get(ref, timeout=timeout_s))
-            except Exception as exc:  # noqa: BLE001  named by rank below
-                raise self._step_error(rank, exc) from exc
-        return RESULT_DECODER.decode(results[0])
+        return PendingStep(self, refs, compiled=True)
 
     def _step_error(self, rank: int, error: Exception) -> ShardLMError:
         """The error of a failed compiled step, naming the rank that died if one did (the channel

@@ -123,6 +123,7 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     max_model_len: int = 2048
+    async_scheduling: bool = False
 
 
 class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):

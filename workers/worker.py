@@ -24,6 +24,7 @@ from workers.loader import WeightLoadReport, load_model
 from workers.model_files import find_model
 from workers.model_runner import ModelRunner
 from workers.models.layers import AttentionMetadata
+from workers.placeholders import LastTokens
 from workers.progress import ProgressTracker, RankProgress
 from workers.sleep_mode import HostCopy
 
@@ -83,6 +84,7 @@ class Worker:
         with self.progress.step("kv_allocation"):
             self.kv_cache = KVCache.allocate(self.config, self.world_size, num_blocks, self.device)
             self.runner = ModelRunner(self.model, self.kv_cache, self.config, self.tp, self.device)
+            self.last_tokens = LastTokens(self.tp, self.device)
         self.num_blocks = num_blocks
         return self.kv_cache.nbytes
 
@@ -122,8 +124,12 @@ class Worker:
         return self.progress.snapshot()
 
     def execute_model(self, batch: Batch) -> StepResult | None:
-        """Run one engine step; rank 0 returns the sampled tokens, the others None."""
-        return self.runner.execute(batch)
+        """Run one engine step; rank 0 returns the sampled tokens, the others None. Placeholder
+        tokens (a step scheduled before the one before it had sampled) are filled first."""
+        batch = self.last_tokens.fill(batch)
+        result = self.runner.execute(batch)
+        self.last_tokens.record(batch, result)
+        return result
 
     @torch.inference_mode()
     def prompt_logits(self, prompts: list[list[int]]) -> list[torch.Tensor] | None:

@@ -128,6 +128,10 @@ class EngineArgs:
     """Reuse the KV-cache blocks of prompt prefixes computed before (vLLM V1's default): a full
     block is found by a hash of its tokens and its prefix; unreferenced cached blocks are evicted
     least recently used first. False: every prompt is computed whole."""
+    async_scheduling: bool = False
+    """Schedule step N+1 while the ranks run step N, and process step N's outputs while they run
+    N+1 (vLLM's async scheduling): the ranks never wait for the driver. A completion that step N
+    ends has one more token computed in step N+1, dropped unseen."""
     enforce_eager: bool = False
     """Never capture CUDA graphs."""
     device: str = "auto"
@@ -221,7 +225,10 @@ class EngineArgs:
                 enable_prefix_caching=self.enable_prefix_caching,
             ),
             parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
-            scheduler=SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=batched, max_model_len=max_model_len),
+            scheduler=SchedulerConfig(
+                max_num_seqs=self.max_num_seqs, max_num_batched_tokens=batched, max_model_len=max_model_len,
+                async_scheduling=self.async_scheduling,
+            ),
         )
 
     def _sharded_settings(self, folder: Path) -> tuple[str, str | None]:

@@ -9,7 +9,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import ray
 
@@ -94,7 +94,7 @@ class Engine:
         if tokenizer is not None:
             with self._phase(phases, "tokenizer"):  # what is left of it after the workers' phases
                 self.tokenizer = tokenizer.result()
-        self.core = EngineCore(config, num_blocks, self._execute)
+        self.core = EngineCore(config, num_blocks, self._submit)
         self.processor, self.outputs = Processor(config, self.tokenizer), OutputProcessor(self.tokenizer)
         with self._phase(phases, "warmup"):
             self.workers.compile_step(config.model.device)
@@ -165,16 +165,6 @@ class Engine:
 
     # -- generation ---------------------------------------------------------------------------
 
-    def _execute(self, batch: Batch) -> StepResult:
-        """Run one step on every rank. A failure there ends the engine: the ranks' caches and
-        process group are in an unknown state, so every later call gets EngineDeadError."""
-        self._check_alive()
-        try:
-            return self.workers.step(batch, timeout_s=TIMEOUTS_S["execute_model"])
-        except Exception as exc:
-            self.dead = EngineDeadError(f"the engine stopped: a worker failed during a step: {exc}")
-            raise self.dead from exc
-
     def _check_alive(self) -> None:
         if self.dead is not None:
             raise EngineDeadError(f"{self.dead}; every request in flight is lost: create a new LLM")
@@ -201,11 +191,37 @@ class Engine:
     def step(self, finished_only: bool = False) -> list[RequestOutput]:
         """One step of the core, its outputs through the output processor; completions that
         reached a stop string end in the core before the next step is scheduled. The requests
-        that changed (only the finished ones with `finished_only`)."""
+        that changed (only the finished ones with `finished_only`).
+
+        With async scheduling the ranks are running the next step meanwhile: the outputs are
+        processed while they do, and a completion that reached a stop string has one more token
+        computed there, which the core drops."""
         outputs, hits = self.outputs.process(self.core.step(), finished_only)
         for request_id, index, stop in hits:
             self.core.finish(request_id, index, "stop", stop)
         return outputs
+
+    def _submit(self, batch: Batch) -> Callable[[], StepResult]:
+        """Send a step to every rank; what waits for rank 0's result."""
+        self._check_alive()
+        try:
+            pending = self.workers.submit_step(batch)
+        except Exception as exc:
+            raise self._died(exc) from exc
+
+        def result() -> StepResult:
+            try:
+                return pending.result(timeout_s=TIMEOUTS_S["execute_model"])
+            except Exception as exc:
+                raise self._died(exc) from exc
+
+        return result
+
+    def _died(self, exc: Exception) -> EngineDeadError:
+        """A failure on a rank ends the engine: the ranks' caches and process group are in an
+        unknown state, so every later call gets EngineDeadError."""
+        self.dead = EngineDeadError(f"the engine stopped: a worker failed during a step: {exc}")
+        return self.dead
 
     def run(self, max_seconds: float, stream: bool) -> list[RequestOutput]:
         """Step until `max_seconds` have passed or nothing is left: the finished requests (with

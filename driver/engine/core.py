@@ -7,6 +7,12 @@ sequences (`finish`) before the next step is scheduled.
 
 The core ends a sequence itself on what token ids alone decide: end of sequence, a stop token,
 max_tokens, max_model_len.
+
+A step is two halves: `schedule` plans it and sends it to the ranks, `complete` waits for its
+result and applies it. With async scheduling the driver actor schedules step N+1 while the ranks
+still run step N: a completion whose token from step N is not known yet gets a placeholder
+(`PLACEHOLDER`), which the ranks replace with the token they sampled; when step N's token ends
+the completion, step N+1 computed one token too many, which `complete` drops unseen.
 """
 
 from __future__ import annotations
@@ -14,6 +20,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from typing import Callable
+
+PLACEHOLDER = -1
+"""The input token of a completion whose last token is still being sampled by the step in flight."""
 
 import msgspec
 
@@ -58,11 +67,22 @@ class CoreOutput:
     """A copy of the request's timings after this step."""
 
 
-class EngineCore:
-    """`execute` sends a Batch to every rank and returns rank 0's result."""
+@dataclass
+class InFlight:
+    """A step sent to the ranks: what it computes, and how to wait for rank 0's result."""
 
-    def __init__(self, config: EngineConfig, num_blocks: int, execute: Callable[[Batch], StepResult]) -> None:
-        self.config, self.execute = config, execute
+    scheduled: list[tuple[Sequence, int, int]]
+    """(sequence, first position, end position) of each scheduled chunk."""
+    result: Callable[[], StepResult]
+
+
+Submit = Callable[[Batch], Callable[[], StepResult]]
+"""Sends a Batch to every rank; the callable it returns waits for rank 0's result."""
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, num_blocks: int, submit: Submit) -> None:
+        self.config, self.submit = config, submit
         self.max_model_len = config.model.max_model_len
         sched = config.scheduler
         blocks = BlockManager(num_blocks, config.cache.block_size, enable_prefix_caching=config.cache.enable_prefix_caching)
@@ -72,6 +92,9 @@ class EngineCore:
         self.next_seq_id = 0
         self.to_forget: list[int] = []
         self.steps = self.preemptions = 0
+        self.async_scheduling = sched.async_scheduling
+        self.in_flight: InFlight | None = None
+        """With async scheduling: the step the ranks are running."""
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -121,7 +144,7 @@ class EngineCore:
             self._drop(request)
 
     def has_unfinished(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests) or self.in_flight is not None
 
     def stats(self) -> dict[str, int | float]:
         """Counters since start: steps run, sequences preempted, prompt tokens looked up in the
@@ -138,29 +161,63 @@ class EngineCore:
     # -- a step -----------------------------------------------------------------------------
 
     def step(self) -> list[CoreOutput]:
-        """Schedule, run the batch on every rank, apply the sampled tokens: the requests touched."""
-        planned = self.scheduler.schedule()
+        """One step: the requests it touched. With async scheduling, the step after it is
+        scheduled and sent before its result is awaited, and it is still running when this returns."""
+        current = self.in_flight or self.schedule()
+        if current is None:
+            return []
+        self.in_flight = self.schedule(overlap=True) if self.async_scheduling else None
+        return self.complete(current)
+
+    def schedule(self, overlap: bool = False) -> InFlight | None:
+        """Plan a step and send it to the ranks (None: nothing to run). `overlap`: the step before
+        it is still running, so a completion that step will certainly end (by max_tokens or
+        max_model_len) is left out rather than computed in vain."""
+        planned = self.scheduler.schedule(skip=self._ending if overlap else None)
         self.preemptions += len(planned.preempted)
         if not planned.scheduled:
-            return []
+            return None
         self.steps += 1
         now = time.time()
-        result = self.execute(self._batch(planned))
-        touched: dict[str, CoreOutput] = {}
+        batch = self._batch(planned)
+        scheduled = []
         for seq, count in planned.scheduled:
-            self.scheduler.blocks.computed(seq, seq.num_computed_tokens, seq.num_computed_tokens + count)
+            start = seq.num_computed_tokens
             seq.num_computed_tokens += count
-            request = seq.request
-            if request.metrics.first_scheduled_time is None:
-                request.metrics.first_scheduled_time = now
-            touched.setdefault(request.request_id, CoreOutput(request.request_id))
+            if start + count == seq.num_tokens:  # it samples: its next token is a placeholder until then
+                seq.output_token_ids.append(PLACEHOLDER)
+                seq.pending += 1
+            if seq.request.metrics.first_scheduled_time is None:
+                seq.request.metrics.first_scheduled_time = now
+            scheduled.append((seq, start, start + count))
+        return InFlight(scheduled, self.submit(batch))
+
+    def _ending(self, seq: Sequence) -> bool:
+        """Whether the token `seq` waits for ends it by length."""
+        max_tokens = seq.request.params.max_tokens
+        return seq.pending > 0 and (
+            (max_tokens is not None and len(seq.output_token_ids) >= max_tokens) or seq.num_tokens >= self.max_model_len
+        )
+
+    def complete(self, step: InFlight) -> list[CoreOutput]:
+        """Wait for a step's result and apply it: the requests it touched (completions that
+        ended, or were aborted, since it was sent are left out)."""
+        result = step.result()
+        touched: dict[str, CoreOutput] = {}
+        for seq, start, stop in step.scheduled:
+            if seq.finished:
+                continue
+            if seq.status is Status.RUNNING:  # not preempted since
+                self.scheduler.blocks.computed(seq, start, stop)
+            touched.setdefault(seq.request.request_id, CoreOutput(seq.request.request_id))
         for entry in result.prompt_logprobs:
-            request = self.seqs[entry.seq_id].request
-            request.prompt_logprobs_scored += len(entry.logprobs)
-            touched[request.request_id].prompt_logprobs.append(entry)
+            seq = self.seqs.get(entry.seq_id)
+            if seq is not None and seq.request.request_id in touched:
+                touched[seq.request.request_id].prompt_logprobs.append(entry)
         for token in result.sampled:
-            seq = self.seqs[token.seq_id]
-            touched[seq.request.request_id].seqs.append(self._append(seq, token))
+            seq = self.seqs.get(token.seq_id)
+            if seq is not None and not seq.finished:
+                touched[seq.request.request_id].seqs.append(self._append(seq, token))
         for out in touched.values():
             request = self.requests[out.request_id]
             out.metrics = msgspec.structs.replace(request.metrics)
@@ -183,7 +240,9 @@ class EngineCore:
             if update is not None:
                 fields["table_updates"].append(update)
             fields["sample"].append(stop == seq.num_tokens)
-            fields["prompt_logprob_counts"].append(_prompt_logprob_count(seq, start, stop))
+            count = _prompt_logprob_count(seq, start, stop)
+            seq.request.prompt_logprobs_scored += count
+            fields["prompt_logprob_counts"].append(count)
             if not seq.announced:
                 new_seqs.append(_announce(seq))
         num_decodes = sum(1 for _, count in planned.scheduled if count == 1)
@@ -195,7 +254,8 @@ class EngineCore:
         metrics = seq.request.metrics
         metrics.first_token_time = metrics.first_token_time or now
         metrics.last_token_time = now
-        seq.output_token_ids.append(token.token_id)
+        seq.output_token_ids[len(seq.output_token_ids) - seq.pending] = token.token_id
+        seq.pending -= 1
         delta = SeqDelta(seq.index, token)
         reason, stop_reason = self._stop_reason(seq, token.token_id)
         if reason is not None:
@@ -207,7 +267,7 @@ class EngineCore:
         """Why `seq` stops after `token_id`, by token ids and lengths alone (stop strings are the
         output processor's)."""
         params, eos = seq.request.params, seq.request.eos_token_id
-        generated = len(seq.output_token_ids)
+        generated = len(seq.output_token_ids) - seq.pending
         if generated >= params.min_tokens:
             if token_id == eos and not params.ignore_eos:
                 return "stop", None
@@ -215,11 +275,14 @@ class EngineCore:
                 return "stop", token_id
         if params.max_tokens is not None and generated >= params.max_tokens:
             return "length", None
-        if seq.num_tokens >= self.max_model_len:
+        if seq.num_tokens - seq.pending >= self.max_model_len:
             return "length", None
         return None, None
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        if seq.pending:  # the tokens a step in flight computes for it are dropped
+            del seq.output_token_ids[-seq.pending :]
+            seq.pending = 0
         seq.status, seq.finish_reason, seq.stop_reason = Status.FINISHED, reason, stop_reason
         self.scheduler.finish(seq)
         if seq.announced:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 from driver.engine.block_manager import BlockManager
 from driver.engine.sequence import Sequence, Status
@@ -37,18 +38,22 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> ScheduledStep:
+    def schedule(self, skip: Callable[[Sequence], bool] | None = None) -> ScheduledStep:
+        """`skip`: running sequences to leave out of this step (they keep their blocks)."""
         step = ScheduledStep()
-        budget = self._schedule_running(step, self.max_num_batched_tokens)
+        budget = self._schedule_running(step, self.max_num_batched_tokens, skip)
         if not step.preempted:
             self._admit_waiting(step, budget)
         step.scheduled.sort(key=lambda item: item[1] > 1)
         return step
 
-    def _schedule_running(self, step: ScheduledStep, budget: int) -> int:
+    def _schedule_running(self, step: ScheduledStep, budget: int, skip: Callable[[Sequence], bool] | None) -> int:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if skip is not None and skip(seq):
+                i += 1
+                continue
             count = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.blocks.can_grow(seq, seq.num_computed_tokens + count):
                 victim = self.running.pop()

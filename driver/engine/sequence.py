@@ -25,6 +25,8 @@ class Sequence:
     index: int
     seed: int | None
     output_token_ids: list[int] = field(default_factory=list)
+    pending: int = 0
+    """Placeholders at the end of output_token_ids: tokens the steps in flight are sampling."""
     num_computed_tokens: int = 0
     """Tokens whose keys and values are in the cache (reset to 0 on preemption: recompute)."""
     block_table: list[int] = field(default_factory=list)

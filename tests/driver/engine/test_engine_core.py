@@ -7,38 +7,62 @@ the tokens a completion gets do not depend on how its prompt was chunked, cached
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Callable
 
 import pytest
+import torch
 
+from driver.engine import core as engine_core
 from driver.engine.core import CoreRequest, EngineCore
 from driver.engine.output_processor import OutputProcessor
 from workers.batch import Batch, PromptLogprobs, SampledToken, StepResult
+from parallel.state import TensorParallelGroup
 from workers.block_tables import BlockTables
+from workers.placeholders import PLACEHOLDER, LastTokens
 from workers.sampling_params import SamplingParams
 
 VOCAB = 50
 
 
-def config(num_seqs: int = 4, batched: int = 64, max_len: int = 64, block_size: int = 4, caching: bool = True) -> SimpleNamespace:
+def config(
+    num_seqs: int = 4, batched: int = 64, max_len: int = 64, block_size: int = 4, caching: bool = True, overlap: bool = False
+) -> SimpleNamespace:
     return SimpleNamespace(
         model=SimpleNamespace(max_model_len=max_len, arch=SimpleNamespace(vocab_size=VOCAB)),
-        scheduler=SimpleNamespace(max_num_seqs=num_seqs, max_num_batched_tokens=batched),
+        scheduler=SimpleNamespace(max_num_seqs=num_seqs, max_num_batched_tokens=batched, async_scheduling=overlap),
         cache=SimpleNamespace(block_size=block_size, enable_prefix_caching=caching),
     )
 
 
 class FakeExecutor:
-    """Checks what a rank would check (known sequences, block tables that cover the context)
-    and samples last token + 1; logprobs -1.0, rank 1; prompt logprobs -0.5 each."""
+    """Checks what a rank would check (known sequences, block tables that cover the context),
+    fills placeholders as the ranks do (`workers.placeholders`), and samples last token + 1;
+    logprobs -1.0, rank 1; prompt logprobs -0.5 each. It runs a step when it is sent."""
 
     def __init__(self, block_size: int) -> None:
         self.block_size = block_size
         self.tables = BlockTables(64)
         self.known: set[int] = set()
         self.batches: list[Batch] = []
+        self.last_tokens = LastTokens(TensorParallelGroup.single(), torch.device("cpu"))
+        self.waited = 0
 
-    def __call__(self, batch: Batch) -> StepResult:
+    def __call__(self, batch: Batch) -> Callable[[], StepResult]:
+        batch = self.last_tokens.fill(batch)
+        result = self.run(batch)
+        self.last_tokens.record(batch, result)
+        sent = len(self.batches)
+
+        def wait() -> StepResult:
+            assert self.waited == sent - 1, "results taken out of order"
+            self.waited = sent
+            return result
+
+        return wait
+
+    def run(self, batch: Batch) -> StepResult:
         self.batches.append(batch)
+        assert PLACEHOLDER not in batch.token_ids
         self.tables.apply(batch.table_updates, batch.finished_seq_ids)
         self.known -= set(batch.finished_seq_ids)
         self.known |= {s.seq_id for s in batch.new_seqs}
@@ -79,7 +103,7 @@ def request(request_id: str, prompt: list[int], eos: int | None = None, **params
 def make_core(num_blocks: int = 64, **kwargs: object) -> tuple[EngineCore, FakeExecutor]:
     cfg = config(**kwargs)
     executor = FakeExecutor(cfg.cache.block_size)
-    return EngineCore(cfg, num_blocks=num_blocks, execute=executor), executor
+    return EngineCore(cfg, num_blocks=num_blocks, submit=executor), executor
 
 
 def test_token_ids_alone_end_a_completion() -> None:
@@ -178,3 +202,72 @@ def test_prompt_logprobs_cover_the_prompt_once() -> None:
     assert final.finished and len(final.prompt_logprobs) == 10 and final.prompt_logprobs[0] is None
     assert all(entry[token].logprob == -0.5 for entry, token in zip(final.prompt_logprobs[1:], range(2, 11)))
     assert final.outputs[0].token_ids == [11, 12] and final.metrics.finished_time is not None
+
+
+def test_the_placeholder_is_the_ranks_one() -> None:
+    assert engine_core.PLACEHOLDER == PLACEHOLDER
+
+
+def mixed_requests() -> list[CoreRequest]:
+    return [
+        request("eos", [1, 2], eos=6, max_tokens=10),
+        request("stop-id", [10] * 9, stop_token_ids=[14], max_tokens=10),
+        request("length", list(range(20, 33)), max_tokens=5),
+        request("n", [7, 8], n=3, max_tokens=4, seed=2),
+        request("long", [0] * 3, max_tokens=40),
+        request("logprobs", list(range(1, 12)), prompt_logprobs=0, logprobs=0, max_tokens=3),
+        request("min", [1, 2], eos=4, min_tokens=3, max_tokens=4),
+    ]
+
+
+@pytest.mark.parametrize("num_blocks", [64, 14])
+def test_async_scheduling_gives_the_tokens_of_sync_steps(num_blocks: int) -> None:
+    """Overlapped steps (the next sent before the last one's result) give every completion the
+    tokens, finish reasons and prompt logprobs of one step at a time, with preemption too."""
+    results = {}
+    for overlap in (False, True):
+        core, _ = make_core(num_blocks=num_blocks, overlap=overlap, batched=16, max_len=48)
+        core.add_requests(mixed_requests())
+        outputs = OutputProcessor(None)
+        for r in mixed_requests():
+            outputs.add(r.request_id, None, r.prompt_token_ids, r.params, 0.0)
+        final = {}
+        while core.has_unfinished():
+            for out in outputs.process(core.step())[0]:
+                final[out.request_id] = out
+        results[overlap] = {
+            rid: ([(c.token_ids, c.finish_reason, c.stop_reason) for c in o.outputs], o.prompt_logprobs) for rid, o in final.items()
+        }
+        assert all(o.finished for o in final.values()) and not core.seqs
+        assert core.scheduler.blocks.num_free == num_blocks
+    assert results[True] == results[False]
+
+
+def test_async_scheduling_never_shows_a_token_past_a_stop_string() -> None:
+    """The output processor finds a stop string after the next step has been sent: that step's
+    token for the completion is computed, dropped by the core, and never reaches an output."""
+    from tests.driver.engine.test_output_processor import LetterTokenizer
+
+    core, executor = make_core(overlap=True)
+    params = SamplingParams(stop=["e"], max_tokens=20)
+    core.add_requests([CoreRequest(request_id="r", prompt_token_ids=[0], params=params, arrival_time=0.0)])
+    outputs = OutputProcessor(LetterTokenizer())
+    outputs.add("r", None, [0], params, 0.0)
+    seen = []
+    while core.has_unfinished():
+        results, hits = outputs.process(core.step())
+        seen.extend(results)
+        for request_id, index, stop in hits:
+            core.finish(request_id, index, "stop", stop)
+    final = seen[-1]
+    assert final.finished and final.outputs[0].token_ids == [1, 2, 3, 4] and final.outputs[0].text == "bcd"
+    assert all(len(o.outputs[0].token_ids) <= 4 for o in seen)
+    sampled_for_r = sum(1 for b in executor.batches for s in b.sample if s)
+    assert sampled_for_r == 5  # one token past "e" was computed, and dropped
+
+
+def test_async_scheduling_leaves_out_completions_that_end_by_length() -> None:
+    core, executor = make_core(overlap=True)
+    core.add_requests([request("r", [1], max_tokens=3)])
+    assert run(core)["r"][0] == ([2, 3, 4], "length", None)
+    assert sum(len(b.seq_ids) for b in executor.batches) == 3  # no step computed a fourth token

@@ -1,0 +1,56 @@
+"""The tokens a step was scheduled without (async scheduling).
+
+With async scheduling the driver sends step N+1 before step N's result has come back, so a
+completion that samples in step N gets a placeholder (`PLACEHOLDER`) as its input token in step
+N+1. Rank 0 sampled that token and keeps it here; it fills the placeholders and gives the other
+ranks the same tokens through one all-reduce of the filled values (rank 0's values, zeros
+elsewhere), so every rank embeds the same ids.
+"""
+
+from __future__ import annotations
+
+import msgspec
+import torch
+
+from parallel.state import TensorParallelGroup
+from workers.batch import Batch, StepResult
+
+PLACEHOLDER = -1
+"""The driver's `driver.engine.core.PLACEHOLDER`: the input token a step in flight is sampling."""
+
+
+class LastTokens:
+    """Each sequence's last sampled token (rank 0), to fill a batch's placeholders on every rank."""
+
+    def __init__(self, tp: TensorParallelGroup, device: torch.device) -> None:
+        self.tp, self.device = tp, device
+        self.last: dict[int, int] = {}
+
+    def fill(self, batch: Batch) -> Batch:
+        """`batch` with its placeholders replaced by the tokens they stand for. A placeholder is
+        always a one-token row's token (a completion's next decode), and those rows come first,
+        so the placeholder at token index i is row i's, sequence `seq_ids[i]`'s."""
+        holes = [i for i, token in enumerate(batch.token_ids[: batch.num_decodes]) if token == PLACEHOLDER]
+        if not holes:
+            return batch
+        values = torch.zeros(len(holes), dtype=torch.float32)  # token ids below 2**24 are exact
+        if self.tp.rank == 0:
+            try:
+                values = torch.tensor([self.last[batch.seq_ids[i]] for i in holes], dtype=torch.float32)
+            except KeyError as exc:
+                raise RuntimeError(f"a placeholder token for sequence {exc.args[0]}, which has sampled nothing yet") from None
+        if self.tp.size > 1:
+            values = self.tp.all_reduce(values.to(self.device)).cpu()
+        ids = list(batch.token_ids)
+        for i, value in zip(holes, values.tolist()):
+            ids[i] = int(value)
+        return msgspec.structs.replace(batch, token_ids=ids)
+
+    def record(self, batch: Batch, result: StepResult | None) -> None:
+        """Keep what this step sampled; forget the sequences that finished."""
+        for seq_id in batch.finished_seq_ids:
+            self.last.pop(seq_id, None)
+        if result is not None:
+            for token in result.sampled:
+                self.last[token.seq_id] = token.token_id
+
