@@ -15,17 +15,13 @@ from typing import Any
 
 import torch
 
+from driver.config.max_len import derived_max_len, position_limit, sliding_window, too_long
 from parallel.errors import ConfigError
 from workers.config import ModelArch, RopeScaling
 from workers.gguf_file import gguf_model_config, read_gguf_index
 from workers.model_files import ModelFiles
 from workers.models import pick_architecture
 from workers.models.layers import SUPPORTED_ROPE_TYPES
-
-MAX_LEN_KEYS = (
-    "max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
-    "max_sequence_length", "max_seq_length", "seq_len",
-)
 
 REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -125,25 +121,11 @@ def resolve_dtype(requested: str, checkpoint: str | None, device: str, capabilit
     return "bfloat16" if capability >= (8, 0) else "float16"
 
 
-def sliding_window(cfg: Any, architecture: str) -> int | None:
-    """The attention window that applies to every layer, if any (Mistral; Qwen2 with use_sliding_window)."""
-    window = getattr(cfg, "sliding_window", None)
-    if architecture == "Qwen2ForCausalLM" and not getattr(cfg, "use_sliding_window", False):
-        return None
-    return window if architecture != "LlamaForCausalLM" else None
-
-
 def derived_max_model_len(cfg: Any, arch: ModelArch) -> int:
-    """The longest sequence the config allows: its position limits, stretched by rope scaling and
-    capped by a sliding window (attention is computed over the whole sequence, so a longer one
-    would not match the model)."""
-    limits = [getattr(cfg, key) for key in MAX_LEN_KEYS if isinstance(getattr(cfg, key, None), int)]
-    derived = min(limits) if limits else 2048
+    """The longest sequence the config allows (`driver.config.max_len`)."""
+    fields = vars(cfg)
     scaling = arch.rope_scaling
-    if scaling.rope_type == "linear":
-        derived = int(derived * scaling.factor)
-    window = sliding_window(cfg, arch.architecture)
-    return min(derived, window) if window else derived
+    return derived_max_len(position_limit(fields) or 2048, scaling.rope_type, scaling.factor, sliding_window(fields, arch.architecture))
 
 
 def resolve_max_model_len(cfg: Any, arch: ModelArch, requested: int | None) -> int:
@@ -151,9 +133,5 @@ def resolve_max_model_len(cfg: Any, arch: ModelArch, requested: int | None) -> i
     if requested is None:
         return derived
     if requested > derived:
-        raise ConfigError(
-            f"max_model_len={requested} is larger than the model allows ({derived}, from its config's "
-            "max_position_embeddings, rope scaling and sliding window); use max_model_len <= "
-            f"{derived}"
-        )
+        raise too_long(requested, derived)
     return requested

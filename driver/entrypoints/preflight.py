@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from driver.config.max_len import derived_max_len, position_limit, sliding_window, too_long
 from parallel.errors import ConfigError, WeightLoadError
 
 if TYPE_CHECKING:
@@ -61,14 +62,7 @@ def machine_may_have_gpu() -> bool:
     return bool(glob.glob("/dev/nvidia[0-9]*")) or os.path.exists("/dev/dxg")
 
 
-PREFLIGHT_MAX_LEN_KEYS = (
-    "max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
-    "max_sequence_length", "max_seq_length", "seq_len",
-)
-"""`driver.config.model_config.MAX_LEN_KEYS` (a test keeps them equal): that module imports torch."""
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-DEFAULT_WINDOW = 4096
-"""transformers' sliding_window for Mistral and Qwen2 configs that leave it out."""
 
 
 def check_max_model_len(files: ModelFiles, requested: Any) -> None:
@@ -77,12 +71,7 @@ def check_max_model_len(files: ModelFiles, requested: Any) -> None:
         return
     derived = config_max_len(files)
     if derived is not None and requested > derived:
-        raise ConfigError(
-            f"max_model_len={requested} is larger than the model allows ({derived}, from its config's "
-            "max_position_embeddings, rope scaling and sliding window); use max_model_len <= "
-            f"{derived}",
-            field="max_model_len",
-        )
+        raise too_long(requested, derived)
 
 
 def config_max_len(files: ModelFiles) -> int | None:
@@ -97,18 +86,16 @@ def config_max_len(files: ModelFiles) -> int | None:
         return None
     names = cfg.get("architectures") or []
     architecture = next((n for n in names if n in MODEL_TYPES.values()), None if names else MODEL_TYPES.get(cfg.get("model_type")))
-    limits = [cfg[key] for key in PREFLIGHT_MAX_LEN_KEYS if isinstance(cfg.get(key), int)]
-    if architecture is None or not limits:
+    limit = position_limit(cfg)
+    if architecture is None or limit is None:
         return None
     try:
         rope = {**(cfg.get("rope_parameters") or {}), **(cfg.get("rope_scaling") or {})}
-        factor = float(rope["factor"]) if rope.get("rope_type", rope.get("type")) == "linear" else 1.0
+        rope_type = rope.get("rope_type", rope.get("type"))
+        factor = float(rope["factor"]) if rope_type == "linear" else 1.0
     except (KeyError, TypeError, ValueError):
         return None
-    derived = int(min(limits) * factor) if factor != 1.0 else min(limits)
-    windowed = architecture == "MistralForCausalLM" or architecture == "Qwen2ForCausalLM" and cfg.get("use_sliding_window")
-    window = cfg.get("sliding_window", DEFAULT_WINDOW) if windowed else None
-    return min(derived, window) if window else derived
+    return derived_max_len(limit, rope_type or "default", factor, sliding_window(cfg, architecture))
 
 
 def gguf_config(files: ModelFiles) -> dict[str, Any]:
