@@ -203,6 +203,7 @@ class EngineCore:
         """Wait for a step's result and apply it: the requests it touched (completions that
         ended, or were aborted, since it was sent are left out)."""
         result = step.result()
+        now = time.time()
         touched: dict[str, CoreOutput] = {}
         for seq, start, stop in step.scheduled:
             if seq.finished:
@@ -217,7 +218,7 @@ class EngineCore:
         for token in result.sampled:
             seq = self.seqs.get(token.seq_id)
             if seq is not None and not seq.finished:
-                touched[seq.request.request_id].seqs.append(self._append(seq, token))
+                touched[seq.request.request_id].seqs.append(self._append(seq, token, now))
         for out in touched.values():
             request = self.requests[out.request_id]
             out.metrics = msgspec.structs.replace(request.metrics)
@@ -249,8 +250,7 @@ class EngineCore:
         forget, self.to_forget = self.to_forget, []
         return Batch(**fields, num_decodes=num_decodes, new_seqs=new_seqs, finished_seq_ids=forget)
 
-    def _append(self, seq: Sequence, token: SampledToken) -> SeqDelta:
-        now = time.time()
+    def _append(self, seq: Sequence, token: SampledToken, now: float) -> SeqDelta:
         metrics = seq.request.metrics
         metrics.first_token_time = metrics.first_token_time or now
         metrics.last_token_time = now
