@@ -153,7 +153,7 @@ class Worker:
     def shutdown(self) -> None:
         """Drop the model and the KV pool and leave the process group."""
         self.model = self.kv_cache = self.runner = None
-        destroy_tensor_parallel()
+        destroy_tensor_parallel(self.tp)
         if self.device is not None and self.device.type == "cuda":
             torch.cuda.empty_cache()
 
