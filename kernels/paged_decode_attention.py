@@ -13,10 +13,17 @@ slot 0 for positions past a context: block 0 must hold finite values (the engine
 
 A float8_e4m3fn cache holds K / k_scale and V / v_scale (kernels.reshape_and_cache): it is read as
 K = fp8 x k_scale and V = fp8 x v_scale, in q's dtype. Other caches ignore the scales.
+
+On CPU the engine runs `paged_decode_attention_blocks`: the same maths as the reference, with the
+contexts gathered a whole block at a time (one copy of block_size x H_kv x D values per block
+instead of one per position) following a plan made once per step (`decode_block_plan`).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 import triton
@@ -71,6 +78,76 @@ def paged_decode_attention_ref(
 ) -> torch.Tensor:
     slots, visible = decode_gather_plan(block_tables, context_lens, key_cache.shape[1])
     return paged_decode_attention_gathered(q, key_cache, value_cache, slots, visible, scale, k_scale=k_scale, v_scale=v_scale)
+
+
+class DecodeBlockPlan(NamedTuple):
+    """What `paged_decode_attention_blocks` reads, the same for every layer of a step.
+
+    With nb the most blocks any context of the batch covers, gathering the blocks `blocks` lays
+    every context out at [b, 0 : nb * block_size]; attention reads positions j < L = max_b L_b of
+    it, with j >= L_b masked out (`visible`): the reference's very inputs, so its very results.
+    """
+
+    blocks: torch.Tensor
+    """[B * nb] int64: sequence b's first ceil(L_b / block_size) block ids, then the null block 0."""
+    tail: torch.Tensor
+    """[n] int64: the positions b * nb * block_size + j of that layout with L_b <= j < L in b's last
+    block: slots no token of this context was written to (stale, or never written: maybe NaN),
+    zeroed after the gather, as the reference reads the null block there."""
+    visible: torch.Tensor
+    """[B, 1, 1, L] bool: j < L_b."""
+
+
+def decode_block_plan_np(
+    block_tables: np.ndarray, context_lens: np.ndarray, block_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`DecodeBlockPlan`'s (blocks, tail, visible) as numpy arrays, from block_tables [B, >= nb] and context_lens [B]."""
+    lens = context_lens.astype(np.int64)
+    used = (lens + block_size - 1) // block_size
+    width, longest = int(used.max()), int(lens.max())
+    blocks = np.where(np.arange(width) < used[:, None], block_tables[:, :width], 0).astype(np.int64).reshape(-1)
+    position = np.arange(width * block_size)
+    visible = position < lens[:, None]
+    tail = np.flatnonzero(~visible & (position < np.minimum(used * block_size, longest)[:, None]))
+    return blocks, tail, visible[:, None, None, :longest]
+
+
+def decode_block_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> DecodeBlockPlan:
+    """The plan for CPU tensors block_tables [B, max_blocks] and context_lens [B]."""
+    arrays = decode_block_plan_np(block_tables.numpy(), context_lens.numpy(), block_size)
+    return DecodeBlockPlan(*(torch.from_numpy(np.ascontiguousarray(a)) for a in arrays))
+
+
+def _gather_blocks(cache: torch.Tensor, plan: DecodeBlockPlan) -> torch.Tensor:
+    """The plan's blocks of one pool, [B * nb * block_size, H_kv, D], tails zeroed (a float8 pool as
+    bytes: code 0 is +0)."""
+    codes = cache.view(torch.uint8) if is_fp8(cache) else cache
+    gathered = codes.index_select(0, plan.blocks).view(-1, *cache.shape[2:])
+    if len(plan.tail):
+        gathered.index_fill_(0, plan.tail, 0)
+    return gathered.view(cache.dtype)
+
+
+def paged_decode_attention_blocks(
+    q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, plan: DecodeBlockPlan, scale: float,
+    *, kv_pair: torch.Tensor | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
+) -> torch.Tensor:
+    """The reference's maths over contexts gathered by block (`DecodeBlockPlan`); `kv_pair`
+    [2, num_blocks, block_size, H_kv, D], when the two pools are its halves, lets one gather read both."""
+    batch, heads, dim = q.shape
+    kv_heads, length = key_cache.shape[2], plan.visible.shape[-1]
+    if kv_pair is not None and not is_fp8(kv_pair):
+        kv = kv_pair.index_select(1, plan.blocks).view(2, -1, kv_heads, dim)
+        if len(plan.tail):
+            kv.index_fill_(1, plan.tail, 0)
+        keys, values = kv[0].to(q.dtype), kv[1].to(q.dtype)
+    else:
+        keys = dequantize_fp8(_gather_blocks(key_cache, plan), k_scale, q.dtype)
+        values = dequantize_fp8(_gather_blocks(value_cache, plan), v_scale, q.dtype)
+    keys = keys.view(batch, -1, kv_heads, dim)[:, :length].transpose(1, 2)  # [B, H_kv, L, D]
+    values = values.view(batch, -1, kv_heads, dim)[:, :length].transpose(1, 2)
+    out = F.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=plan.visible, scale=scale, enable_gqa=True)
+    return out.view(batch, heads, dim)
 
 
 @triton.jit

@@ -36,24 +36,65 @@ def prefill_attention_ref(
     scale: float,
     *, k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> torch.Tensor:
-    _, block_size, kv_heads, dim = key_cache.shape
     out = torch.empty_like(q)
     starts, lengths = query_start.tolist(), context_lens.tolist()
     for s, length in enumerate(lengths):
         first, last = starts[s], starts[s + 1]
-        new = last - first
-        slots = context_slots(block_tables[s : s + 1], length, block_size)[0]
-        # [1, heads, T, D]: SDPA's fast CPU path wants a batch dimension
-        keys = dequantize_fp8(key_cache.view(-1, kv_heads, dim)[slots], k_scale, q.dtype).transpose(0, 1)[None]
-        values = dequantize_fp8(value_cache.view(-1, kv_heads, dim)[slots], v_scale, q.dtype).transpose(0, 1)[None]
-        queries = q[first:last].transpose(0, 1)[None]
-        if new == length:
-            attended = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, scale=scale, enable_gqa=True)
-        else:
-            visible = torch.arange(length, device=q.device)[None, :] <= torch.arange(length - new, length, device=q.device)[:, None]
-            attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=visible, scale=scale, enable_gqa=True)
-        out[first:last] = attended[0].transpose(0, 1)
+        keys, values = _cached_context(key_cache, value_cache, block_tables[s], length, q.dtype, k_scale, v_scale)
+        out[first:last] = _attend(q[first:last], keys, values, length, scale)
     return out
+
+
+def prefill_attention_cpu(
+    q: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    spans: tuple[tuple[int, int, int], ...],
+    scale: float,
+    *, k_scale: float = 1.0, v_scale: float = 1.0,
+) -> torch.Tensor:
+    """The reference's results, given the new tokens' own keys and values [T, H_kv, D] as they were
+    written to the cache and each sequence's (first token, end, context length) in Python: a
+    sequence whose context is all new (a whole prompt) reads them instead of gathering the cache,
+    unless the cache is float8 (it attends to what the cache holds, as the reference does)."""
+    out = torch.empty_like(q)
+    fresh_ok = not is_fp8(key_cache)
+    for s, (first, last, length) in enumerate(spans):
+        if fresh_ok and last - first == length:
+            keys, values = key[first:last].transpose(0, 1)[None], value[first:last].transpose(0, 1)[None]
+        else:
+            keys, values = _cached_context(key_cache, value_cache, block_tables[s], length, q.dtype, k_scale, v_scale)
+        out[first:last] = _attend(q[first:last], keys, values, length, scale)
+    return out
+
+
+def _cached_context(
+    key_cache: torch.Tensor, value_cache: torch.Tensor, table: torch.Tensor, length: int, dtype: torch.dtype,
+    k_scale: float, v_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sequence's first `length` keys and values from the cache, [1, H_kv, length, D] in `dtype`
+    (SDPA's fast CPU path wants a batch dimension)."""
+    _, block_size, kv_heads, dim = key_cache.shape
+    slots = context_slots(table[None], length, block_size)[0]
+    keys = dequantize_fp8(key_cache.view(-1, kv_heads, dim)[slots], k_scale, dtype).transpose(0, 1)[None]
+    values = dequantize_fp8(value_cache.view(-1, kv_heads, dim)[slots], v_scale, dtype).transpose(0, 1)[None]
+    return keys, values
+
+
+def _attend(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length: int, scale: float) -> torch.Tensor:
+    """New tokens [Q, H, D] at the last Q of `length` positions attending causally to keys and values [1, H_kv, length, D]."""
+    new = queries.shape[0]
+    queries = queries.transpose(0, 1)[None]
+    if new == length:
+        attended = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        positions = torch.arange(length, device=queries.device)
+        visible = positions[None, :] <= positions[length - new :, None]
+        attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=visible, scale=scale, enable_gqa=True)
+    return attended[0].transpose(0, 1)
 
 
 @triton.jit

@@ -189,6 +189,11 @@ class QKVParallelLinear(_RowSplitLinear):
         q, k, v = qkv.split(sizes, dim=-1)
         return q, k, v
 
+    def heads(self, qkv: torch.Tensor) -> torch.Tensor:
+        """This rank's fused output [T, (h_q + 2 h_kv) d] as heads [T, h_q + 2 h_kv, d] (a view): its
+        q heads, then its k heads, then its v heads."""
+        return qkv.view(qkv.shape[0], -1, self.head_dim)
+
 
 class RowParallelLinear(ParallelLinear):
     """Y = X A^T + b with A split along its columns (the inputs): A = [A_1 ... A_p].

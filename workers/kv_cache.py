@@ -6,7 +6,7 @@ measures the peak; on CPU, where the budget is a share of free RAM, it takes an 
 the step's activations instead (`cpu_activation_bound`, held to a measured peak by the tests), so
 that the start does not spend seconds on a forward pass. The driver turns bytes into blocks,
 takes the minimum over ranks, and every rank allocates exactly that many: per layer a K pool and a V pool of shape
-[num_blocks + 1, block_size, kv_heads_per_rank, head_dim]. Block 0 is the null block: zeroed,
+[num_blocks + 1, block_size, kv_heads_per_rank, head_dim], the two halves of one tensor. Block 0 is the null block: zeroed,
 never handed out, it is where padding in block tables and gathers points, so that reading past
 a context never meets uninitialised memory (0 x NaN is NaN even under a zero attention weight).
 """
@@ -220,8 +220,11 @@ class KVCache:
     """One rank's paged KV cache: per layer, K and V pools [num_blocks + 1, block_size, kv_heads, head_dim],
     block 0 the null block."""
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], pairs: list[torch.Tensor] | None = None) -> None:
         self.keys, self.values = keys, values
+        self.pairs = pairs
+        """Per layer, [2, num_blocks + 1, block_size, kv_heads, head_dim]: the K pool and the V pool
+        (keys[i] is pairs[i][0], values[i] is pairs[i][1]), so that one op writes or gathers both."""
 
     @property
     def num_blocks(self) -> int:
@@ -238,10 +241,9 @@ class KVCache:
         shape = (num_blocks + NULL_BLOCKS, config.cache.block_size, kv_heads_per_rank(arch.num_kv_heads, tp_size), arch.head_dim)
         dtype = kv_cache_dtype(config)
         try:
-            keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(arch.num_layers)]
-            values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(arch.num_layers)]
+            pairs = [torch.empty((2, *shape), dtype=dtype, device=device) for _ in range(arch.num_layers)]
         except torch.OutOfMemoryError as exc:
             raise InsufficientMemory(f"allocating {num_blocks} KV blocks of shape {shape} failed: {exc}") from exc
-        for pool in keys + values:
-            pool[:NULL_BLOCKS].zero_()
-        return cls(keys, values)
+        for pair in pairs:
+            pair[:, :NULL_BLOCKS].zero_()
+        return cls([p[0] for p in pairs], [p[1] for p in pairs], pairs)

@@ -3,10 +3,11 @@ the sampled tokens (and prompt logprobs) out."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
-from kernels.paged_decode_attention import decode_gather_plan
+from kernels.paged_decode_attention import DecodeBlockPlan, decode_block_plan_np
 from parallel.state import TensorParallelGroup
 from workers.batch import Batch, StepResult
 from workers.block_tables import BlockTables
@@ -20,9 +21,10 @@ class ModelRunner:
     def __init__(self, model: nn.Module, kv_cache: KVCache, config: EngineConfig, tp: TensorParallelGroup, device: torch.device) -> None:
         self.model, self.config, self.tp, self.device = model, config, tp, device
         self.block_size = config.cache.block_size
-        model.bind_kv_cache(kv_cache.keys, kv_cache.values)
+        model.bind_kv_cache(kv_cache.keys, kv_cache.values, kv_cache.pairs)
         self.sampler = Sampler(device, config.model.seed) if tp.rank == 0 else None
         self.tables = BlockTables(-(-config.model.max_model_len // self.block_size))
+        self.staging = StagingBuffer(device)
 
     @torch.inference_mode()
     def execute(self, batch: Batch) -> StepResult | None:
@@ -33,41 +35,75 @@ class ModelRunner:
                 self.sampler.add(seq)
         if not batch.seq_ids:
             return StepResult() if self.sampler is not None else None
-        ids = torch.tensor(batch.token_ids, dtype=torch.long, device=self.device)
-        positions, meta = self.prepare(batch)
+        ids, positions, meta = self.prepare(batch)
         hidden = self.model(ids, positions, meta)
         rows, sample_rows, prompt_rows = self.logit_rows(batch)
-        logits = self.model.compute_logits(hidden[rows]) if rows else None
+        if rows and rows != list(range(len(ids))):
+            hidden = hidden[rows]
+        logits = self.model.compute_logits(hidden) if rows else None
         if self.sampler is None:
             return None
         return self.results(batch, logits, sample_rows, prompt_rows)
 
-    def prepare(self, batch: Batch) -> tuple[torch.Tensor, PagedMetadata]:
-        """Token positions and the attention metadata, built on the device from the batch's lists."""
-        device, bs = self.device, self.block_size
-        query = torch.tensor(batch.query_lens, dtype=torch.long)
-        context = torch.tensor(batch.context_lens, dtype=torch.long)
-        seq_of_token = torch.repeat_interleave(torch.arange(len(batch.seq_ids)), query)
-        starts = torch.cumsum(query, 0) - query
-        positions = (context - query)[seq_of_token] + torch.arange(int(query.sum())) - starts[seq_of_token]
-        tables = self.tables.gather(batch.seq_ids)
-        slots = tables[seq_of_token, positions // bs].long() * bs + positions % bs
-        n = batch.num_decodes
-        prefill_query = query[n:]
-        decode_tables, decode_lens = tables[:n].to(device), context[:n].to(torch.int32).to(device)
-        plan = decode_gather_plan(decode_tables, decode_lens, bs) if n and device.type != "cuda" else None
+    def prepare(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, PagedMetadata]:
+        """Token ids, positions and the attention metadata, built with numpy in one host buffer and
+        copied to the device at once (`StagingBuffer`; on CPU the tensors are views of it).
+
+        The buffer holds, as int64: ids, positions, slot mapping [T]; then as int32: context
+        lengths [S], the prompt chunks' query starts [S - n + 1], the block tables [S, W]. Token t of
+        sequence i (its tokens end at e_i) sits at position t + L_i - e_i, in slot
+        table[i, p // block_size] * block_size + p % block_size.
+        """
+        bs, n = self.block_size, batch.num_decodes
+        tokens, seqs = len(batch.token_ids), len(batch.seq_ids)
+        gathered = self.tables.gather(batch.seq_ids).numpy()
+        width, chunks = gathered.shape[1], seqs - n
+        longs, ints = 3 * tokens, seqs + chunks + 1 + seqs * width
+        host = self.staging.take(8 * longs + 4 * ints)
+        ids, positions, slots = host[: 8 * longs].view(np.int64).reshape(3, tokens)
+        context, query_start, tables = np.split(host[8 * longs :].view(np.int32), [seqs, seqs + chunks + 1])
+        tables = tables.reshape(seqs, width)
+        ids[:], context[:], tables[:] = batch.token_ids, batch.context_lens, gathered
+        if chunks:
+            query = np.asarray(batch.query_lens)
+            ends = np.cumsum(query)
+            positions[:] = np.arange(tokens) + np.repeat(context - ends, query)
+            query_start[0], query_start[1:] = 0, ends[n:] - n
+            seq_of_token = np.repeat(np.arange(seqs), query)
+        else:
+            positions[:] = context - 1
+            seq_of_token = np.arange(seqs)
+        np.add(tables[seq_of_token, positions // bs].astype(np.int64) * bs, positions % bs, out=slots)
+        device = self.staging.to_device(host)
+        longs_t, ints_t = device[: 8 * longs].view(torch.int64), device[8 * longs :].view(torch.int32)
+        ids_t, positions_t, slots_t = longs_t.view(3, tokens)
+        context_t, query_start_t = ints_t[:seqs], ints_t[seqs : seqs + chunks + 1]
+        tables_t = ints_t[seqs + chunks + 1 :].view(seqs, width)
         meta = PagedMetadata(
-            slot_mapping=slots.to(device),
+            slot_mapping=slots_t,
             num_decodes=n,
-            decode_block_tables=decode_tables,
-            decode_context_lens=decode_lens,
-            decode_plan=plan,
-            prefill_block_tables=tables[n:].to(device),
-            prefill_query_start=torch.cat([torch.zeros(1, dtype=torch.long), prefill_query.cumsum(0)]).to(torch.int32).to(device),
-            prefill_context_lens=context[n:].to(torch.int32).to(device),
-            max_prefill_query_len=int(prefill_query.max()) if len(prefill_query) else 0,
+            decode_block_tables=tables_t[:n],
+            decode_context_lens=context_t[:n],
+            prefill_block_tables=tables_t[n:],
+            prefill_query_start=query_start_t,
+            prefill_context_lens=context_t[n:],
+            max_prefill_query_len=max(batch.query_lens[n:], default=0),
+            decode_blocks=self.decode_blocks(tables[:n], context[:n]) if n and self.device.type != "cuda" else None,
+            prefill_spans=self.prefill_spans(batch) if self.device.type != "cuda" else (),
         )
-        return positions.to(device), meta
+        return ids_t, positions_t, meta
+
+    def decode_blocks(self, tables: np.ndarray, context: np.ndarray) -> DecodeBlockPlan:
+        return DecodeBlockPlan(*(torch.from_numpy(a) for a in decode_block_plan_np(tables, context, self.block_size)))
+
+    @staticmethod
+    def prefill_spans(batch: Batch) -> tuple[tuple[int, int, int], ...]:
+        """(first token, end, context length) of each prompt chunk, its tokens counted from the first after the decodes."""
+        spans, end = [], 0
+        for qlen, clen in zip(batch.query_lens[batch.num_decodes :], batch.context_lens[batch.num_decodes :]):
+            spans.append((end, end + qlen, clen))
+            end += qlen
+        return tuple(spans)
 
     @staticmethod
     def logit_rows(batch: Batch) -> tuple[list[int], list[int], list[tuple[int, int, int]]]:
@@ -92,3 +128,36 @@ class ModelRunner:
             position = batch.context_lens[i] - batch.query_lens[i]
             prompt.append(self.sampler.prompt_logprobs(logits[first : first + count].float(), batch.seq_ids[i], position + 1))
         return StepResult(sampled=sampled, prompt_logprobs=prompt)
+
+
+class StagingBuffer:
+    """The host memory a step's inputs are built in, and their one copy to the device.
+
+    On CUDA: one pinned buffer, reused (grown when a step needs more), copied with one non_blocking
+    H2D copy; before it is written again the previous copy is waited for (an event). On CPU: a
+    fresh numpy buffer per step, whose tensors are the step's inputs themselves (no copy).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.pinned = torch.empty(0, dtype=torch.uint8)
+        self.copied: torch.cuda.Event | None = None
+
+    def take(self, nbytes: int) -> np.ndarray:
+        """A uint8 buffer of `nbytes` (8-byte aligned) to build a step's inputs in."""
+        if self.device.type != "cuda":
+            return np.empty(nbytes, dtype=np.uint8)
+        if self.copied is not None:
+            self.copied.synchronize()
+        if self.pinned.numel() < nbytes:
+            self.pinned = torch.empty(max(nbytes, 2 * self.pinned.numel(), 4096), dtype=torch.uint8, pin_memory=True)
+        return self.pinned.numpy()[:nbytes]
+
+    def to_device(self, host: np.ndarray) -> torch.Tensor:
+        """The buffer on the device: one copy on CUDA, the same memory on CPU."""
+        if self.device.type != "cuda":
+            return torch.from_numpy(host)
+        on_device = self.pinned[: len(host)].to(self.device, non_blocking=True)
+        self.copied = torch.cuda.Event()
+        self.copied.record()
+        return on_device

@@ -15,8 +15,13 @@ import random
 import pytest
 import torch
 
-from kernels.paged_decode_attention import paged_decode_attention_ref, paged_decode_attention_triton
-from kernels.prefill_attention import prefill_attention_ref, prefill_attention_triton
+from kernels.paged_decode_attention import (
+    decode_block_plan,
+    paged_decode_attention_blocks,
+    paged_decode_attention_ref,
+    paged_decode_attention_triton,
+)
+from kernels.prefill_attention import prefill_attention_cpu, prefill_attention_ref, prefill_attention_triton
 from kernels.quant import FP8, FP8_MAX, dequantize_fp8, quantize_fp8
 from kernels.reshape_and_cache import reshape_and_cache_ref, reshape_and_cache_triton
 
@@ -229,3 +234,70 @@ def test_prefill_attention_fp8(block_size, dtype) -> None:
     assert torch.isfinite(expected).all() and torch.isfinite(got).all()
     torch.testing.assert_close(reference, expected, atol=0, rtol=0)
     torch.testing.assert_close(got.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+# The CPU paths the engine runs: the references' very results, bit for bit
+
+
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 1), (9, 3)])
+@pytest.mark.parametrize("lengths", [[1, 7, 33, 70], [16], [32, 3, 17]], ids=["mixed", "one-full-block", "block-edges"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_decode_blocks_is_the_reference(block_size, heads, kv_heads, lengths, dtype) -> None:
+    """Gathered by block, through shuffled (non-contiguous) tables, NaN in every unwritten slot
+    (the tails of last blocks included), from separate pools and from one [2, ...] pair."""
+    key_cache, value_cache, tables = paged_setup(block_size, kv_heads, 16, lengths, dtype)
+    key_cache, value_cache, tables = key_cache.cpu(), value_cache.cpu(), tables.cpu()
+    q = torch.randn(len(lengths), heads, 16).to(dtype)
+    lens = torch.tensor(lengths, dtype=torch.int32)
+    expected = paged_decode_attention_ref(q, key_cache, value_cache, tables, lens, 0.25)
+    plan = decode_block_plan(tables, lens, block_size)
+    pair = torch.stack([key_cache, value_cache])
+    got = paged_decode_attention_blocks(q, key_cache, value_cache, plan, 0.25)
+    paired = paged_decode_attention_blocks(q, pair[0], pair[1], plan, 0.25, kv_pair=pair)
+    assert torch.isfinite(got).all()
+    assert torch.equal(got, expected) and torch.equal(paired, expected)
+
+
+def test_decode_block_plan_reads_only_each_context() -> None:
+    """Blocks past a context's last are the null block, even where the table holds more; the tails
+    zeroed are the unwritten slots of each last block below the longest context."""
+    tables = torch.tensor([[5, 9, 2, 8], [7, 4, 6, 3], [1, 2, 3, 4]], dtype=torch.int32)
+    plan = decode_block_plan(tables, torch.tensor([5, 9, 7], dtype=torch.int32), 4)
+    assert plan.blocks.tolist() == [5, 9, 0, 7, 4, 6, 1, 2, 0]
+    assert plan.tail.tolist() == [5, 6, 7, 2 * 12 + 7]
+    assert plan.visible.shape == (3, 1, 1, 9) and plan.visible[:, 0, 0].sum(-1).tolist() == [5, 9, 7]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_decode_blocks_fp8_is_the_reference(dtype) -> None:
+    lengths = [1, 7, 33, 70]
+    key_cache, value_cache, tables = paged_setup(8, 2, 16, lengths, torch.float32, seed=6)
+    key8, value8, _, _ = fp8_caches(key_cache.cpu(), value_cache.cpu(), dtype)
+    q = torch.randn(len(lengths), 4, 16).to(dtype)
+    lens = torch.tensor(lengths, dtype=torch.int32)
+    k_scale, v_scale = FP8_SCALES
+    expected = paged_decode_attention_ref(q, key8, value8, tables.cpu(), lens, 0.25, k_scale=k_scale, v_scale=v_scale)
+    plan = decode_block_plan(tables.cpu(), lens, 8)
+    got = paged_decode_attention_blocks(q, key8, value8, plan, 0.25, k_scale=k_scale, v_scale=v_scale)
+    assert torch.isfinite(got).all() and torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 1), (9, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_cpu_is_the_reference(heads, kv_heads, dtype) -> None:
+    """Whole prompts attend to their own new keys and values, chunks after a cached context to
+    the cache: both give the reference's results."""
+    shapes = [(5, 5), (6, 20), (1, 9), (40, 40), (3, 45)]
+    key_cache, value_cache, tables = paged_setup(16, kv_heads, 16, [c for _, c in shapes], dtype, seed=2)
+    key_cache, value_cache, tables = key_cache.cpu(), value_cache.cpu(), tables.cpu()
+    q, query_start, lens = (t.cpu() for t in prefill_batch(shapes, heads, 16, dtype))
+    starts = query_start.tolist()
+    spans = tuple((starts[s], starts[s + 1], c) for s, (_, c) in enumerate(shapes))
+    slots = torch.cat([
+        torch.tensor([int(tables[s, p // 16]) * 16 + p % 16 for p in range(c - new, c)]) for s, (new, c) in enumerate(shapes)
+    ])
+    key, value = key_cache.view(-1, kv_heads, 16)[slots], value_cache.view(-1, kv_heads, 16)[slots]  # as the step wrote them
+    expected = prefill_attention_ref(q, key_cache, value_cache, tables, query_start, lens, 0.25)
+    got = prefill_attention_cpu(q, key, value, key_cache, value_cache, tables, spans, 0.25)
+    assert torch.isfinite(got).all() and torch.equal(got, expected)

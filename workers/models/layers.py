@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,9 @@ from torch import nn
 from parallel.errors import ConfigError
 from parallel.weights import replicated
 from workers.config import RopeScaling
+
+if TYPE_CHECKING:
+    from kernels.paged_decode_attention import DecodeBlockPlan
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -25,10 +29,10 @@ class RMSNorm(nn.Module):
         self.weight = replicated(nn.Parameter(torch.empty(size), requires_grad=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        """torch's rms_norm does these very operations in one call (float32: the weight too)."""
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
@@ -64,8 +68,10 @@ class RotaryEmbedding(nn.Module):
     """Rotary position embedding in Hugging Face's layout: each head's two halves rotate together.
 
     x' = x cos(p f) + rotate_half(x) sin(p f) with rotate_half([a, b]) = [-b, a] and f the
-    inverse frequencies, repeated over both halves. The cos/sin table is a float32 buffer built
-    after the model is materialised (it is computed, never loaded); every layer shares it.
+    inverse frequencies, repeated over both halves. The table holds, per position, cos(p f) and
+    sin(p f) with its first half negated, so that rotate_half(x) sin = swap_halves(x) sin_signed:
+    the same products, bit for bit. It is a float32 buffer built after the model is materialised
+    (it is computed, never loaded); every layer shares it.
     """
 
     def __init__(self, head_dim: int, theta: float, scaling: RopeScaling, max_positions: int) -> None:
@@ -77,20 +83,23 @@ class RotaryEmbedding(nn.Module):
         inv_freq = rope_inv_freq(self.head_dim, self.theta, self.scaling)
         freqs = torch.arange(self.max_positions, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
         angles = torch.cat([freqs, freqs], dim=-1)
-        table = torch.stack([angles.cos(), angles.sin()], dim=1)
+        sin = angles.sin()
+        sin[:, : self.head_dim // 2].neg_()
+        table = torch.stack([angles.cos(), sin], dim=1)
         self.cos_sin = table.to(self.cos_sin.device)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) [T, 1, d] for the tokens' positions [T]: looked up once per step, used by every layer."""
-        cos_sin = self.cos_sin[positions]
-        return cos_sin[:, 0, None, :].to(dtype), cos_sin[:, 1, None, :].to(dtype)
+        """(cos, signed sin) [T, 1, d] for the tokens' positions [T]: looked up once per step, used by every layer."""
+        cos_sin = self.cos_sin.index_select(0, positions).to(dtype)
+        return cos_sin[:, 0, None, :], cos_sin[:, 1, None, :]
 
 
-def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Rotate x [T, heads, d] by the (cos, sin) of its tokens' positions."""
+def apply_rotary_(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate x [T, heads, d] in place (it may be a strided view, such as the q and k heads of a
+    fused projection's output) by the (cos, signed sin) of its tokens' positions."""
     cos, sin = rope
-    first, second = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-second, first], dim=-1) * sin
+    swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2).mul_(sin)
+    return x.mul_(cos).add_(swapped)
 
 
 @dataclass(frozen=True)
@@ -109,12 +118,14 @@ class PagedMetadata:
     num_decodes: int
     decode_block_tables: torch.Tensor
     decode_context_lens: torch.Tensor
-    decode_plan: tuple[torch.Tensor, torch.Tensor] | None
-    """The torch path's gather plan for the decodes (kernels.paged_decode_attention), made once per step."""
     prefill_block_tables: torch.Tensor
     prefill_query_start: torch.Tensor
     prefill_context_lens: torch.Tensor
     max_prefill_query_len: int
+    decode_blocks: DecodeBlockPlan | None = None
+    """The CPU path's gather plan for the decodes (kernels.paged_decode_attention), made once per step."""
+    prefill_spans: tuple[tuple[int, int, int], ...] = ()
+    """The CPU path's (first token, end, context length) of each prompt chunk, its tokens counted from the first after the decodes."""
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -139,48 +150,96 @@ class Attention(nn.Module):
     """Attention of this rank's heads, over the paged KV cache once one is bound (`kv_cache`).
 
     With `PagedMetadata` the new keys and values are written to the cache first, then decodes and
-    prompt chunks attend through their block tables: Triton kernels on CUDA, their torch
-    references elsewhere. An FP8 cache stores K / k_scale and V / v_scale (one scale per layer).
+    prompt chunks attend through their block tables: Triton kernels on CUDA, torch elsewhere (the
+    references' maths; `kv_pair`, when bound, lets one op write or gather K and V together). An FP8
+    cache stores K / k_scale and V / v_scale (one scale per layer).
     """
 
     def __init__(self, scale: float) -> None:
         super().__init__()
         self.scale = scale
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.kv_pair: torch.Tensor | None = None
+        """[2, num_blocks, block_size, kv_heads, head_dim] whose halves are kv_cache's pools, or None."""
         self.k_scale = self.v_scale = 1.0
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata | PagedMetadata) -> torch.Tensor:
         if isinstance(meta, AttentionMetadata):
             return causal_attention(q, k, v, meta, self.scale)
+        if q.is_cuda:
+            return self.forward_triton(q, k, v, meta)
+        return self.forward_cpu(q, k, v, meta)
+
+    def scales(self) -> dict[str, float]:
+        """The kernels' k_scale and v_scale for an FP8 cache (they scale and convert); none otherwise."""
+        return dict(k_scale=self.k_scale, v_scale=self.v_scale) if self.kv_cache[0].dtype == torch.float8_e4m3fn else {}
+
+    def forward_triton(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: PagedMetadata) -> torch.Tensor:
         from kernels import paged_decode_attention as decode, prefill_attention as prefill, reshape_and_cache as cache
 
         key_cache, value_cache = self.kv_cache
-        triton = q.is_cuda
-        write = cache.reshape_and_cache_triton if triton else cache.reshape_and_cache_ref
-        scales = {}
-        if key_cache.dtype == torch.float8_e4m3fn:  # the kernels scale and convert
-            scales = dict(k_scale=self.k_scale, v_scale=self.v_scale)
-        else:
+        scales = self.scales()
+        if not scales:
             k, v = k.to(key_cache.dtype), v.to(value_cache.dtype)
-        write(k.contiguous(), v.contiguous(), key_cache, value_cache, meta.slot_mapping, **scales)
+        cache.reshape_and_cache_triton(k.contiguous(), v.contiguous(), key_cache, value_cache, meta.slot_mapping, **scales)
         out = torch.empty_like(q)
         n = meta.num_decodes
-        if n and triton:
+        if n:
             out[:n] = decode.paged_decode_attention_triton(
                 q[:n].contiguous(), key_cache, value_cache, meta.decode_block_tables, meta.decode_context_lens, self.scale,
                 **scales,
             )
-        elif n:
-            out[:n] = decode.paged_decode_attention_gathered(q[:n], key_cache, value_cache, *meta.decode_plan, self.scale, **scales)
         if q.shape[0] > n:
-            if triton:
-                out[n:] = prefill.prefill_attention_triton(
-                    q[n:].contiguous(), key_cache, value_cache, meta.prefill_block_tables, meta.prefill_query_start,
-                    meta.prefill_context_lens, self.scale, meta.max_prefill_query_len, **scales,
-                )
-            else:
-                out[n:] = prefill.prefill_attention_ref(
-                    q[n:], key_cache, value_cache, meta.prefill_block_tables, meta.prefill_query_start,
-                    meta.prefill_context_lens, self.scale, **scales,
-                )
+            out[n:] = prefill.prefill_attention_triton(
+                q[n:].contiguous(), key_cache, value_cache, meta.prefill_block_tables, meta.prefill_query_start,
+                meta.prefill_context_lens, self.scale, meta.max_prefill_query_len, **scales,
+            )
         return out
+
+    def forward_cpu(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: PagedMetadata) -> torch.Tensor:
+        from kernels.paged_decode_attention import paged_decode_attention_blocks
+        from kernels.prefill_attention import prefill_attention_cpu
+
+        key_cache, value_cache = self.kv_cache
+        scales = self.scales()
+        if not scales:
+            k, v = k.to(key_cache.dtype), v.to(value_cache.dtype)
+        self.write_cpu(k, v, meta.slot_mapping, scales)
+        n, tokens = meta.num_decodes, q.shape[0]
+        decoded = prefilled = None
+        if n:
+            decoded = paged_decode_attention_blocks(
+                q[:n], key_cache, value_cache, meta.decode_blocks, self.scale, kv_pair=self.kv_pair, **scales
+            )
+        if tokens > n:
+            prefilled = prefill_attention_cpu(
+                q[n:], k[n:], v[n:], key_cache, value_cache, meta.prefill_block_tables, meta.prefill_spans, self.scale, **scales
+            )
+        if prefilled is None or decoded is None:
+            return decoded if prefilled is None else prefilled
+        return torch.cat([decoded, prefilled])
+
+    def write_cpu(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, scales: dict[str, float]) -> None:
+        """The new keys and values into the cache: one index_copy_ into `kv_pair` when v follows k in
+        memory as the fused QKV projection lays them out, else reshape_and_cache_ref."""
+        from kernels.reshape_and_cache import reshape_and_cache_ref
+
+        pair = _adjacent_pair(k, v) if self.kv_pair is not None and not scales else None
+        if pair is None:
+            reshape_and_cache_ref(k, v, *self.kv_cache, slots, **scales)
+            return
+        _, _, block_size, heads, dim = self.kv_pair.shape
+        self.kv_pair.view(2, -1, heads, dim).index_copy_(1, slots, pair)
+
+
+def _adjacent_pair(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """[2, T, H_kv, D], a view with k and v as its halves, when v starts right after k's first row in
+    the same storage with the same strides (k and v of one fused projection output); else None."""
+    if k.shape != v.shape or k.stride() != v.stride() or k.stride(-1) != 1 or k.stride(-2) != k.shape[-1]:
+        return None
+    if v.untyped_storage().data_ptr() != k.untyped_storage().data_ptr():
+        return None
+    gap = v.storage_offset() - k.storage_offset()
+    if gap != k.shape[-2] * k.shape[-1]:
+        return None
+    return k.as_strided((2, *k.shape), (gap, *k.stride()))

@@ -24,7 +24,7 @@ from parallel.errors import ConfigError
 from parallel.quantization import QuantConfig
 from parallel.state import TensorParallelGroup
 from workers.config import ModelArch
-from workers.models.layers import Attention, AttentionMetadata, PagedMetadata, RMSNorm, RotaryEmbedding, apply_rotary
+from workers.models.layers import Attention, AttentionMetadata, PagedMetadata, RMSNorm, RotaryEmbedding, apply_rotary_
 
 Metadata = AttentionMetadata | PagedMetadata
 Rope = tuple[torch.Tensor, torch.Tensor]
@@ -40,11 +40,12 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(arch.head_dim**-0.5)
 
     def forward(self, rope: Rope, hidden: torch.Tensor, meta: Metadata) -> torch.Tensor:
-        tokens, d = hidden.shape[0], self.qkv_proj.head_dim
-        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
-        q, k = apply_rotary(q.view(tokens, -1, d), rope), apply_rotary(k.view(tokens, -1, d), rope)
-        out = self.attn(q, k, v.view(tokens, -1, d), meta)
-        return self.o_proj(out.reshape(tokens, -1))
+        heads = self.qkv_proj.heads(self.qkv_proj(hidden))  # [T, q heads + 2 kv heads, d]
+        q_heads, kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        apply_rotary_(heads[:, : q_heads + kv_heads], rope)  # q and k at once, in place
+        q, k, v = heads[:, :q_heads], heads[:, q_heads : q_heads + kv_heads], heads[:, q_heads + kv_heads :]
+        out = self.attn(q, k, v, meta)
+        return self.o_proj(out.reshape(hidden.shape[0], -1))
 
 
 class LlamaMLP(nn.Module):
@@ -57,8 +58,9 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(size, arch.hidden_size, arch.mlp_bias, tp, quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(nn.functional.silu(gate) * up)
+        gate_up = self.gate_up_proj(x)
+        size = gate_up.shape[-1] // 2
+        return self.down_proj(nn.functional.silu(gate_up[..., :size]) * gate_up[..., size:])
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -138,10 +140,12 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: Metadata) -> torch.Tensor:
         return self.model(input_ids, positions, meta)
 
-    def bind_kv_cache(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-        """Give each layer's attention its K and V pools."""
-        for layer, k, v in zip(self.model.layers, keys, values):
+    def bind_kv_cache(self, keys: list[torch.Tensor], values: list[torch.Tensor], pairs: list[torch.Tensor] | None = None) -> None:
+        """Give each layer's attention its K and V pools (and, where they are its halves, the
+        [2, ...] tensor that holds both)."""
+        for i, (layer, k, v) in enumerate(zip(self.model.layers, keys, values)):
             layer.self_attn.attn.kv_cache = (k, v)
+            layer.self_attn.attn.kv_pair = pairs[i] if pairs is not None else None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Logits over the whole vocabulary on rank 0; None on the other ranks."""
