@@ -21,9 +21,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-PLACEHOLDER = -1
-"""The input token of a completion whose last token is still being sampled by the step in flight."""
-
 import msgspec
 
 from driver.engine.block_manager import BlockManager
@@ -33,6 +30,9 @@ from driver.engine.sequence import Request, Sequence, Status
 from workers.batch import Batch, NewSequence, PromptLogprobs, SampledToken, StepResult, TableUpdate
 from workers.config import EngineConfig
 from workers.sampling_params import SamplingParams
+
+PLACEHOLDER = -1
+"""The input token of a completion whose last token is still being sampled by the step in flight."""
 
 
 class CoreRequest(msgspec.Struct, frozen=True, kw_only=True):

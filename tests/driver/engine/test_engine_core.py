@@ -71,7 +71,7 @@ class FakeExecutor:
             assert seq_id in self.known, "a step for a sequence rank 0 was never sent"
             row = self.tables.gather([seq_id])[0]
             assert (row[: -(-batch.context_lens[i] // self.block_size)] > 0).all(), "context past the table"
-            start, end = end, end + batch.query_lens[i]
+            end += batch.query_lens[i]
             if batch.prompt_logprob_counts[i]:
                 count = batch.prompt_logprob_counts[i]
                 first = batch.context_lens[i] - batch.query_lens[i] + 1
