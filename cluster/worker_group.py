@@ -19,6 +19,7 @@ from cluster.connect import runtime_env_options
 from cluster.logs import configure_actor_logging
 from cluster.placement import Placement
 from parallel.errors import EngineDeadError, ShardLMError
+from parallel.shm_allreduce import PeerExited
 from workers.batch import Batch, StepResult
 from workers.config import EngineConfig
 from workers.progress import RankProgress
@@ -212,8 +213,9 @@ class WorkerGroup:
 
     def _step_error(self, rank: int, error: Exception) -> ShardLMError:
         """The error of a failed compiled step, naming the rank that died if one did (the channel
-        error itself may come from a survivor's read), else the rank that raised."""
-        if isinstance(error, RayTaskError):
+        error itself may come from a survivor's read, and a survivor's shared-memory collective
+        raises PeerExited), else the rank that raised."""
+        if isinstance(error, RayTaskError) and not isinstance(error.cause, PeerExited):
             return worker_error(rank, "execute_model", error)
         for other, actor in enumerate(self.actors):
             try:

@@ -7,7 +7,7 @@ until every rank's flag is up, and sums the slots, in rank order, so every rank 
 
 Layout of the segment (every region 64-byte aligned, so that no two ranks write one cache line):
 
-    [token: 64 bytes][flag of rank r: int64 at 64 + 64 r][data: 2 slots x size ranks x capacity]
+    [token: 64 bytes][rank r's line at 64 + 64 r: flag int64, pid int64][data: 2 slots x size ranks x capacity]
 
 Rank r's flag is the number of the last collective it has written its data for (collectives are
 numbered 1, 2, ... in the order every rank calls them). Collective g uses data slot g % 2. Before
@@ -19,7 +19,8 @@ stores (and loads) in order, so a rank that sees the flag sees the data. Elsewhe
 promised without fences that Python cannot issue, so `supported()` is False there and gloo is used.
 
 Every wait gives up after the group's timeout with `CollectiveTimeout`, naming the ranks that
-did not arrive.
+did not arrive, and sooner with `PeerExited` when the process of a rank it waits for has ended
+(gloo notices a closed socket at once; a flag that never rises would otherwise look like a slow rank).
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ MAX_CACHED_SHAPES = 256
 
 class CollectiveTimeout(ShardLMError):
     """A rank waited longer than the group's timeout for the others in a shared-memory collective."""
+
+
+class PeerExited(ShardLMError):
+    """A rank's process ended while another waited for it in a shared-memory collective."""
 
 
 def supported() -> bool:
@@ -113,6 +118,10 @@ class ShmCommunicator:
         self._buffer = buffer
         self._flags = memoryview(buffer)[ALIGN : ALIGN * (1 + size)].cast("q")
         self._flag_index = [r * (ALIGN // 8) for r in range(size)]
+        self._flags[self._flag_index[rank] + 1] = os.getpid()
+        self.watch_pids = False
+        """Whether waits check that the ranks they wait for still run (`join` sets it once every
+        rank has seen every other's process)."""
         self._bytes = torch.frombuffer(buffer, dtype=torch.uint8, offset=ALIGN * (1 + size)).view(2, size, capacity)
         base = self._bytes.data_ptr() - ALIGN * (1 + size)
         self._flag_address = [base + ALIGN * (1 + r) for r in range(size)]
@@ -188,8 +197,20 @@ class ShmCommunicator:
             if waited > self.timeout_s:
                 raise self._timeout(generation, why)
             seen = self._flags[self._flag_index[late]]
+            if self.watch_pids and waited > FUTEX_SLICE_S and not _alive(self.pid_of(late)):
+                raise PeerExited(
+                    f"rank {self.rank} of {self.size}: rank {late} (pid {self.pid_of(late)}) exited during shared-memory "
+                    f"collective {self.generation} (waiting to {why})"
+                )
             if seen < generation:
                 self._futex.wait(self._flag_address[late], seen, min(FUTEX_SLICE_S, self.timeout_s - waited + 1e-3))
+
+    def pid_of(self, rank: int) -> int:
+        return self._flags[self._flag_index[rank] + 1]
+
+    def peers_visible(self) -> bool:
+        """Whether this process can see every rank's process (one pid namespace)."""
+        return all(_alive(self.pid_of(r)) for r in range(self.size))
 
     def _timeout(self, generation: int, why: str) -> CollectiveTimeout:
         late = [r for r, i in enumerate(self._flag_index) if self._flags[i] < generation]
@@ -208,6 +229,16 @@ class ShmCommunicator:
             self._buffer.close()
         except BufferError:
             pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process of that pid: it runs
+        return True
+    return True
 
 
 # -- set-up ------------------------------------------------------------------------------------
@@ -241,7 +272,17 @@ def join(group: dist.ProcessGroup, rank: int, size: int, timeout_s: float, capac
         if buffer is not None:
             buffer.close()
         return None
-    return ShmCommunicator(rank, size, buffer, capacity, timeout_s)
+    comm = ShmCommunicator(rank, size, buffer, capacity, timeout_s)
+    dist.barrier(group=group)  # every rank's pid is in the segment now
+    comm.watch_pids = _everyone(group, comm.peers_visible())
+    return comm
+
+
+def _everyone(group: dist.ProcessGroup, mine: bool) -> bool:
+    """Whether `mine` is true on every rank (a collective: every rank calls it)."""
+    flag = torch.tensor([1 if mine else 0], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    return bool(int(flag))
 
 
 def create_segment(size: int, capacity: int, folder: str = "/dev/shm") -> tuple[str, bytes, mmap.mmap]:

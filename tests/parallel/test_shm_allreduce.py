@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from parallel import shm_allreduce
-from parallel.shm_allreduce import CollectiveTimeout, ShmCommunicator
+from parallel.shm_allreduce import CollectiveTimeout, PeerExited, ShmCommunicator
 
 pytestmark = pytest.mark.skipif(not shm_allreduce.supported(), reason="shared-memory collectives need x86-64")
 
@@ -93,6 +93,7 @@ def compare_with_gloo(tp: Any, dist: Any) -> list[tuple[str, torch.Tensor, torch
     """Each shape and dtype summed through shared memory and through gloo; gathers likewise. The
     sums are also checked to be exactly those added in rank order."""
     assert tp.shm is not None, "one host, x86-64: the shared segment should have been set up"
+    assert tp.shm.watch_pids, "one host: every rank sees the others' processes"
     out = []
     for step, (shape, dtype) in enumerate((s, d) for s in SHAPES for d in DTYPES):
         mine = rank_tensor(tp.rank, step, shape, dtype)
@@ -210,6 +211,22 @@ def test_a_missing_rank_times_out_naming_it() -> None:
     comm._flags[comm._flag_index[2]] = 10  # rank 2 is ahead; rank 1 never comes
     start = time.monotonic()
     with pytest.raises(CollectiveTimeout, match=r"rank 0 of 3 .* rank\(s\) \[1\] did not arrive"):
+        comm.all_reduce(torch.ones(4))
+    assert time.monotonic() - start < 5
+    comm.close()
+
+
+def test_a_rank_whose_process_ended_is_named_before_the_timeout() -> None:
+    path, token, buffer = shm_allreduce.create_segment(2, 1024)
+    os.unlink(path)
+    gone = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(0,))
+    gone.start()
+    gone.join()
+    comm = ShmCommunicator(0, 2, buffer, 1024, timeout_s=60.0)
+    comm._flags[comm._flag_index[1] + 1] = gone.pid  # rank 1's process, ended
+    comm.watch_pids = True
+    start = time.monotonic()
+    with pytest.raises(PeerExited, match=rf"rank 0 of 2: rank 1 \(pid {gone.pid}\) exited"):
         comm.all_reduce(torch.ones(4))
     assert time.monotonic() - start < 5
     comm.close()
