@@ -94,8 +94,12 @@ class DecodeBlockPlan(NamedTuple):
     """[n] int64: the positions b * nb * block_size + j of that layout with L_b <= j < L in b's last
     block: slots no token of this context was written to (stale, or never written: maybe NaN),
     zeroed after the gather, as the reference reads the null block there."""
-    visible: torch.Tensor
-    """[B, 1, 1, L] bool: j < L_b."""
+    visible: torch.Tensor | None
+    """[B, 1, 1, L] bool: j < L_b; or the same as SDPA's additive mask (0 where visible, else -inf)
+    in q's dtype, which SDPA would otherwise make from the bool mask in every layer; None when
+    every context has length L (nothing to mask: adding 0 changes no score)."""
+    length: int
+    """L, the longest context."""
 
 
 def decode_block_plan_np(
@@ -112,10 +116,20 @@ def decode_block_plan_np(
     return blocks, tail, visible[:, None, None, :longest]
 
 
-def decode_block_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> DecodeBlockPlan:
-    """The plan for CPU tensors block_tables [B, max_blocks] and context_lens [B]."""
-    arrays = decode_block_plan_np(block_tables.numpy(), context_lens.numpy(), block_size)
-    return DecodeBlockPlan(*(torch.from_numpy(np.ascontiguousarray(a)) for a in arrays))
+def decode_block_plan(
+    block_tables: torch.Tensor | np.ndarray, context_lens: torch.Tensor | np.ndarray, block_size: int,
+    mask_dtype: torch.dtype | None = None,
+) -> DecodeBlockPlan:
+    """The plan for CPU block_tables [B, max_blocks] and context_lens [B] (tensors or numpy arrays),
+    its mask additive in `mask_dtype` when one is given."""
+    as_np = lambda t: t.numpy() if isinstance(t, torch.Tensor) else t  # noqa: E731
+    blocks, tail, visible = decode_block_plan_np(as_np(block_tables), as_np(context_lens), block_size)
+    mask = None
+    if not visible.all():
+        mask = torch.from_numpy(np.ascontiguousarray(visible))
+        if mask_dtype is not None:
+            mask = torch.from_numpy(np.where(visible, np.float32(0), np.float32(-np.inf))).to(mask_dtype)
+    return DecodeBlockPlan(torch.from_numpy(blocks), torch.from_numpy(tail), mask, visible.shape[-1])
 
 
 def _gather_blocks(cache: torch.Tensor, plan: DecodeBlockPlan) -> torch.Tensor:
@@ -135,7 +149,7 @@ def paged_decode_attention_blocks(
     """The reference's maths over contexts gathered by block (`DecodeBlockPlan`); `kv_pair`
     [2, num_blocks, block_size, H_kv, D], when the two pools are its halves, lets one gather read both."""
     batch, heads, dim = q.shape
-    kv_heads, length = key_cache.shape[2], plan.visible.shape[-1]
+    kv_heads, length = key_cache.shape[2], plan.length
     if kv_pair is not None and not is_fp8(kv_pair):
         kv = kv_pair.index_select(1, plan.blocks).view(2, -1, kv_heads, dim)
         if len(plan.tail):

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kernels.paged_decode_attention import DecodeBlockPlan, decode_block_plan_np
+from kernels.paged_decode_attention import DecodeBlockPlan, decode_block_plan
 from parallel.state import TensorParallelGroup
 from workers.batch import Batch, StepResult
 from workers.block_tables import BlockTables
@@ -21,6 +21,7 @@ class ModelRunner:
     def __init__(self, model: nn.Module, kv_cache: KVCache, config: EngineConfig, tp: TensorParallelGroup, device: torch.device) -> None:
         self.model, self.config, self.tp, self.device = model, config, tp, device
         self.block_size = config.cache.block_size
+        self.dtype = getattr(torch, config.model.dtype)
         model.bind_kv_cache(kv_cache.keys, kv_cache.values, kv_cache.pairs)
         self.sampler = Sampler(device, config.model.seed) if tp.rank == 0 else None
         self.tables = BlockTables(-(-config.model.max_model_len // self.block_size))
@@ -94,7 +95,7 @@ class ModelRunner:
         return ids_t, positions_t, meta
 
     def decode_blocks(self, tables: np.ndarray, context: np.ndarray) -> DecodeBlockPlan:
-        return DecodeBlockPlan(*(torch.from_numpy(a) for a in decode_block_plan_np(tables, context, self.block_size)))
+        return decode_block_plan(tables, context, self.block_size, self.dtype)
 
     @staticmethod
     def prefill_spans(batch: Batch) -> tuple[tuple[int, int, int], ...]:

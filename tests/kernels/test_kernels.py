@@ -241,7 +241,9 @@ def test_prefill_attention_fp8(block_size, dtype) -> None:
 
 @pytest.mark.parametrize("block_size", [8, 16, 32])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 1), (9, 3)])
-@pytest.mark.parametrize("lengths", [[1, 7, 33, 70], [16], [32, 3, 17]], ids=["mixed", "one-full-block", "block-edges"])
+@pytest.mark.parametrize(
+    "lengths", [[1, 7, 33, 70], [16], [21], [32, 3, 17], [9, 9]], ids=["mixed", "one-full-block", "one", "block-edges", "equal"]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_paged_decode_blocks_is_the_reference(block_size, heads, kv_heads, lengths, dtype) -> None:
     """Gathered by block, through shuffled (non-contiguous) tables, NaN in every unwritten slot
@@ -253,8 +255,9 @@ def test_paged_decode_blocks_is_the_reference(block_size, heads, kv_heads, lengt
     expected = paged_decode_attention_ref(q, key_cache, value_cache, tables, lens, 0.25)
     plan = decode_block_plan(tables, lens, block_size)
     pair = torch.stack([key_cache, value_cache])
+    additive = decode_block_plan(tables, lens, block_size, mask_dtype=dtype)
     got = paged_decode_attention_blocks(q, key_cache, value_cache, plan, 0.25)
-    paired = paged_decode_attention_blocks(q, pair[0], pair[1], plan, 0.25, kv_pair=pair)
+    paired = paged_decode_attention_blocks(q, pair[0], pair[1], additive, 0.25, kv_pair=pair)
     assert torch.isfinite(got).all()
     assert torch.equal(got, expected) and torch.equal(paired, expected)
 
@@ -267,6 +270,7 @@ def test_decode_block_plan_reads_only_each_context() -> None:
     assert plan.blocks.tolist() == [5, 9, 0, 7, 4, 6, 1, 2, 0]
     assert plan.tail.tolist() == [5, 6, 7, 2 * 12 + 7]
     assert plan.visible.shape == (3, 1, 1, 9) and plan.visible[:, 0, 0].sum(-1).tolist() == [5, 9, 7]
+    assert decode_block_plan(tables[:2], torch.tensor([9, 9], dtype=torch.int32), 4).visible is None, "nothing to mask"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -98,7 +98,7 @@ def apply_rotary_(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> t
     """Rotate x [T, heads, d] in place (it may be a strided view, such as the q and k heads of a
     fused projection's output) by the (cos, signed sin) of its tokens' positions."""
     cos, sin = rope
-    swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2).mul_(sin)
+    swapped = x.roll(x.shape[-1] // 2, -1).mul_(sin)  # [b, a] for x = [a, b]
     return x.mul_(cos).add_(swapped)
 
 
@@ -233,13 +233,12 @@ class Attention(nn.Module):
 
 
 def _adjacent_pair(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
-    """[2, T, H_kv, D], a view with k and v as its halves, when v starts right after k's first row in
-    the same storage with the same strides (k and v of one fused projection output); else None."""
-    if k.shape != v.shape or k.stride() != v.stride() or k.stride(-1) != 1 or k.stride(-2) != k.shape[-1]:
+    """[2, T, H_kv, D], a view with k and v as its halves, when both are views of one tensor with the
+    same strides and v starts right after k's first row (k and v of one fused projection output); else None."""
+    base = k._base
+    if base is None or v._base is not base or k.shape != v.shape or k.stride() != v.stride():
         return None
-    if v.untyped_storage().data_ptr() != k.untyped_storage().data_ptr():
+    row = k.shape[-2] * k.shape[-1]
+    if v.storage_offset() - k.storage_offset() != row or k.stride(-1) != 1 or k.stride(-2) != k.shape[-1]:
         return None
-    gap = v.storage_offset() - k.storage_offset()
-    if gap != k.shape[-2] * k.shape[-1]:
-        return None
-    return k.as_strided((2, *k.shape), (gap, *k.stride()))
+    return k.as_strided((2, *k.shape), (row, *k.stride()))
