@@ -12,7 +12,7 @@ from driver import EngineArgs
 from kernels.reshape_and_cache import reshape_and_cache_ref
 from workers.batch import Batch, NewSequence, TableUpdate
 from workers.config import RopeScaling
-from workers.models.layers import Attention, RotaryEmbedding, _adjacent_pair, apply_rotary_
+from workers.models.layers import Attention, PagedMetadata, RotaryEmbedding, apply_rotary_
 from workers.sampling_params import SamplingParams
 from workers.worker import Worker
 
@@ -69,18 +69,25 @@ def test_rotary_in_place_is_rotate_half() -> None:
     assert torch.equal(x, expected)
 
 
-def test_one_write_for_keys_and_values() -> None:
-    """k and v of one fused output go to the pair of pools in one index_copy_, as the reference writes them."""
+def test_one_write_for_keys_and_values(monkeypatch) -> None:
+    """k and v of one fused output go to the pair of pools in one index_copy_ (not the reference's
+    two), as the reference writes them."""
     attn = Attention(0.25)
     pair = torch.zeros(2, 5, 4, 2, 8)
     attn.kv_cache, attn.kv_pair = (pair[0], pair[1]), pair
     heads = torch.randn(3, 4 + 2 + 2, 8)
-    k, v = heads[:, 4:6], heads[:, 6:]
+    kv = heads[:, 4:].unflatten(1, (2, 2))
     slots = torch.tensor([3, 17, 8])
-    assert _adjacent_pair(k, v) is not None and _adjacent_pair(v, k) is None
     expected_k, expected_v = pair[0].clone(), pair[1].clone()
-    reshape_and_cache_ref(k, v, expected_k, expected_v, slots)
-    attn.write_cpu(k, v, slots, {})
+    reshape_and_cache_ref(kv[:, 0], kv[:, 1], expected_k, expected_v, slots)
+    meta = PagedMetadata(
+        slot_mapping=slots, num_decodes=0, decode_block_tables=torch.zeros(0, 1, dtype=torch.int32),
+        decode_context_lens=torch.zeros(0, dtype=torch.int32), prefill_block_tables=torch.tensor([[1]], dtype=torch.int32),
+        prefill_query_start=torch.tensor([0, 3], dtype=torch.int32), prefill_context_lens=torch.tensor([3], dtype=torch.int32),
+        max_prefill_query_len=3, prefill_spans=((0, 3, 3),),
+    )
+    monkeypatch.setattr("kernels.reshape_and_cache.reshape_and_cache_ref", None)
+    attn(heads[:, :4], kv[:, 0], kv[:, 1], meta, kv=kv)
     assert torch.equal(pair[0], expected_k) and torch.equal(pair[1], expected_v)
 
 

@@ -25,14 +25,15 @@ class RMSNorm(nn.Module):
 
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
-        self.eps = eps
+        self.eps, self.shape = eps, (size,)
         self.weight = replicated(nn.Parameter(torch.empty(size), requires_grad=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """torch's rms_norm does these very operations in one call (float32: the weight too)."""
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
+        """torch's rms_norm does these very operations in one call (in float32, the weight's product too)."""
+        weight = self.weight
+        if x.dtype is torch.float32 and weight.dtype is torch.float32:
+            return torch.rms_norm(x, self.shape, weight, self.eps)
+        return weight * torch.rms_norm(x.float(), self.shape, None, self.eps).to(x.dtype)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
@@ -163,12 +164,17 @@ class Attention(nn.Module):
         """[2, num_blocks, block_size, kv_heads, head_dim] whose halves are kv_cache's pools, or None."""
         self.k_scale = self.v_scale = 1.0
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata | PagedMetadata) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata | PagedMetadata,
+        kv: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """q [T, H, D], k and v [T, H_kv, D]; `kv` [T, 2, H_kv, D], when given, holds k and v side by
+        side (as a fused projection lays them out), so that one op writes both to `kv_pair`."""
         if isinstance(meta, AttentionMetadata):
             return causal_attention(q, k, v, meta, self.scale)
         if q.is_cuda:
             return self.forward_triton(q, k, v, meta)
-        return self.forward_cpu(q, k, v, meta)
+        return self.forward_cpu(q, k, v, meta, kv)
 
     def scales(self) -> dict[str, float]:
         """The kernels' k_scale and v_scale for an FP8 cache (they scale and convert); none otherwise."""
@@ -196,7 +202,9 @@ class Attention(nn.Module):
             )
         return out
 
-    def forward_cpu(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: PagedMetadata) -> torch.Tensor:
+    def forward_cpu(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: PagedMetadata, kv: torch.Tensor | None = None
+    ) -> torch.Tensor:
         from kernels.paged_decode_attention import paged_decode_attention_blocks
         from kernels.prefill_attention import prefill_attention_cpu
 
@@ -204,7 +212,13 @@ class Attention(nn.Module):
         scales = self.scales()
         if not scales:
             k, v = k.to(key_cache.dtype), v.to(value_cache.dtype)
-        self.write_cpu(k, v, meta.slot_mapping, scales)
+        if self.kv_pair is not None and kv is not None and not scales and kv.dtype == key_cache.dtype:
+            _, _, _, heads, dim = self.kv_pair.shape
+            self.kv_pair.view(2, -1, heads, dim).index_copy_(1, meta.slot_mapping, kv.transpose(0, 1))
+        else:
+            from kernels.reshape_and_cache import reshape_and_cache_ref
+
+            reshape_and_cache_ref(k, v, key_cache, value_cache, meta.slot_mapping, **scales)
         n, tokens = meta.num_decodes, q.shape[0]
         decoded = prefilled = None
         if n:
@@ -218,27 +232,3 @@ class Attention(nn.Module):
         if prefilled is None or decoded is None:
             return decoded if prefilled is None else prefilled
         return torch.cat([decoded, prefilled])
-
-    def write_cpu(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, scales: dict[str, float]) -> None:
-        """The new keys and values into the cache: one index_copy_ into `kv_pair` when v follows k in
-        memory as the fused QKV projection lays them out, else reshape_and_cache_ref."""
-        from kernels.reshape_and_cache import reshape_and_cache_ref
-
-        pair = _adjacent_pair(k, v) if self.kv_pair is not None and not scales else None
-        if pair is None:
-            reshape_and_cache_ref(k, v, *self.kv_cache, slots, **scales)
-            return
-        _, _, block_size, heads, dim = self.kv_pair.shape
-        self.kv_pair.view(2, -1, heads, dim).index_copy_(1, slots, pair)
-
-
-def _adjacent_pair(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
-    """[2, T, H_kv, D], a view with k and v as its halves, when both are views of one tensor with the
-    same strides and v starts right after k's first row (k and v of one fused projection output); else None."""
-    base = k._base
-    if base is None or v._base is not base or k.shape != v.shape or k.stride() != v.stride():
-        return None
-    row = k.shape[-2] * k.shape[-1]
-    if v.storage_offset() - k.storage_offset() != row or k.stride(-1) != 1 or k.stride(-2) != k.shape[-1]:
-        return None
-    return k.as_strided((2, *k.shape), (row, *k.stride()))

@@ -40,12 +40,12 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(arch.head_dim**-0.5)
 
     def forward(self, rope: Rope, hidden: torch.Tensor, meta: Metadata) -> torch.Tensor:
-        heads = self.qkv_proj.heads(self.qkv_proj(hidden))  # [T, q heads + 2 kv heads, d]
+        heads = self.qkv_proj.heads(self.qkv_proj.forward(hidden))  # [T, q heads + 2 kv heads, d]
         q_heads, kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         apply_rotary_(heads[:, : q_heads + kv_heads], rope)  # q and k at once, in place
-        q, k, v = heads[:, :q_heads], heads[:, q_heads : q_heads + kv_heads], heads[:, q_heads + kv_heads :]
-        out = self.attn(q, k, v, meta)
-        return self.o_proj(out.reshape(hidden.shape[0], -1))
+        kv = heads[:, q_heads:].unflatten(1, (2, kv_heads))  # [T, 2, kv heads, d]: k and v side by side
+        out = self.attn.forward(heads[:, :q_heads], kv[:, 0], kv[:, 1], meta, kv=kv)
+        return self.o_proj.forward(out.reshape(hidden.shape[0], -1))
 
 
 class LlamaMLP(nn.Module):
@@ -58,9 +58,9 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(size, arch.hidden_size, arch.mlp_bias, tp, quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
+        gate_up = self.gate_up_proj.forward(x)
         size = gate_up.shape[-1] // 2
-        return self.down_proj(nn.functional.silu(gate_up[..., :size]) * gate_up[..., size:])
+        return self.down_proj.forward(nn.functional.silu(gate_up[..., :size]) * gate_up[..., size:])
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -72,8 +72,10 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(arch, tp, quant)
 
     def forward(self, rope: Rope, hidden: torch.Tensor, meta: Metadata) -> torch.Tensor:
-        hidden = hidden + self.self_attn(rope, self.input_layernorm(hidden), meta)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        # submodules through .forward: nn.Module.__call__'s hook checks cost a few us a call, which
+        # a small model's step pays dozens of times (no hooks are registered on a served model)
+        hidden = hidden + self.self_attn.forward(rope, self.input_layernorm.forward(hidden), meta)
+        return hidden + self.mlp.forward(self.post_attention_layernorm.forward(hidden))
 
 
 class LlamaModel(nn.Module):
@@ -88,7 +90,7 @@ class LlamaModel(nn.Module):
         hidden = self.embed_tokens(input_ids)
         rope = self.rotary_emb(positions, hidden.dtype)
         for layer in self.layers:
-            hidden = layer(rope, hidden, meta)
+            hidden = layer.forward(rope, hidden, meta)
         return self.norm(hidden)
 
 
