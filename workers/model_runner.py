@@ -62,8 +62,8 @@ class ModelRunner:
         longs, ints = 3 * tokens, seqs + chunks + 1 + seqs * width
         host = self.staging.take(8 * longs + 4 * ints)
         ids, positions, slots = host[: 8 * longs].view(np.int64).reshape(3, tokens)
-        context, query_start, tables = np.split(host[8 * longs :].view(np.int32), [seqs, seqs + chunks + 1])
-        tables = tables.reshape(seqs, width)
+        int32s = host[8 * longs :].view(np.int32)
+        context, query_start, tables = int32s[:seqs], int32s[seqs : seqs + chunks + 1], int32s[seqs + chunks + 1 :].reshape(seqs, width)
         ids[:], context[:], tables[:] = batch.token_ids, batch.context_lens, gathered
         if chunks:
             query = np.asarray(batch.query_lens)
