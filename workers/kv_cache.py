@@ -22,6 +22,7 @@ import torch
 
 from parallel.errors import ConfigError, InsufficientMemory
 from workers.config import EngineConfig
+from workers.cuda_graphs import cuda_graphs_wanted, pool_reserve_bytes
 from workers.loader import parameter_bytes
 from workers.models.layers import AttentionMetadata
 
@@ -58,6 +59,8 @@ class MemoryProfile(msgspec.Struct, frozen=True, kw_only=True):
     seconds: float
     budget: str
     """How kv_cache_bytes was derived, in words."""
+    cuda_graph_bytes: int = 0
+    """Set aside for the decode step's CUDA graphs (`workers.cuda_graphs.pool_reserve_bytes`)."""
 
 
 def kv_heads_per_rank(num_kv_heads: int, tp_size: int) -> int:
@@ -144,15 +147,19 @@ def profile_memory(worker: "Worker", local_ranks: int, node_memory: int | None) 
     peak = torch.cuda.max_memory_allocated(worker.device)
     non_torch = max(0, (total - free) - torch.cuda.memory_reserved(worker.device))
     util = config.cache.gpu_memory_utilization
-    kv = config.cache.kv_cache_memory_bytes or int(util * total) - peak - non_torch
+    graphs = 0
+    if cuda_graphs_wanted(config)[0]:
+        graphs = pool_reserve_bytes(max(0, peak - weights), config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs)
+    kv = config.cache.kv_cache_memory_bytes or int(util * total) - peak - non_torch - graphs
     budget = (
         "kv_cache_memory_bytes" if config.cache.kv_cache_memory_bytes
         else f"gpu_memory_utilization {util} x {total} B - peak torch {peak} B - non-torch {non_torch} B"
+        + (f" - CUDA graphs {graphs} B" if graphs else "")
     )
     return MemoryProfile(
         rank=worker.rank, kv_cache_bytes=kv, total_bytes=total, weights_bytes=weights,
         peak_activation_bytes=max(0, peak - weights), non_torch_bytes=non_torch,
-        seconds=time.perf_counter() - start, budget=budget,
+        seconds=time.perf_counter() - start, budget=budget, cuda_graph_bytes=graphs,
     )
 
 

@@ -12,6 +12,7 @@ from parallel.state import TensorParallelGroup
 from workers.batch import Batch, StepResult
 from workers.block_tables import BlockTables
 from workers.config import EngineConfig
+from workers.cuda_graphs import DecodeGraphs, cuda_graphs_wanted, decode_buckets
 from workers.kv_cache import KVCache
 from workers.models.layers import PagedMetadata
 from workers.sampler import Sampler
@@ -26,6 +27,8 @@ class ModelRunner:
         self.sampler = Sampler(device, config.model.seed) if tp.rank == 0 else None
         self.tables = BlockTables(-(-config.model.max_model_len // self.block_size))
         self.staging = StagingBuffer(device)
+        self.graphs: DecodeGraphs | None = None
+        """CUDA graphs of decode steps, once `capture_graphs` has captured them."""
 
     @torch.inference_mode()
     def execute(self, batch: Batch) -> StepResult | None:
@@ -37,7 +40,10 @@ class ModelRunner:
         if not batch.seq_ids:
             return StepResult() if self.sampler is not None else None
         ids, positions, meta = self.prepare(batch)
-        hidden = self.model(ids, positions, meta)
+        if self.graphs is not None and self.graphs.can_run(meta, len(batch.token_ids)):
+            hidden = self.graphs.run(ids, positions, meta)
+        else:
+            hidden = self.model(ids, positions, meta)
         rows, sample_rows, prompt_rows = self.logit_rows(batch)
         if rows and rows != list(range(len(ids))):
             hidden = hidden[rows]
@@ -45,6 +51,16 @@ class ModelRunner:
         if self.sampler is None:
             return None
         return self.results(batch, logits, sample_rows, prompt_rows)
+
+    def capture_graphs(self) -> int:
+        """Capture the decode step's CUDA graphs at every bucket, where they are wanted
+        (`workers.cuda_graphs`); the device bytes they took (0: none captured)."""
+        if not cuda_graphs_wanted(self.config)[0]:
+            return 0
+        graphs = DecodeGraphs(self.model, decode_buckets(self.config.scheduler.max_num_seqs), self.tables.width, self.device)
+        nbytes = graphs.capture()
+        self.graphs = graphs
+        return nbytes
 
     def prepare(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, PagedMetadata]:
         """Token ids, positions and the attention metadata, built with numpy in one host buffer and

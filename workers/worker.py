@@ -45,6 +45,8 @@ class Worker:
         self.runner: ModelRunner | None = None
         self.num_blocks = 0
         self.host_copy: HostCopy | None = None
+        self.graph_bytes = 0
+        """Device bytes of the decode step's CUDA graphs (0: none captured)."""
         """The weights in host memory while asleep at level 1."""
         self.progress = ProgressTracker(rank)
         """Where the start-up calls have got; read by `progress_snapshot` from another thread."""
@@ -88,6 +90,11 @@ class Worker:
         self.num_blocks = num_blocks
         return self.kv_cache.nbytes
 
+    def capture_cuda_graphs(self) -> int:
+        """The decode step's CUDA graphs, captured over the KV pool (warm-up phase); their bytes."""
+        self.graph_bytes = self.runner.capture_graphs()
+        return self.graph_bytes
+
     # -- sleep levels and sharded copies (see `workers.sleep_mode`, `workers.sharded_state`) ---
 
     def sleep(self, level: int) -> int:
@@ -113,6 +120,8 @@ class Worker:
             self.host_copy.restore()
         self.host_copy = None
         self.allocate_kv_cache(self.num_blocks)
+        if self.graph_bytes:  # the graphs held the old pool's and weights' addresses
+            self.capture_cuda_graphs()
         return report
 
     def save_sharded_state(self, path: str, max_part_bytes: int | None = None) -> int:

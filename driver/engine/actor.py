@@ -25,6 +25,7 @@ from driver.engine.report import LoadReport
 from parallel.errors import EngineAsleepError, EngineDeadError
 from workers.batch import Batch, StepResult
 from workers.config import EngineConfig
+from workers.cuda_graphs import cuda_graphs_wanted, decode_buckets
 from workers.kv_cache import choose_num_blocks
 from workers.sampling_params import SamplingParams
 
@@ -97,6 +98,7 @@ class Engine:
         self.core = EngineCore(config, num_blocks, self._submit)
         self.processor, self.outputs = Processor(config, self.tokenizer), OutputProcessor(self.tokenizer)
         with self._phase(phases, "warmup"):
+            graph_bytes = self._capture_cuda_graphs()
             self.workers.compile_step(config.model.device)
             self._warm_up()
         self.phase = "ready"
@@ -110,7 +112,20 @@ class Engine:
             kv_cache_bytes=kv_bytes,
             nodes=nodes,
             step_dispatch=self.workers.step_dispatch,
+            cuda_graph_bytes=graph_bytes,
         )
+
+    def _capture_cuda_graphs(self) -> list[int]:
+        """Every rank's decode-step CUDA graphs (`workers.cuda_graphs`): their bytes per rank, or
+        [] where they are off (and why is logged)."""
+        wanted, why = cuda_graphs_wanted(self.config)
+        if not wanted:
+            if self.config.model.device == "cuda":
+                logger.info("decode steps run eagerly (%s)", why)
+            return []
+        graph_bytes = self.workers.call("capture_cuda_graphs", timeout_s=TIMEOUTS_S["profile_memory"])
+        logger.info("CUDA graphs captured at %d batch sizes: %.0f MiB on rank 0", len(decode_buckets(self.config.scheduler.max_num_seqs)), graph_bytes[0] / 2**20)
+        return graph_bytes
 
     def _warm_up(self) -> None:
         """One short request through a prompt step and a decode step before the engine says it is

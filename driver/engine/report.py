@@ -34,6 +34,8 @@ class LoadReport(msgspec.Struct, kw_only=True):
     """The sampling defaults in force where a request does not set its own (set by `LLM`)."""
     step_dispatch: str = ""
     """How each step reaches the ranks: "compiled graph" or "plain calls"."""
+    cuda_graph_bytes: list[int] = []
+    """Per rank, the device bytes of the decode step's CUDA graphs ([]: eager steps)."""
 
     @property
     def token_capacity(self) -> int:
