@@ -128,10 +128,11 @@ class EngineArgs:
     """Reuse the KV-cache blocks of prompt prefixes computed before (vLLM V1's default): a full
     block is found by a hash of its tokens and its prefix; unreferenced cached blocks are evicted
     least recently used first. False: every prompt is computed whole."""
-    async_scheduling: bool = False
+    async_scheduling: bool | None = None
     """Schedule step N+1 while the ranks run step N, and process step N's outputs while they run
     N+1 (vLLM's async scheduling): the ranks never wait for the driver. A completion that step N
-    ends has one more token computed in step N+1, dropped unseen."""
+    ends has one more token computed in step N+1, dropped unseen. None: on for CPU ranks; off on
+    CUDA until it has run on a GPU."""
     enforce_eager: bool = False
     """Never capture CUDA graphs."""
     device: str = "auto"
@@ -227,7 +228,7 @@ class EngineArgs:
             parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
             scheduler=SchedulerConfig(
                 max_num_seqs=self.max_num_seqs, max_num_batched_tokens=batched, max_model_len=max_model_len,
-                async_scheduling=self.async_scheduling,
+                async_scheduling=self.async_scheduling if self.async_scheduling is not None else device == "cpu",
             ),
         )
 

@@ -174,6 +174,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help_text = f.doc + note + (f" (default: {f.default})" if f.default is not None else "")
         if f.type == "bool":
             group.add_argument(*flags, dest=f.name, action="store_true", default=f.default, help=help_text)
+        elif f.type == "bool | None":  # --flag / --no-flag, unset: the engine decides
+            group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             group.add_argument(*flags, dest=f.name, type=_flag_type(f.name, f.type), default=f.default, help=help_text)
 
