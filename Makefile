@@ -1,4 +1,4 @@
-# shardlm: `make test` runs the suite, `make run` answers one chat message (greedy) with the embedded default model.
+# shardlm: `make test` lints (ruff check, ruff format --check) and runs the suite, `make run` answers one chat message (greedy) with the embedded default model.
 # Both set up .venv first; set-up is idempotent and does nothing when pyproject.toml is unchanged.
 PYTHON ?= python3
 VENV := .venv
@@ -27,6 +27,8 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest tests
 
 run: setup

@@ -14,7 +14,8 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import psutil
 import ray
@@ -31,6 +32,7 @@ SHUTDOWN_GRACE_S = 2.0
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread while this process holds a local cluster it started."""
+
 
 FORWARDED_ENV_PREFIXES = ("HF_", "HUGGING_FACE_", "TRANSFORMERS_", "TOKENIZERS_", "SHARDLM_", "TQDM_")
 FORWARDED_ENV = ("XDG_CACHE_HOME",)
@@ -120,9 +122,7 @@ def started_local_cluster() -> bool:
 
 def forwarded_env() -> dict[str, str]:
     """The environment workers need from this process: Hugging Face and cache settings, log level."""
-    return {
-        k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES) or k in FORWARDED_ENV
-    }
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES) or k in FORWARDED_ENV}
 
 
 def actor_env() -> dict[str, str]:
@@ -251,7 +251,9 @@ def cluster_device(device: str, probe_capability: bool = True) -> tuple[str, tup
 
         gpus = device == "cuda" or torch.cuda.is_available()
     if device == "cuda" and not gpus:
-        raise ConfigError("device='cuda' was asked for, but the Ray cluster has no GPU; use device='cpu' or 'auto'", field="device")
+        raise ConfigError(
+            "device='cuda' was asked for, but the Ray cluster has no GPU; use device='cpu' or 'auto'", field="device"
+        )
     resolved = ("cuda" if gpus else "cpu") if device == "auto" else device
     return resolved, gpu_capability() if resolved == "cuda" and probe_capability else None
 

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import os
 import sys
-from typing import Iterator
+from collections.abc import Iterator
 
 ROOT = "shardlm"
 LEVEL_ENV = "SHARDLM_LOG_LEVEL"

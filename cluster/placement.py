@@ -81,4 +81,6 @@ def release_placement(placement: Placement | None) -> None:
 
 def _describe(resources: dict[str, float]) -> str:
     shown = {k: v for k, v in resources.items() if k in ("CPU", "GPU", "memory")}
-    return ", ".join(f"{k} {v:g}" if k != "memory" else f"memory {v / 2**30:.1f} GiB" for k, v in sorted(shown.items())) or "nothing"
+    return (
+        ", ".join(f"{k} {v:g}" if k != "memory" else f"memory {v / 2**30:.1f} GiB" for k, v in sorted(shown.items())) or "nothing"
+    )

@@ -7,10 +7,10 @@ import os
 import re
 import socket
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import msgspec
-
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -144,11 +144,10 @@ def gather(refs: Sequence[ray.ObjectRef], method: str, timeout_s: float | None) 
     return results
 
 
-
 class PendingStep:
     """A step sent to the ranks; `result` waits for it."""
 
-    def __init__(self, group: "WorkerGroup", refs: list[Any], compiled: bool) -> None:
+    def __init__(self, group: WorkerGroup, refs: list[Any], compiled: bool) -> None:
         self.group, self.refs, self.compiled = group, refs, compiled
 
     def result(self, timeout_s: float) -> StepResult:
@@ -162,6 +161,7 @@ class PendingStep:
             except Exception as exc:  # noqa: BLE001  named by rank below
                 raise self.group._step_error(rank, exc) from exc
         return RESULT_DECODER.decode(results[0])
+
 
 class WorkerGroup:
     """The engine's worker actors and the one way to call them; the step goes through a Ray
@@ -192,14 +192,16 @@ class WorkerGroup:
             self.step_graph = dag.experimental_compile(_submit_timeout=STEP_SUBMIT_TIMEOUT_S)
             self.step_dispatch = "compiled graph"
         except Exception as exc:  # noqa: BLE001  an old Ray, a transport it refuses: plain calls work
-            logger.warning("steps go to the ranks as plain Ray calls: a compiled graph could not be built (%s: %s)", type(exc).__name__, exc)
+            logger.warning(
+                "steps go to the ranks as plain Ray calls: a compiled graph could not be built (%s: %s)", type(exc).__name__, exc
+            )
             self.step_graph = None
 
     def step(self, batch: Batch, timeout_s: float) -> StepResult:
         """Run one step on every rank; rank 0's result."""
         return self.submit_step(batch).result(timeout_s)
 
-    def submit_step(self, batch: Batch) -> "PendingStep":
+    def submit_step(self, batch: Batch) -> PendingStep:
         """Send one step to every rank without waiting: its result comes from `PendingStep.result`.
         Steps run on the ranks in the order they are sent (a compiled graph holds several in flight;
         an actor runs plain calls in order), and their results must be taken in that order."""
@@ -242,7 +244,7 @@ class WorkerGroup:
             dag_logger.setLevel(saved)
 
     @classmethod
-    def start(cls, config: EngineConfig, placement: Placement, env: dict[str, str]) -> "WorkerGroup":
+    def start(cls, config: EngineConfig, placement: Placement, env: dict[str, str]) -> WorkerGroup:
         world_size = len(placement.bundle_indices)
         actors = []
         for rank, bundle_index in enumerate(placement.bundle_indices):
@@ -258,7 +260,9 @@ class WorkerGroup:
             )
         return cls(actors)
 
-    def call(self, method: str, *args: Any, timeout_s: float | None = None, rank_args: Sequence[tuple] | None = None) -> list[Any]:
+    def call(
+        self, method: str, *args: Any, timeout_s: float | None = None, rank_args: Sequence[tuple] | None = None
+    ) -> list[Any]:
         """Run `Worker.<method>` on every rank at once (rank r with `rank_args[r]` when given)."""
         refs = [
             actor.execute.remote(method, *(rank_args[rank] if rank_args is not None else args))

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from driver.config.args import EngineArgs
-    from driver.entrypoints.llm import LLM
     from driver.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
     from driver.engine.report import LoadReport
     from driver.engine.tokenizer import IncrementalDetokenizer, load_tokenizer
+    from driver.entrypoints.llm import LLM
     from parallel.errors import (
         ClusterError,
         ConfigError,

@@ -18,8 +18,8 @@ import json
 import math
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +89,10 @@ def kernels_for(n: int, k: int) -> dict[str, tuple[Callable, Callable, list[tupl
         "int8_triton": (int8_linear_triton, int8_linear_ref, copies(qi, si), n * k),
         f"int4_g{GROUP}_triton": (int4_linear_triton, int4_linear_ref, copies(packed, scales, zeros, g_idx), n * k // 2),
         f"int4_g{GROUP}_grouped": (
-            functools.partial(int4_linear_triton, group_size=GROUP), int4_linear_ref, copies(packed, scales, zeros, g_idx), n * k // 2
+            functools.partial(int4_linear_triton, group_size=GROUP),
+            int4_linear_ref,
+            copies(packed, scales, zeros, g_idx),
+            n * k // 2,
         ),
     }
     if torch.cuda.get_device_capability() >= (8, 9):
@@ -108,10 +111,19 @@ def run(replays: int) -> list[dict]:
                 us = time_us(lambda i: kernel(x, *args[i % len(args)]), len(args), replays)
                 base = base or us
                 abs_err, rel_err = error(kernel(x, *args[0]), reference(x, *args[0]))
-                results.append(dict(
-                    n=n, k=k, m=m, kernel=name, us=us, ratio_to_bf16=us / base,
-                    weight_gb_per_s=weight_bytes / us / 1e3, max_abs_err=abs_err, rel_err=rel_err,
-                ))
+                results.append(
+                    dict(
+                        n=n,
+                        k=k,
+                        m=m,
+                        kernel=name,
+                        us=us,
+                        ratio_to_bf16=us / base,
+                        weight_gb_per_s=weight_bytes / us / 1e3,
+                        max_abs_err=abs_err,
+                        rel_err=rel_err,
+                    )
+                )
                 print_row(results[-1])
             torch.cuda.empty_cache()
     return results

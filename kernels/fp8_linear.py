@@ -30,7 +30,12 @@ from kernels.quant import FP8, FP8_MAX, as_rows, row_scales, scaled_weight_linea
 logger = logging.getLogger(f"shardlm.{__name__}")
 
 __all__ = [
-    "FP8_MAX", "quantize_fp8_rows", "fp8_linear", "fp8_linear_ref", "fp8_linear_scaled_mm", "fp8_linear_triton",
+    "FP8_MAX",
+    "quantize_fp8_rows",
+    "fp8_linear",
+    "fp8_linear_ref",
+    "fp8_linear_scaled_mm",
+    "fp8_linear_triton",
 ]
 
 SCALED_MM_DTYPES = (torch.bfloat16,)
@@ -50,7 +55,9 @@ def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, b
     return scaled_weight_linear_ref(x, weight, scale, bias)
 
 
-def fp8_linear_scaled_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def fp8_linear_scaled_mm(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """Activations quantized per row on the fly (x ~ x8 s_x), then y = (x8 W8^T) s_x s^T + b on the
     float8 matrix units. Needs K and N multiples of 16 and a bfloat16 x."""
     n, k = weight.shape
@@ -93,14 +100,20 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias:
     rows = x.numel() // k if k else 0
     device = x.device.index or 0
     if (
-        rows > SCALED_MM_MIN_ROWS and x.dtype in SCALED_MM_DTYPES and n % 16 == 0 and k % 16 == 0
-        and _has_fp8_units(device) and device not in _SCALED_MM_REFUSED
+        rows > SCALED_MM_MIN_ROWS
+        and x.dtype in SCALED_MM_DTYPES
+        and n % 16 == 0
+        and k % 16 == 0
+        and _has_fp8_units(device)
+        and device not in _SCALED_MM_REFUSED
     ):
         try:
             return fp8_linear_scaled_mm(x, weight, scale, bias)
         except RuntimeError as exc:  # row-wise scaling missing (sm89 before torch 2.7) or refused by cuBLAS
             _SCALED_MM_REFUSED.add(device)
-            logger.warning("torch._scaled_mm with row-wise scales failed on cuda:%d (%s); using the Triton fp8 kernel", device, exc)
+            logger.warning(
+                "torch._scaled_mm with row-wise scales failed on cuda:%d (%s); using the Triton fp8 kernel", device, exc
+            )
     return fp8_linear_triton(x, weight, scale, bias)
 
 

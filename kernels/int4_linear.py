@@ -59,7 +59,11 @@ def dequantize_int4(
 
 
 def int4_linear_ref(
-    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    g_idx: torch.Tensor,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     return F.linear(x, dequantize_int4(qweight, scales, zeros, g_idx, x.dtype), bias)
@@ -67,9 +71,22 @@ def int4_linear_ref(
 
 @triton.jit
 def _int4_linear_kernel(
-    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, g_idx_ptr, bias_ptr, out_ptr,
-    M, N, K, GROUP,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+    x_ptr,
+    qweight_ptr,
+    scales_ptr,
+    zeros_ptr,
+    g_idx_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    GROUP,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    IEEE: tl.constexpr,
     GROUPED: tl.constexpr,
 ):
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -108,7 +125,11 @@ def _int4_linear_kernel(
                 acc = tl.dot(x, w.to(x.dtype), acc)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + m[:, None].to(tl.int64) * N + n[None, :], acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    tl.store(
+        out_ptr + m[:, None].to(tl.int64) * N + n[None, :],
+        acc.to(out_ptr.dtype.element_ty),
+        mask=m_mask[:, None] & n_mask[None, :],
+    )
 
 
 def grouped_block_k(group_size: int | None) -> int | None:
@@ -123,8 +144,13 @@ def grouped_block_k(group_size: int | None) -> int | None:
 
 
 def int4_linear_triton(
-    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
-    bias: torch.Tensor | None = None, group_size: int | None = None,
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    g_idx: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    group_size: int | None = None,
 ) -> torch.Tensor:
     """Two kernels in one, accumulating in float32:
     - `group_size` given (the caller promises g_idx[k] = k // group_size: contiguous groups, as
@@ -151,18 +177,36 @@ def int4_linear_triton(
     grid = (triton.cdiv(x2.shape[0], block_m), triton.cdiv(n, block_n))
     block_k = grouped_block_k(group_size)
     _int4_linear_kernel[grid](
-        x2, qweight, scales, zeros, g_idx, bias if bias is not None else scales, out,
-        x2.shape[0], n, k, group_size or 1,
-        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k or INT4_BLOCK_K,
-        IEEE=exact_dots(x2), GROUPED=block_k is not None,
+        x2,
+        qweight,
+        scales,
+        zeros,
+        g_idx,
+        bias if bias is not None else scales,
+        out,
+        x2.shape[0],
+        n,
+        k,
+        group_size or 1,
+        HAS_BIAS=bias is not None,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k or INT4_BLOCK_K,
+        IEEE=exact_dots(x2),
+        GROUPED=block_k is not None,
         num_stages=2,  # words, scales and zeros per weight: large tiles, so two stages fit for float32 x too
     )
     return out.view(*x.shape[:-1], n)
 
 
 def int4_linear(
-    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
-    bias: torch.Tensor | None = None, group_size: int | None = None,
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    g_idx: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    group_size: int | None = None,
 ) -> torch.Tensor:
     """`group_size`: see `int4_linear_triton` (the torch path reads g_idx either way)."""
     if x.is_cuda:

@@ -28,7 +28,9 @@ def int8_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
     return scaled_weight_linear_ref(x, weight, scale, bias)
 
 
-def int8_linear_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def int8_linear_triton(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     n, k = weight.shape
     assert weight.dtype == torch.int8 and weight.is_contiguous(), "weight must be a contiguous int8 [N, K]"
     assert scale.dtype == torch.float32 and scale.shape == (n,), f"scale must be float32 [{n}]"

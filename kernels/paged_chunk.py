@@ -17,9 +17,22 @@ from kernels.quant import e4m3_decode
 
 @triton.jit
 def load_kv_chunk(
-    k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, pos, valid, kv_head, d,
-    stride_table, stride_cache_slot, stride_cache_head, k_scale, v_scale,
-    DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, FP8: tl.constexpr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    seq,
+    pos,
+    valid,
+    kv_head,
+    d,
+    stride_table,
+    stride_cache_slot,
+    stride_cache_head,
+    k_scale,
+    v_scale,
+    DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     """K and V [N, BLOCK_D] of context positions `pos` (zero where not `valid`).
 

@@ -41,7 +41,9 @@ def context_slots(block_tables: torch.Tensor, length: int, block_size: int) -> t
     return blocks * block_size + positions % block_size
 
 
-def decode_gather_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_gather_plan(
+    block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(slots [B, L], visible [B, 1, 1, L]) for the longest context L: what the reference reads.
 
     Positions past a sequence's context read slot 0, whose block the cache keeps zero: a
@@ -55,8 +57,15 @@ def decode_gather_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, b
 
 
 def paged_decode_attention_gathered(
-    q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, slots: torch.Tensor, visible: torch.Tensor, scale: float,
-    *, k_scale: float = 1.0, v_scale: float = 1.0,
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slots: torch.Tensor,
+    visible: torch.Tensor,
+    scale: float,
+    *,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """The reference's maths given its gather plan: gather each context, then masked attention."""
     batch, heads, dim = q.shape
@@ -74,7 +83,9 @@ def paged_decode_attention_ref(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
-    *, k_scale: float = 1.0, v_scale: float = 1.0,
+    *,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     slots, visible = decode_gather_plan(block_tables, context_lens, key_cache.shape[1])
     return paged_decode_attention_gathered(q, key_cache, value_cache, slots, visible, scale, k_scale=k_scale, v_scale=v_scale)
@@ -117,7 +128,9 @@ def decode_block_plan_np(
 
 
 def decode_block_plan(
-    block_tables: torch.Tensor | np.ndarray, context_lens: torch.Tensor | np.ndarray, block_size: int,
+    block_tables: torch.Tensor | np.ndarray,
+    context_lens: torch.Tensor | np.ndarray,
+    block_size: int,
     mask_dtype: torch.dtype | None = None,
 ) -> DecodeBlockPlan:
     """The plan for CPU block_tables [B, max_blocks] and context_lens [B] (tensors or numpy arrays),
@@ -143,8 +156,15 @@ def _gather_blocks(cache: torch.Tensor, plan: DecodeBlockPlan) -> torch.Tensor:
 
 
 def paged_decode_attention_blocks(
-    q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, plan: DecodeBlockPlan, scale: float,
-    *, kv_pair: torch.Tensor | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    plan: DecodeBlockPlan,
+    scale: float,
+    *,
+    kv_pair: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """The reference's maths over contexts gathered by block (`DecodeBlockPlan`); `kv_pair`
     [2, num_blocks, block_size, H_kv, D], when the two pools are its halves, lets one gather read both."""
@@ -166,13 +186,28 @@ def paged_decode_attention_blocks(
 
 @triton.jit
 def _paged_decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr,
-    scale, k_scale, v_scale,
-    stride_q_seq, stride_q_head,
-    stride_cache_slot, stride_cache_head,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    context_lens_ptr,
+    out_ptr,
+    scale,
+    k_scale,
+    v_scale,
+    stride_q_seq,
+    stride_q_head,
+    stride_cache_slot,
+    stride_cache_head,
     stride_table,
-    GROUP: tl.constexpr, DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, FP8: tl.constexpr,
+    GROUP: tl.constexpr,
+    DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -189,12 +224,28 @@ def _paged_decode_kernel(
         pos = start + tl.arange(0, BLOCK_N)
         valid = pos < context
         k, v = load_kv_chunk(
-            k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, pos, valid, kv_head, d,
-            stride_table, stride_cache_slot, stride_cache_head, k_scale, v_scale, DIM, BLOCK_SIZE, FP8,
+            k_cache_ptr,
+            v_cache_ptr,
+            block_tables_ptr,
+            seq,
+            pos,
+            valid,
+            kv_head,
+            d,
+            stride_table,
+            stride_cache_slot,
+            stride_cache_head,
+            k_scale,
+            v_scale,
+            DIM,
+            BLOCK_SIZE,
+            FP8,
         )
         m_i, l_i, acc = fold_chunk(q, k.to(q.dtype), v.to(q.dtype), valid[None, :], m_i, l_i, acc, scale, IEEE)
     out = acc / l_i[:, None]
-    tl.store(out_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + d[None, :], out.to(out_ptr.dtype.element_ty), mask=q_mask)
+    tl.store(
+        out_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + d[None, :], out.to(out_ptr.dtype.element_ty), mask=q_mask
+    )
 
 
 def paged_decode_attention_triton(
@@ -204,7 +255,9 @@ def paged_decode_attention_triton(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
-    *, k_scale: float = 1.0, v_scale: float = 1.0,
+    *,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     batch, heads, dim = q.shape
     _, block_size, kv_heads, cache_dim = key_cache.shape
@@ -225,13 +278,27 @@ def paged_decode_attention_triton(
     if fp8:
         key_cache, value_cache = key_cache.view(torch.uint8), value_cache.view(torch.uint8)
     _paged_decode_kernel[(batch, kv_heads)](
-        q, key_cache, value_cache, block_tables, context_lens, out,
-        scale, k_scale, v_scale,
-        q.stride(0), q.stride(1),
-        key_cache.stride(1), key_cache.stride(2),
+        q,
+        key_cache,
+        value_cache,
+        block_tables,
+        context_lens,
+        out,
+        scale,
+        k_scale,
+        v_scale,
+        q.stride(0),
+        q.stride(1),
+        key_cache.stride(1),
+        key_cache.stride(2),
         block_tables.stride(0),
-        GROUP=group, DIM=dim, BLOCK_SIZE=block_size,
-        BLOCK_G=max(16, next_power_of_2(group)), BLOCK_D=max(16, next_power_of_2(dim)), BLOCK_N=32,
-        IEEE=exact_dots(q), FP8=fp8,
+        GROUP=group,
+        DIM=dim,
+        BLOCK_SIZE=block_size,
+        BLOCK_G=max(16, next_power_of_2(group)),
+        BLOCK_D=max(16, next_power_of_2(dim)),
+        BLOCK_N=32,
+        IEEE=exact_dots(q),
+        FP8=fp8,
     )
     return out

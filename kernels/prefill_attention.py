@@ -34,7 +34,9 @@ def prefill_attention_ref(
     query_start: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
-    *, k_scale: float = 1.0, v_scale: float = 1.0,
+    *,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     out = torch.empty_like(q)
     starts, lengths = query_start.tolist(), context_lens.tolist()
@@ -54,7 +56,9 @@ def prefill_attention_cpu(
     block_tables: torch.Tensor,
     spans: tuple[tuple[int, int, int], ...],
     scale: float,
-    *, k_scale: float = 1.0, v_scale: float = 1.0,
+    *,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """The reference's results, given the new tokens' own keys and values [T, H_kv, D] as they were
     written to the cache and each sequence's (first token, end, context length) in Python: a
@@ -72,8 +76,13 @@ def prefill_attention_cpu(
 
 
 def _cached_context(
-    key_cache: torch.Tensor, value_cache: torch.Tensor, table: torch.Tensor, length: int, dtype: torch.dtype,
-    k_scale: float, v_scale: float,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    table: torch.Tensor,
+    length: int,
+    dtype: torch.dtype,
+    k_scale: float,
+    v_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A sequence's first `length` keys and values from the cache, [1, H_kv, length, D] in `dtype`
     (SDPA's fast CPU path wants a batch dimension)."""
@@ -99,13 +108,29 @@ def _attend(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, len
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_ptr, context_lens_ptr, out_ptr,
-    scale, k_scale, v_scale,
-    stride_q_tok, stride_q_head,
-    stride_cache_slot, stride_cache_head,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    query_start_ptr,
+    context_lens_ptr,
+    out_ptr,
+    scale,
+    k_scale,
+    v_scale,
+    stride_q_tok,
+    stride_q_head,
+    stride_cache_slot,
+    stride_cache_head,
     stride_table,
-    GROUP: tl.constexpr, DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, FP8: tl.constexpr,
+    GROUP: tl.constexpr,
+    DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     seq = tl.program_id(0)
     m_block = tl.program_id(1)
@@ -131,8 +156,22 @@ def _prefill_kernel(
         pos = start + tl.arange(0, BLOCK_N)
         valid = pos < context
         k, v = load_kv_chunk(
-            k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, pos, valid, kv_head, d,
-            stride_table, stride_cache_slot, stride_cache_head, k_scale, v_scale, DIM, BLOCK_SIZE, FP8,
+            k_cache_ptr,
+            v_cache_ptr,
+            block_tables_ptr,
+            seq,
+            pos,
+            valid,
+            kv_head,
+            d,
+            stride_table,
+            stride_cache_slot,
+            stride_cache_head,
+            k_scale,
+            v_scale,
+            DIM,
+            BLOCK_SIZE,
+            FP8,
         )
         visible = (pos[None, :] <= q_pos[:, None]) & valid[None, :]
         m_i, l_i, acc = fold_chunk(q, k.to(q.dtype), v.to(q.dtype), visible, m_i, l_i, acc, scale, IEEE)
@@ -149,7 +188,9 @@ def prefill_attention_triton(
     context_lens: torch.Tensor,
     scale: float,
     max_query_len: int | None = None,
-    *, k_scale: float = 1.0, v_scale: float = 1.0,
+    *,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     tokens, heads, dim = q.shape
     _, block_size, kv_heads, cache_dim = key_cache.shape
@@ -174,12 +215,28 @@ def prefill_attention_triton(
     if fp8:
         key_cache, value_cache = key_cache.view(torch.uint8), value_cache.view(torch.uint8)
     _prefill_kernel[grid](
-        q, key_cache, value_cache, block_tables, query_start, context_lens, out,
-        scale, k_scale, v_scale,
-        q.stride(0), q.stride(1),
-        key_cache.stride(1), key_cache.stride(2),
+        q,
+        key_cache,
+        value_cache,
+        block_tables,
+        query_start,
+        context_lens,
+        out,
+        scale,
+        k_scale,
+        v_scale,
+        q.stride(0),
+        q.stride(1),
+        key_cache.stride(1),
+        key_cache.stride(2),
         block_tables.stride(0),
-        GROUP=heads // kv_heads, DIM=dim, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_D=max(16, next_power_of_2(dim)), BLOCK_N=32, IEEE=exact_dots(q), FP8=fp8,
+        GROUP=heads // kv_heads,
+        DIM=dim,
+        BLOCK_SIZE=block_size,
+        BLOCK_M=block_m,
+        BLOCK_D=max(16, next_power_of_2(dim)),
+        BLOCK_N=32,
+        IEEE=exact_dots(q),
+        FP8=fp8,
     )
     return out

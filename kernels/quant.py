@@ -105,7 +105,9 @@ def as_rows(x: torch.Tensor, k: int) -> torch.Tensor:
     return x.reshape(-1, k).contiguous()
 
 
-def scaled_weight_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def scaled_weight_linear_ref(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     """The torch path for one-byte weights with a scale per output: widen, multiply, scale the
     outputs (cheaper than scaling the weight), add the bias."""
     y = F.linear(x, weight.to(x.dtype)) * scale
@@ -116,9 +118,19 @@ def scaled_weight_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch
 
 @triton.jit
 def scaled_weight_linear_kernel(
-    x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr,
-    M, N, K,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    scale_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    IEEE: tl.constexpr,
     DECODE_E4M3: tl.constexpr,
 ):
     """y = (x W8^T) s + b for one-byte weights W8 [N, K] with a scale per output: int8 or float8
@@ -143,7 +155,9 @@ def scaled_weight_linear_kernel(
     y = acc * tl.load(scale_ptr + n, mask=n_mask, other=0.0)[None, :]
     if HAS_BIAS:
         y += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + m[:, None].to(tl.int64) * N + n[None, :], y.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    tl.store(
+        out_ptr + m[:, None].to(tl.int64) * N + n[None, :], y.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :]
+    )
 
 
 def scaled_weight_linear(
@@ -158,9 +172,20 @@ def scaled_weight_linear(
     block_m, block_n, block_k, stages = linear_blocks(x2.shape[0], n, x2.element_size())
     grid = (triton.cdiv(x2.shape[0], block_m), triton.cdiv(n, block_n))
     scaled_weight_linear_kernel[grid](
-        x2, weight, scale, bias if bias is not None else scale, out,
-        x2.shape[0], n, k,
-        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=exact_dots(x2),
-        DECODE_E4M3=decode_e4m3, num_stages=stages,
+        x2,
+        weight,
+        scale,
+        bias if bias is not None else scale,
+        out,
+        x2.shape[0],
+        n,
+        k,
+        HAS_BIAS=bias is not None,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        IEEE=exact_dots(x2),
+        DECODE_E4M3=decode_e4m3,
+        num_stages=stages,
     )
     return out.view(*x.shape[:-1], n)

@@ -20,14 +20,24 @@ from kernels.quant import e4m3_encode, is_fp8, quantize_fp8
 
 
 def reshape_and_cache_ref(
-    key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, slot_mapping: torch.Tensor,
-    *, k_scale: float = 1.0, v_scale: float = 1.0,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    *,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     heads, dim = key.shape[1], key.shape[2]
     if is_fp8(key_cache):
         # index_copy_ has no float8 kernel: copy the codes as bytes
-        key_cache.view(torch.uint8).view(-1, heads, dim).index_copy_(0, slot_mapping, quantize_fp8(key, k_scale).view(torch.uint8))
-        value_cache.view(torch.uint8).view(-1, heads, dim).index_copy_(0, slot_mapping, quantize_fp8(value, v_scale).view(torch.uint8))
+        key_cache.view(torch.uint8).view(-1, heads, dim).index_copy_(
+            0, slot_mapping, quantize_fp8(key, k_scale).view(torch.uint8)
+        )
+        value_cache.view(torch.uint8).view(-1, heads, dim).index_copy_(
+            0, slot_mapping, quantize_fp8(value, v_scale).view(torch.uint8)
+        )
         return
     key_cache.view(-1, heads, dim).index_copy_(0, slot_mapping, key.to(key_cache.dtype))
     value_cache.view(-1, heads, dim).index_copy_(0, slot_mapping, value.to(value_cache.dtype))
@@ -35,8 +45,16 @@ def reshape_and_cache_ref(
 
 @triton.jit
 def _reshape_and_cache_kernel(
-    key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, slot_ptr, k_inv_scale, v_inv_scale,
-    row: tl.constexpr, BLOCK: tl.constexpr, FP8: tl.constexpr,
+    key_ptr,
+    value_ptr,
+    key_cache_ptr,
+    value_cache_ptr,
+    slot_ptr,
+    k_inv_scale,
+    v_inv_scale,
+    row: tl.constexpr,
+    BLOCK: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     token = tl.program_id(0)
     slot = tl.load(slot_ptr + token).to(tl.int64)
@@ -54,8 +72,14 @@ def _reshape_and_cache_kernel(
 
 
 def reshape_and_cache_triton(
-    key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, slot_mapping: torch.Tensor,
-    *, k_scale: float = 1.0, v_scale: float = 1.0,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    *,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     tokens, heads, dim = key.shape
     fp8 = is_fp8(key_cache)
@@ -74,6 +98,14 @@ def reshape_and_cache_triton(
         key_cache, value_cache = key_cache.view(torch.uint8), value_cache.view(torch.uint8)
     row = heads * dim
     _reshape_and_cache_kernel[(tokens,)](
-        key, value, key_cache, value_cache, slot_mapping, 1.0 / k_scale, 1.0 / v_scale,
-        row, BLOCK=next_power_of_2(row), FP8=fp8,
+        key,
+        value,
+        key_cache,
+        value_cache,
+        slot_mapping,
+        1.0 / k_scale,
+        1.0 / v_scale,
+        row,
+        BLOCK=next_power_of_2(row),
+        FP8=fp8,
     )

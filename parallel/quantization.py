@@ -92,8 +92,12 @@ def checkpoint_quant_config(raw: dict[str, Any] | None, where: str) -> QuantConf
     if checkpoint_format not in ("gptq", "gptq_v2"):
         raise ConfigError(f"{where}: GPTQ checkpoint_format {checkpoint_format!r} is not one of 'gptq', 'gptq_v2'")
     return QuantConfig(
-        method="gptq", bits=4, group_size=group_size, desc_act=bool(raw.get("desc_act", False)),
-        sym=bool(raw.get("sym", True)), zero_offset=1 if checkpoint_format == "gptq" else 0,
+        method="gptq",
+        bits=4,
+        group_size=group_size,
+        desc_act=bool(raw.get("desc_act", False)),
+        sym=bool(raw.get("sym", True)),
+        zero_offset=1 if checkpoint_format == "gptq" else 0,
     )
 
 
@@ -116,7 +120,7 @@ def resolve_quantization(asked: str | None, found: QuantConfig | None, where: st
     return None if asked is None else QuantConfig(method=asked)
 
 
-def linear_method(quant: QuantConfig | None) -> "LinearMethod":
+def linear_method(quant: QuantConfig | None) -> LinearMethod:
     if quant is None:
         return Unquantized()
     if quant.method in ONLINE:
@@ -130,23 +134,23 @@ def derived(param: nn.Parameter) -> nn.Parameter:
 
 
 class LinearMethod:
-    def create_weights(self, layer: "ParallelLinear") -> None:
+    def create_weights(self, layer: ParallelLinear) -> None:
         raise NotImplementedError
 
-    def apply(self, layer: "ParallelLinear", x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def apply(self, layer: ParallelLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """X A_r^T (+ bias) for this rank's slice A_r."""
         raise NotImplementedError
 
-    def process_after_loading(self, layer: "ParallelLinear") -> None:
+    def process_after_loading(self, layer: ParallelLinear) -> None:
         """Turn the loaded checkpoint slices into what `apply` uses."""
 
-    def restore_after_loading(self, layer: "ParallelLinear") -> None:
+    def restore_after_loading(self, layer: ParallelLinear) -> None:
         """Derive what `apply` needs besides the final parameters, once they were read as they are
         (a sharded_state checkpoint)."""
 
 
 class Unquantized(LinearMethod):
-    def create_weights(self, layer: "ParallelLinear") -> None:
+    def create_weights(self, layer: ParallelLinear) -> None:
         def load(param: nn.Parameter, source: WeightSource, shard_id: ShardId = None) -> None:
             rows = layer.out_shards[shard_id]
             layer.read_weight(source, shard_id, param.data.narrow(0, rows.offset, rows.size), final=True)
@@ -154,7 +158,7 @@ class Unquantized(LinearMethod):
         weight = torch.empty(layer.local_out, layer.local_in)
         layer.weight = attach_loader(nn.Parameter(weight, requires_grad=False), load, layer.weight_full_shapes())
 
-    def apply(self, layer: "ParallelLinear", x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def apply(self, layer: ParallelLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return nn.functional.linear(x, layer.weight, bias)
 
 
@@ -166,7 +170,7 @@ class OnlineQuantized(LinearMethod):
     def __init__(self, method: str) -> None:
         self.method = method
 
-    def create_weights(self, layer: "ParallelLinear") -> None:
+    def create_weights(self, layer: ParallelLinear) -> None:
         compute_dtype = torch.get_default_dtype()
 
         def load(param: nn.Parameter, source: WeightSource, shard_id: ShardId = None) -> None:
@@ -191,7 +195,7 @@ class OnlineQuantized(LinearMethod):
 
         return quantize_int8_rows(w)
 
-    def apply(self, layer: "ParallelLinear", x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def apply(self, layer: ParallelLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.method == "fp8":
             from kernels.fp8_linear import fp8_linear
 
@@ -214,7 +218,7 @@ class Int4(LinearMethod):
     def group_rows(self, in_features: int) -> int:
         return in_features if self.quant.group_size == -1 else self.quant.group_size
 
-    def create_weights(self, layer: "ParallelLinear") -> None:
+    def create_weights(self, layer: ParallelLinear) -> None:
         self._check_split(layer)
         k_full, n_local = layer.in_features, layer.local_out
         g_full, g_local = self.groups(k_full), self._local_groups(layer)
@@ -223,10 +227,22 @@ class Int4(LinearMethod):
         packed_full = {s: (k_full, n // PACK) if awq else (k_full // PACK, n) for s, (n,) in n_full.items()}
         packed_local = (layer.local_in, n_local // PACK) if awq else (layer.local_in // PACK, n_local)
         self._param(layer, "qweight", packed_local, torch.int32, packed_full, self._load_qweight)
-        self._param(layer, "qzeros", (g_local, n_local // PACK), torch.int32,
-                    {s: (g_full, n // PACK) for s, (n,) in n_full.items()}, self._load_groups)
-        self._param(layer, "scales", (g_local, n_local), torch.get_default_dtype(),
-                    {s: (g_full, n) for s, (n,) in n_full.items()}, self._load_groups)
+        self._param(
+            layer,
+            "qzeros",
+            (g_local, n_local // PACK),
+            torch.int32,
+            {s: (g_full, n // PACK) for s, (n,) in n_full.items()},
+            self._load_groups,
+        )
+        self._param(
+            layer,
+            "scales",
+            (g_local, n_local),
+            torch.get_default_dtype(),
+            {s: (g_full, n) for s, (n,) in n_full.items()},
+            self._load_groups,
+        )
         if not awq:
             self._param(layer, "g_idx", (layer.local_in,), torch.int32, {s: (k_full,) for s in n_full}, self._load_g_idx)
 
@@ -237,7 +253,7 @@ class Int4(LinearMethod):
         param = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
         setattr(layer, name, attach_loader(param, load, full))
 
-    def _check_split(self, layer: "ParallelLinear") -> None:
+    def _check_split(self, layer: ParallelLinear) -> None:
         method, what = self.quant.method.upper(), type(layer).__name__
         for shard_id, rows in layer.out_shards.items():
             if rows.start % PACK or rows.size % PACK:
@@ -248,7 +264,9 @@ class Int4(LinearMethod):
         if layer.in_start == 0 and layer.in_stop == layer.in_features:
             return
         if layer.in_start % PACK or layer.local_in % PACK:
-            raise ConfigError(f"{method}: {what}'s input split [{layer.in_start}, {layer.in_stop}) is not a multiple of {PACK} rows")
+            raise ConfigError(
+                f"{method}: {what}'s input split [{layer.in_start}, {layer.in_stop}) is not a multiple of {PACK} rows"
+            )
         if self.splits_groups(layer) and (layer.in_start % self.quant.group_size or layer.local_in % self.quant.group_size):
             raise ConfigError(
                 f"{method}: group_size {self.quant.group_size} does not divide this rank's input rows "
@@ -256,12 +274,12 @@ class Int4(LinearMethod):
                 "fall on group boundaries: choose a tensor_parallel_size that divides the groups"
             )
 
-    def splits_groups(self, layer: "ParallelLinear") -> bool:
+    def splits_groups(self, layer: ParallelLinear) -> bool:
         """Whether the rank holds only its own input rows' groups: row-parallel, grouped, in order."""
         partial = layer.local_in != layer.in_features
         return partial and self.quant.group_size != -1 and not self.quant.desc_act
 
-    def _local_groups(self, layer: "ParallelLinear") -> int:
+    def _local_groups(self, layer: ParallelLinear) -> int:
         if self.splits_groups(layer):
             return layer.local_in // self.quant.group_size
         return self.groups(layer.in_features)
@@ -293,17 +311,21 @@ class Int4(LinearMethod):
         param.data.copy_(values)
         layer._g_idx_from = shard_id
 
-    def sorts_rows(self, layer: "ParallelLinear") -> bool:
+    def sorts_rows(self, layer: ParallelLinear) -> bool:
         """Whether the layer reorders its input rows by group (act-order, all rows held): then its
         groups are contiguous runs, which the 4-bit kernel multiplies fastest."""
         return self.quant.desc_act and layer.local_in == layer.in_features
 
-    def process_after_loading(self, layer: "ParallelLinear") -> None:
+    def process_after_loading(self, layer: ParallelLinear) -> None:
         if layer.qweight.is_meta:  # the planner: the final layout's shapes, no values
             meta = dict(dtype=torch.int32, device="meta")
-            self._replace(layer, torch.empty(layer.local_in // PACK, layer.local_out, **meta),
-                          torch.empty(layer.scales.shape, dtype=layer.scales.dtype, device="meta"),
-                          torch.empty(layer.local_in, **meta), torch.empty(layer.local_in, **meta) if self.sorts_rows(layer) else None)
+            self._replace(
+                layer,
+                torch.empty(layer.local_in // PACK, layer.local_out, **meta),
+                torch.empty(layer.scales.shape, dtype=layer.scales.dtype, device="meta"),
+                torch.empty(layer.local_in, **meta),
+                torch.empty(layer.local_in, **meta) if self.sorts_rows(layer) else None,
+            )
             return
         from kernels.int4_linear import pack_int4_rows, unpack_int4_rows
 
@@ -329,7 +351,7 @@ class Int4(LinearMethod):
         self._replace(layer, qweight.contiguous(), zeros.to(layer.scales.dtype), g_idx.to(torch.int32).contiguous(), perm)
 
     def _replace(
-        self, layer: "ParallelLinear", qweight: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor, perm: torch.Tensor | None
+        self, layer: ParallelLinear, qweight: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor, perm: torch.Tensor | None
     ) -> None:
         """Hold the kernel's layout (`kernels.int4_linear`) in place of the checkpoint's, and note
         whether its groups are contiguous runs of one size (`int4_group_size`)."""
@@ -340,7 +362,7 @@ class Int4(LinearMethod):
         layer.input_perm = None if perm is None else derived(nn.Parameter(perm, requires_grad=False))
         self.restore_after_loading(layer)
 
-    def restore_after_loading(self, layer: "ParallelLinear") -> None:
+    def restore_after_loading(self, layer: ParallelLinear) -> None:
         layer.int4_group_size = None
         g_idx = layer.g_idx.data
         if not g_idx.is_meta:
@@ -348,7 +370,7 @@ class Int4(LinearMethod):
             contiguous = torch.arange(layer.local_in, device=g_idx.device, dtype=torch.int32) // size
             layer.int4_group_size = size if torch.equal(g_idx, contiguous) else None
 
-    def apply(self, layer: "ParallelLinear", x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def apply(self, layer: ParallelLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         from kernels.int4_linear import int4_linear
 
         if layer.input_perm is not None:

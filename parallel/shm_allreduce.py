@@ -89,15 +89,25 @@ class Futex:
         seconds = int(timeout_s)
         timeout = _Timespec(seconds, int((timeout_s - seconds) * 1e9))
         self._syscall(
-            ctypes.c_long(self.SYS_FUTEX), ctypes.c_void_p(address), ctypes.c_int(self.WAIT),
-            ctypes.c_uint32(expected & 0xFFFFFFFF), ctypes.byref(timeout), None, ctypes.c_int(0),
+            ctypes.c_long(self.SYS_FUTEX),
+            ctypes.c_void_p(address),
+            ctypes.c_int(self.WAIT),
+            ctypes.c_uint32(expected & 0xFFFFFFFF),
+            ctypes.byref(timeout),
+            None,
+            ctypes.c_int(0),
         )
 
     def wake(self, address: int) -> None:
         """Wake every process sleeping on the word at `address`."""
         self._syscall(
-            ctypes.c_long(self.SYS_FUTEX), ctypes.c_void_p(address), ctypes.c_int(self.WAKE),
-            ctypes.c_int(0x7FFFFFFF), None, None, ctypes.c_int(0),
+            ctypes.c_long(self.SYS_FUTEX),
+            ctypes.c_void_p(address),
+            ctypes.c_int(self.WAKE),
+            ctypes.c_int(0x7FFFFFFF),
+            None,
+            None,
+            ctypes.c_int(0),
         )
 
 

@@ -12,9 +12,8 @@ takes hundreds; larger tensors, and groups across hosts, use the process group.
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass
-
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -49,7 +48,7 @@ class TensorParallelGroup:
             raise RuntimeError(f"rank {self.rank} of {self.size} has no process group to communicate through")
 
     @classmethod
-    def single(cls) -> "TensorParallelGroup":
+    def single(cls) -> TensorParallelGroup:
         """The trivial group: one rank, no communication."""
         return cls(rank=0, size=1)
 
@@ -91,9 +90,7 @@ class TensorParallelGroup:
         send = torch.cat([piece.reshape(-1) for piece in block.split(cols, dim=1)])
         mine = cols[self.rank]
         received = torch.empty(total_rows * mine, dtype=block.dtype, device=block.device)
-        dist.all_to_all_single(
-            received, send, [r * mine for r in rows], [block.shape[0] * c for c in cols], group=self.group
-        )
+        dist.all_to_all_single(received, send, [r * mine for r in rows], [block.shape[0] * c for c in cols], group=self.group)
         return received.view(total_rows, mine)
 
     def barrier(self) -> None:

@@ -12,7 +12,8 @@ reader with a load pipeline defer the read.
 
 from __future__ import annotations
 
-from typing import Callable, Hashable, Protocol
+from collections.abc import Callable, Hashable
+from typing import Protocol
 
 import torch
 

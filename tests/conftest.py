@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -17,7 +18,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on the CPU, interpreted
 
 from tests.helpers import (  # noqa: E402
-    SMOLLM2_PROMPTS, convert_gguf_to_safetensors, hf_model, transformers_greedy, write_checkpoint,
+    SMOLLM2_PROMPTS,
+    convert_gguf_to_safetensors,
+    hf_model,
+    transformers_greedy,
+    write_checkpoint,
 )
 
 

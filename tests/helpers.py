@@ -6,8 +6,9 @@ import contextlib
 import functools
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -28,8 +29,9 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "llama_bias": dict(arch="llama", attention_bias=True, mlp_bias=True),
     "llama3_rope": dict(
         arch="llama",
-        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                          original_max_position_embeddings=32),
+        rope_scaling=dict(
+            rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32
+        ),
     ),
     "llama_linear_rope": dict(arch="llama", rope_scaling=dict(rope_type="linear", factor=2.0)),
     "mistral": dict(arch="mistral", sliding_window=4096),
@@ -38,14 +40,26 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "llama_8h4kv": dict(arch="llama", num_attention_heads=8, num_key_value_heads=4),
     "llama_8h2kv": dict(arch="llama", num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True),
     "llama_wide": dict(
-        arch="llama", hidden_size=1024, intermediate_size=2048, num_hidden_layers=1, num_attention_heads=8,
+        arch="llama",
+        hidden_size=1024,
+        intermediate_size=2048,
+        num_hidden_layers=1,
+        num_attention_heads=8,
         num_key_value_heads=4,
     ),
     "llama_6h": dict(  # splits at tensor-parallel sizes 1, 2 and 3
-        arch="llama", hidden_size=96, intermediate_size=192, num_attention_heads=6, num_key_value_heads=6,
+        arch="llama",
+        hidden_size=96,
+        intermediate_size=192,
+        num_attention_heads=6,
+        num_key_value_heads=6,
     ),
     "llama_quant": dict(  # 4-bit tests: a row-parallel split of 256 or 512 inputs falls on groups of 128
-        arch="llama", hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=2,
+        arch="llama",
+        hidden_size=256,
+        intermediate_size=512,
+        num_attention_heads=8,
+        num_key_value_heads=2,
     ),
 }
 FORMATS = ("safetensors", "sharded", "bin", "sharded_bin")
@@ -146,7 +160,9 @@ def convert_gguf_to_safetensors(gguf_path: Path, folder: Path) -> Any:
     return hf
 
 
-def make_hub_cache(cache: Path, repo_id: str, source: Path, revision: str = "0123456789abcdef0123456789abcdef01234567", ref: str = "main") -> Path:
+def make_hub_cache(
+    cache: Path, repo_id: str, source: Path, revision: str = "0123456789abcdef0123456789abcdef01234567", ref: str = "main"
+) -> Path:
     """Lay `source`'s files out as huggingface_hub's cache does: blobs, snapshots/<rev>, refs/<ref>."""
     repo = cache / f"models--{repo_id.replace('/', '--')}"
     snapshot = repo / "snapshots" / revision
@@ -178,7 +194,9 @@ def with_byte_tokenizer(checkpoint: Path, folder: Path) -> Path:
     from transformers import PreTrainedTokenizerFast
 
     shutil.copytree(checkpoint, folder)
-    byte_level = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}, merges=[]))
+    byte_level = Tokenizer(
+        models.BPE(vocab={ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}, merges=[])
+    )
     byte_level.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     byte_level.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=byte_level, eos_token="<|end|>")

@@ -16,8 +16,8 @@ import json
 import re
 import socket
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 from urllib.parse import unquote, urlsplit
 
 
@@ -67,7 +67,7 @@ class HubServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "HubServer":
+    def start(self) -> HubServer:
         hub = self
 
         class Handler(_Handler):
@@ -92,7 +92,7 @@ class HubServer:
                     connection.shutdown(socket.SHUT_RDWR)
             self._connections.clear()
 
-    def __enter__(self) -> "HubServer":
+    def __enter__(self) -> HubServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -239,7 +239,7 @@ class DroppingListener:
             self.attempts += 1
             connection.close()
 
-    def __enter__(self) -> "DroppingListener":
+    def __enter__(self) -> DroppingListener:
         self._thread.start()
         return self
 

@@ -44,8 +44,16 @@ class Scheme:
     def quantization_config(self) -> dict[str, Any]:
         if self.method == "awq":
             return {"quant_method": "awq", "bits": 4, "group_size": self.group_size, "zero_point": True, "version": "gemm"}
-        return {"quant_method": "gptq", "bits": 4, "group_size": self.group_size, "sym": self.sym,
-                "desc_act": self.desc_act, "damp_percent": 0.01, "static_groups": False, "true_sequential": True}
+        return {
+            "quant_method": "gptq",
+            "bits": 4,
+            "group_size": self.group_size,
+            "sym": self.sym,
+            "desc_act": self.desc_act,
+            "damp_percent": 0.01,
+            "static_groups": False,
+            "true_sequential": True,
+        }
 
 
 def _to_int32(words: torch.Tensor) -> torch.Tensor:

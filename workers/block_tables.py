@@ -40,7 +40,9 @@ class BlockTables:
             if update.start == 0:
                 self.table[row].zero_()
             elif update.start != self.length[row]:
-                raise ValueError(f"sequence {update.seq_id}: blocks from {update.start} sent, but this rank holds {self.length[row]}")
+                raise ValueError(
+                    f"sequence {update.seq_id}: blocks from {update.start} sent, but this rank holds {self.length[row]}"
+                )
             self.table[row, update.start : stop] = torch.tensor(update.blocks, dtype=torch.int32)
             self.length[row] = stop
 

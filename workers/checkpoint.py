@@ -11,8 +11,8 @@ Three formats, one contract (`parallel.weights.WeightSource`), each accounting i
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 

@@ -14,8 +14,8 @@ sub-blocks whose scales are quantized against float16 super-scales.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import functools
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from workers.gguf_dequant import dequantize, supported
 from workers.gguf_metadata import read_header, read_metadata
 from workers.load_pipeline import CheckpointFile, LoadPipeline
 from workers.read_stats import ReadStats, matrix_spans, slice_bounds
+
 
 @dataclass(frozen=True)
 class GGUFTensorInfo:
@@ -107,9 +108,7 @@ def gguf_model_config(index: GGUFIndex) -> dict[str, object]:
     arch = str(index.metadata.get("general.architecture", ""))
     where = index.path
     if arch not in GGUF_ARCHITECTURES:
-        raise ConfigError(
-            f"{where}: GGUF architecture {arch!r} is not supported; supported: {', '.join(GGUF_ARCHITECTURES)}"
-        )
+        raise ConfigError(f"{where}: GGUF architecture {arch!r} is not supported; supported: {', '.join(GGUF_ARCHITECTURES)}")
     config: dict[str, object] = {"model_type": arch, "hidden_act": "silu"}
     for key, name in _CONFIG_KEYS.items():
         if f"{arch}.{key}" in index.metadata:
@@ -219,12 +218,16 @@ class GGUFSource:
         out = values[:, cols[0] - b0 * block : cols[1] - b0 * block].contiguous()
         return out.reshape(-1) if len(self.shape) == 1 else out
 
-    def _raw(self, rows: tuple[int, int], byte_cols: tuple[int, int], spans: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
+    def _raw(
+        self, rows: tuple[int, int], byte_cols: tuple[int, int], spans: list[tuple[int, int]], device: torch.device
+    ) -> torch.Tensor:
         """The quantized bytes [rows, byte columns] as a uint8 tensor on `device`."""
         shape = (rows[1] - rows[0], byte_cols[1] - byte_cols[0])
         if self._pipeline is None:
             start, stop = self._info.offset + rows[0] * self._info.row_bytes, self._info.offset + rows[1] * self._info.row_bytes
-            return torch.from_numpy(np.array(self._data[start:stop].reshape(shape[0], self._info.row_bytes)[:, byte_cols[0] : byte_cols[1]]))
+            return torch.from_numpy(
+                np.array(self._data[start:stop].reshape(shape[0], self._info.row_bytes)[:, byte_cols[0] : byte_cols[1]])
+            )
         raw = torch.empty(shape, dtype=torch.uint8, device=device)
         return self._pipeline.read(self._handle, spans, raw) if raw.numel() else raw
 

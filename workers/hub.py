@@ -190,7 +190,9 @@ def repo_info(repo_id: str, revision: str | None, download_dir: str | None) -> t
     try:
         info = HfApi(endpoint=endpoint).model_info(repo_id, revision=revision or "main", timeout=_timeout())
     except RevisionNotFoundError as exc:
-        raise ModelNotFound(f"{where}: the Hub has no revision {revision!r} of {repo_id!r}; check the branch, tag or commit") from exc
+        raise ModelNotFound(
+            f"{where}: the Hub has no revision {revision!r} of {repo_id!r}; check the branch, tag or commit"
+        ) from exc
     except (RepositoryNotFoundError, GatedRepoError) as exc:
         raise ModelNotFound(
             f"{where} does not exist on the Hugging Face Hub or needs access: check the name, and HF_TOKEN for a "
@@ -220,10 +222,16 @@ def fetch(repo_id: str, commit: str, names: list[str], download_dir: str | None)
     folder = snapshot_folder(repo_id, commit, download_dir)
     if not missing_files(folder, names):
         return folder
-    return Path(snapshot_download(
-        repo_id, revision=commit, cache_dir=str(cache_root(download_dir)), allow_patterns=names, endpoint=hub_endpoint(),
-        etag_timeout=CONNECT_TIMEOUT_S,
-    ))
+    return Path(
+        snapshot_download(
+            repo_id,
+            revision=commit,
+            cache_dir=str(cache_root(download_dir)),
+            allow_patterns=names,
+            endpoint=hub_endpoint(),
+            etag_timeout=CONNECT_TIMEOUT_S,
+        )
+    )
 
 
 def fetch_file(repo_id: str, commit: str, name: str, download_dir: str | None) -> Path:
@@ -233,7 +241,13 @@ def fetch_file(repo_id: str, commit: str, name: str, download_dir: str | None) -
     cached = snapshot_folder(repo_id, commit, download_dir) / name
     if cached.is_file():
         return cached
-    return Path(hf_hub_download(
-        repo_id, name, revision=commit, cache_dir=str(cache_root(download_dir)), endpoint=hub_endpoint(),
-        etag_timeout=CONNECT_TIMEOUT_S,
-    ))
+    return Path(
+        hf_hub_download(
+            repo_id,
+            name,
+            revision=commit,
+            cache_dir=str(cache_root(download_dir)),
+            endpoint=hub_endpoint(),
+            etag_timeout=CONNECT_TIMEOUT_S,
+        )
+    )

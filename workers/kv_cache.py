@@ -91,7 +91,7 @@ def profile_batch(config: EngineConfig) -> list[int]:
 
 
 @torch.inference_mode()
-def _profile_forward(worker: "Worker") -> None:
+def _profile_forward(worker: Worker) -> None:
     """The largest step: max_num_batched_tokens tokens through the model, and logits for as many
     rows as a step samples at most (max_num_seqs)."""
     lengths = profile_batch(worker.config)
@@ -127,7 +127,7 @@ def cpu_activation_bound(config: EngineConfig, tp_size: int, threads: int) -> in
     return tokens * per_token + logits + widened + CPU_FIXED_BYTES + threads * CPU_THREAD_BYTES
 
 
-def profile_memory(worker: "Worker", local_ranks: int, node_memory: int | None) -> MemoryProfile:
+def profile_memory(worker: Worker, local_ranks: int, node_memory: int | None) -> MemoryProfile:
     """This rank's KV budget beside the largest step: on CUDA measured around a forward pass of
     it, on CPU from `cpu_activation_bound` (see the module docstring)."""
     config, start = worker.config, time.perf_counter()
@@ -136,8 +136,14 @@ def profile_memory(worker: "Worker", local_ranks: int, node_memory: int | None) 
         activations = cpu_activation_bound(config, worker.world_size, torch.get_num_threads())
         kv, total, budget = _cpu_budget(config, local_ranks, node_memory, activations)
         return MemoryProfile(
-            rank=worker.rank, kv_cache_bytes=kv, total_bytes=total, weights_bytes=weights,
-            peak_activation_bytes=activations, non_torch_bytes=0, seconds=time.perf_counter() - start, budget=budget,
+            rank=worker.rank,
+            kv_cache_bytes=kv,
+            total_bytes=total,
+            weights_bytes=weights,
+            peak_activation_bytes=activations,
+            non_torch_bytes=0,
+            seconds=time.perf_counter() - start,
+            budget=budget,
         )
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(worker.device)
@@ -149,17 +155,26 @@ def profile_memory(worker: "Worker", local_ranks: int, node_memory: int | None) 
     util = config.cache.gpu_memory_utilization
     graphs = 0
     if cuda_graphs_wanted(config)[0]:
-        graphs = pool_reserve_bytes(max(0, peak - weights), config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs)
+        graphs = pool_reserve_bytes(
+            max(0, peak - weights), config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs
+        )
     kv = config.cache.kv_cache_memory_bytes or int(util * total) - peak - non_torch - graphs
     budget = (
-        "kv_cache_memory_bytes" if config.cache.kv_cache_memory_bytes
+        "kv_cache_memory_bytes"
+        if config.cache.kv_cache_memory_bytes
         else f"gpu_memory_utilization {util} x {total} B - peak torch {peak} B - non-torch {non_torch} B"
         + (f" - CUDA graphs {graphs} B" if graphs else "")
     )
     return MemoryProfile(
-        rank=worker.rank, kv_cache_bytes=kv, total_bytes=total, weights_bytes=weights,
-        peak_activation_bytes=max(0, peak - weights), non_torch_bytes=non_torch,
-        seconds=time.perf_counter() - start, budget=budget, cuda_graph_bytes=graphs,
+        rank=worker.rank,
+        kv_cache_bytes=kv,
+        total_bytes=total,
+        weights_bytes=weights,
+        peak_activation_bytes=max(0, peak - weights),
+        non_torch_bytes=non_torch,
+        seconds=time.perf_counter() - start,
+        budget=budget,
+        cuda_graph_bytes=graphs,
     )
 
 
@@ -173,9 +188,13 @@ def _cpu_budget(config: EngineConfig, local_ranks: int, node_memory: int | None,
         available = min(available, node_memory)
     share = available // max(1, local_ranks)
     kv = min(int(CPU_KV_SHARE * share), share - activations)
-    return kv, available, (
-        f"min({CPU_KV_SHARE} x, 1 x - activation bound {activations} B) of {available} B available on the node "
-        f"/ {local_ranks} ranks there"
+    return (
+        kv,
+        available,
+        (
+            f"min({CPU_KV_SHARE} x, 1 x - activation bound {activations} B) of {available} B available on the node "
+            f"/ {local_ranks} ranks there"
+        ),
     )
 
 
@@ -243,7 +262,7 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
     @classmethod
-    def allocate(cls, config: EngineConfig, tp_size: int, num_blocks: int, device: torch.device) -> "KVCache":
+    def allocate(cls, config: EngineConfig, tp_size: int, num_blocks: int, device: torch.device) -> KVCache:
         arch = config.model.arch
         shape = (num_blocks + NULL_BLOCKS, config.cache.block_size, kv_heads_per_rank(arch.num_kv_heads, tp_size), arch.head_dim)
         dtype = kv_cache_dtype(config)

@@ -29,8 +29,9 @@ import mmap
 import os
 import queue
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Protocol
+from typing import Any, Protocol
 
 import torch
 

@@ -12,9 +12,9 @@ import os
 import resource
 import time
 import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import msgspec
 import torch
@@ -74,9 +74,7 @@ def build_on_meta(config: EngineConfig, tp: TensorParallelGroup) -> nn.Module:
     torch.set_default_dtype(getattr(torch, model_cfg.dtype))
     try:
         with torch.device("meta"):
-            return model_class(model_cfg.arch.architecture)(
-                model_cfg.arch, tp, model_cfg.max_model_len, model_cfg.quantization
-            )
+            return model_class(model_cfg.arch.architecture)(model_cfg.arch, tp, model_cfg.max_model_len, model_cfg.quantization)
     finally:
         torch.set_default_dtype(previous)
 
@@ -243,9 +241,7 @@ def load_weights(model: nn.Module, sources: Iterable[WeightSource]) -> None:
                 unused.append(f"{source.name} (in {source.file})")
             continue
         if key in loaded:
-            raise WeightLoadError(
-                f"checkpoint tensor {source.name!r} appears twice: in {loaded[key]} and in {source.file}"
-            )
+            raise WeightLoadError(f"checkpoint tensor {source.name!r} appears twice: in {loaded[key]} and in {source.file}")
         check_shape(key[0], source, param.full_shapes[key[1]])
         param.weight_loader(param, source, key[1])
         loaded[key] = source.file
@@ -265,9 +261,7 @@ def _check_complete(params: dict[str, nn.Parameter], loaded: dict, unused: list[
     if unused:
         problems.append(f"{len(unused)} checkpoint tensors match no weight of the model: {_few(unused)}")
     if problems:
-        raise WeightLoadError(
-            "; ".join(problems) + ". Check that the checkpoint's files and its config.json belong together"
-        )
+        raise WeightLoadError("; ".join(problems) + ". Check that the checkpoint's files and its config.json belong together")
 
 
 def _few(names: list[str], shown: int = 8) -> str:

@@ -207,16 +207,28 @@ def _hub_files(repo_id: str, revision: str | None, download_dir: str | None, loa
     return msgspec.structs.replace(files, commit=snapshot.commit, download_seconds=time.perf_counter() - started)
 
 
-def hub_snapshot(repo_id: str, revision: str | None, download_dir: str | None, load_format: str) -> "HubSnapshot":
+def hub_snapshot(repo_id: str, revision: str | None, download_dir: str | None, load_format: str) -> HubSnapshot:
     """The snapshot of `repo_id` at `revision` with what a start needs, fetched where missing.
 
     A commit hash whose snapshot is complete here asks nothing of the Hub; otherwise the Hub is
     asked once, and the cache answers when it is offline or cannot be reached (one warning)."""
-    from workers.hub import HubSnapshot, HubUnreachable, fetch, from_cache, hub_offline, is_commit, record_ref, repo_info
-    from workers.hub import snapshot_folder, warn_once
+    from workers.hub import (
+        HubSnapshot,
+        HubUnreachable,
+        fetch,
+        from_cache,
+        hub_offline,
+        is_commit,
+        record_ref,
+        repo_info,
+        snapshot_folder,
+        warn_once,
+    )
 
     if is_commit(revision) and _complete(snapshot_folder(repo_id, revision, download_dir), load_format):
-        return HubSnapshot(repo_id=repo_id, commit=revision, folder=str(snapshot_folder(repo_id, revision, download_dir)), from_cache=True)
+        return HubSnapshot(
+            repo_id=repo_id, commit=revision, folder=str(snapshot_folder(repo_id, revision, download_dir)), from_cache=True
+        )
     if hub_offline():
         return from_cache(repo_id, revision, download_dir, "HF_HUB_OFFLINE is set")
     try:
@@ -235,9 +247,13 @@ def hub_snapshot(repo_id: str, revision: str | None, download_dir: str | None, l
     except Exception as exc:  # a download that failed half-way: the Hub's own error, named
         from workers.hub import describe
 
-        raise ModelNotFound(f"{describe(repo_id, revision, download_dir)} could not be fetched: {type(exc).__name__}: {exc}") from exc
+        raise ModelNotFound(
+            f"{describe(repo_id, revision, download_dir)} could not be fetched: {type(exc).__name__}: {exc}"
+        ) from exc
     record_ref(repo_id, revision, commit, download_dir)
-    return HubSnapshot(repo_id=repo_id, commit=commit, folder=str(snapshot_folder(repo_id, commit, download_dir)), from_cache=False)
+    return HubSnapshot(
+        repo_id=repo_id, commit=commit, folder=str(snapshot_folder(repo_id, commit, download_dir)), from_cache=False
+    )
 
 
 def _complete(folder: Path, load_format: str) -> bool:
@@ -249,7 +265,7 @@ def _complete(folder: Path, load_format: str) -> bool:
     return True
 
 
-def _snapshot_files(snapshot: "HubSnapshot", revision: str | None, download_dir: str | None, load_format: str) -> ModelFiles:
+def _snapshot_files(snapshot: HubSnapshot, revision: str | None, download_dir: str | None, load_format: str) -> ModelFiles:
     try:
         return folder_files(Path(snapshot.folder), "hub", load_format)
     except ModelNotFound as exc:
@@ -284,4 +300,6 @@ def hub_files_to_fetch(repo_id: str, commit: str, names: list[str], download_dir
         weights = weight_names(names, fmt)
         if weights:
             return meta + list(weights)
-    raise ModelNotFound(f"model {repo_id!r} at commit {commit} on the Hugging Face Hub has no weights for load_format={load_format!r}")
+    raise ModelNotFound(
+        f"model {repo_id!r} at commit {commit} on the Hugging Face Hub has no weights for load_format={load_format!r}"
+    )

@@ -19,7 +19,9 @@ from workers.sampler import Sampler
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, kv_cache: KVCache, config: EngineConfig, tp: TensorParallelGroup, device: torch.device) -> None:
+    def __init__(
+        self, model: nn.Module, kv_cache: KVCache, config: EngineConfig, tp: TensorParallelGroup, device: torch.device
+    ) -> None:
         self.model, self.config, self.tp, self.device = model, config, tp, device
         self.block_size = config.cache.block_size
         self.dtype = getattr(torch, config.model.dtype)
@@ -79,7 +81,11 @@ class ModelRunner:
         host = self.staging.take(8 * longs + 4 * ints)
         ids, positions, slots = host[: 8 * longs].view(np.int64).reshape(3, tokens)
         int32s = host[8 * longs :].view(np.int32)
-        context, query_start, tables = int32s[:seqs], int32s[seqs : seqs + chunks + 1], int32s[seqs + chunks + 1 :].reshape(seqs, width)
+        context, query_start, tables = (
+            int32s[:seqs],
+            int32s[seqs : seqs + chunks + 1],
+            int32s[seqs + chunks + 1 :].reshape(seqs, width),
+        )
         ids[:], context[:], tables[:] = batch.token_ids, batch.context_lens, gathered
         if chunks:
             query = np.asarray(batch.query_lens)

@@ -13,7 +13,7 @@ import ctypes
 import ctypes.util
 import functools
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

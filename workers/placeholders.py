@@ -53,4 +53,3 @@ class LastTokens:
         if result is not None:
             for token in result.sampled:
                 self.last[token.seq_id] = token.token_id
-

@@ -9,8 +9,8 @@ writes and reads: the loading thread never waits for a poll.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 import msgspec
 from torch import nn
@@ -57,7 +57,9 @@ class ProgressTracker:
         """`sources`, counting each one once the loader asks for the next (it is loaded by then);
         `total`: how many there are (default: the checkpoint tensors the model's parameters take)."""
         self.stats = stats
-        self.tensors_total = total if total is not None else sum(len(p.full_shapes) for p in dict(model.named_parameters()).values())
+        self.tensors_total = (
+            total if total is not None else sum(len(p.full_shapes) for p in dict(model.named_parameters()).values())
+        )
         self.tensors_loaded = 0
         for source in sources:
             yield source

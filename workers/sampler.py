@@ -220,7 +220,9 @@ class Sampler:
                 self._penalize(logits, rows, slots[rows], pslots, int(lengths.max()), bool(present & FREQ_PRES))
         return logits
 
-    def _penalize(self, logits: torch.Tensor, rows: np.ndarray, slots: np.ndarray, pslots: np.ndarray, width: int, counted: bool) -> None:
+    def _penalize(
+        self, logits: torch.Tensor, rows: np.ndarray, slots: np.ndarray, pslots: np.ndarray, width: int, counted: bool
+    ) -> None:
         index = self._index(pslots)
         seen = self.penalties.ids[:, :width][index]
         counts = self.penalties.counts[index[:, None], seen] if counted else None
@@ -247,7 +249,9 @@ class Sampler:
             return noise.exponential_(generator=self.shared)
         unseeded = np.flatnonzero(~seeded)
         if len(unseeded):
-            noise[self._index(unseeded)] = torch.empty(len(unseeded), probs.shape[1], device=probs.device).exponential_(generator=self.shared)
+            noise[self._index(unseeded)] = torch.empty(len(unseeded), probs.shape[1], device=probs.device).exponential_(
+                generator=self.shared
+            )
         for row in np.flatnonzero(seeded).tolist():
             noise[row].exponential_(generator=self.generators[slots[row]])
         return noise
@@ -262,7 +266,14 @@ class Sampler:
             self.penalties.append(self.penalty_slot[slots[rows]], tokens[self._index(rows)])
 
     def _with_logprobs(
-        self, logits: torch.Tensor, seq_ids: list[int], slots: np.ndarray, flags: np.ndarray, present: int, tokens: torch.Tensor, token_list: list[int]
+        self,
+        logits: torch.Tensor,
+        seq_ids: list[int],
+        slots: np.ndarray,
+        flags: np.ndarray,
+        present: int,
+        tokens: torch.Tensor,
+        token_list: list[int],
     ) -> list[SampledToken]:
         results = [SampledToken(seq_id=s, token_id=t) for s, t in zip(seq_ids, token_list)]
         if not present & LOGPROBS:
@@ -281,7 +292,11 @@ class Sampler:
         k = self.params[slot].prompt_logprobs or 0
         entries = describe_rows(logits.log_softmax(dim=-1), targets, [k] * logits.shape[0])
         return PromptLogprobs(
-            seq_id=seq_id, start=start, logprobs=[e[0] for e in entries], ranks=[e[1] for e in entries], top=[e[2] for e in entries]
+            seq_id=seq_id,
+            start=start,
+            logprobs=[e[0] for e in entries],
+            ranks=[e[1] for e in entries],
+            top=[e[2] for e in entries],
         )
 
     def _index(self, array: np.ndarray) -> torch.Tensor:
@@ -300,7 +315,11 @@ class Sampler:
             return np.concatenate([array, np.full((extra, *array.shape[1:]), fill, dtype=array.dtype)])
 
         self.flags, self.values, self.top_k = pad(self.flags), pad(self.values), pad(self.top_k)
-        self.min_tokens, self.num_output, self.penalty_slot = pad(self.min_tokens), pad(self.num_output), pad(self.penalty_slot, -1)
+        self.min_tokens, self.num_output, self.penalty_slot = (
+            pad(self.min_tokens),
+            pad(self.num_output),
+            pad(self.penalty_slot, -1),
+        )
         self.stop_ids = pad(self.stop_ids)
         self.params += [None] * extra
         self.prompts += [None] * extra
@@ -317,7 +336,9 @@ class Sampler:
         self.stop_ids[slot, : len(stop_ids)] = stop_ids
 
 
-def describe_rows(logprobs: torch.Tensor, tokens: torch.Tensor, ks: Sequence[int | None]) -> list[tuple[float, int, list[tuple[int, float]]]]:
+def describe_rows(
+    logprobs: torch.Tensor, tokens: torch.Tensor, ks: Sequence[int | None]
+) -> list[tuple[float, int, list[tuple[int, float]]]]:
     """Per row: (logprob of its token, the token's 1-based rank, the top ks[row] (token, logprob) pairs)."""
     values = logprobs.gather(1, tokens[:, None])
     ranks = ((logprobs > values).sum(dim=-1) + 1).tolist()
@@ -361,7 +382,9 @@ def apply_penalties(
     return logits
 
 
-def apply_top_k_top_p(logits: torch.Tensor, top_k: Sequence[int] | np.ndarray, top_p: Sequence[float] | np.ndarray) -> torch.Tensor:
+def apply_top_k_top_p(
+    logits: torch.Tensor, top_k: Sequence[int] | np.ndarray, top_p: Sequence[float] | np.ndarray
+) -> torch.Tensor:
     """Mask (to -inf) all but each row's top_k logits (0: all), then all outside its top_p nucleus.
 
     The nucleus needs a sort; without any top_p < 1 a top-k alone is a `topk`, which keeps the same set.

@@ -13,11 +13,12 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-import shutil
 import re
+import shutil
 import struct
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import msgspec
 import torch
@@ -35,7 +36,6 @@ MANIFEST = "shardlm_sharded_state.json"
 PART_PATTERN = re.compile(r"^model-rank-(\d+)-part-(\d+)\.safetensors$")
 MAX_PART_BYTES = 5 * 2**30
 SAFETENSORS_DTYPES = {dtype: name for name, dtype in DTYPES.items()}
-
 
 
 class ShardedManifest(msgspec.Struct, frozen=True, kw_only=True):
@@ -168,10 +168,15 @@ def save_model_files(config: EngineConfig, folder: str, parts: dict[int, int]) -
             if path.is_file() and _is_model_file(path.name):
                 shutil.copyfile(path, out / path.name)
     quant = model.quantization.method if model.quantization is not None else None
-    write_manifest(out, ShardedManifest(
-        tensor_parallel_size=config.parallel.tensor_parallel_size, dtype=model.dtype, quantization=quant,
-        parts={str(rank): n for rank, n in sorted(parts.items())},
-    ))
+    write_manifest(
+        out,
+        ShardedManifest(
+            tensor_parallel_size=config.parallel.tensor_parallel_size,
+            dtype=model.dtype,
+            quantization=quant,
+            parts={str(rank): n for rank, n in sorted(parts.items())},
+        ),
+    )
 
 
 def _is_model_file(name: str) -> bool:

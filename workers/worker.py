@@ -181,4 +181,6 @@ def ensure_model_files(config: EngineConfig, rank: int) -> EngineConfig:
     files = find_model(model.model, model.commit or model.revision, config.load.download_dir, config.load.load_format)
     tokenizer = files.folder if model.tokenizer == model.path else model.tokenizer
     new_model = msgspec.structs.replace(model, path=files.folder, tokenizer=tokenizer)
-    return msgspec.structs.replace(config, model=new_model, load=msgspec.structs.replace(config.load, weight_files=files.weight_files))
+    return msgspec.structs.replace(
+        config, model=new_model, load=msgspec.structs.replace(config.load, weight_files=files.weight_files)
+    )

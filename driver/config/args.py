@@ -6,12 +6,14 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
+from driver.config.model_config import checkpoint_dtype, load_hf_config, model_arch, resolve_dtype, resolve_max_model_len
 from parallel.errors import ConfigError
 from parallel.quantization import QUANTIZATION_METHODS, QuantConfig, checkpoint_quant_config, resolve_quantization
 from workers.config import (
@@ -23,7 +25,6 @@ from workers.config import (
     ParallelConfig,
     SchedulerConfig,
 )
-from driver.config.model_config import checkpoint_dtype, load_hf_config, model_arch, resolve_dtype, resolve_max_model_len
 from workers.load_pipeline import LOAD_STRATEGIES
 from workers.model_files import LOAD_FORMATS, ModelFiles, find_model
 from workers.sharded_state import read_manifest
@@ -139,7 +140,7 @@ class EngineArgs:
     """"cuda", "cpu", or "auto": CUDA where torch sees a GPU."""
 
     @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> "EngineArgs":
+    def from_kwargs(cls, **kwargs: Any) -> EngineArgs:
         return cls(**kwargs)
 
     def find_model(self) -> tuple[ModelFiles, Any, ModelArch]:
@@ -214,8 +215,11 @@ class EngineArgs:
         return EngineConfig(
             model=self._model_config(files, arch, dtype, device, max_model_len, quant),
             load=LoadConfig(
-                load_format=files.weight_format, weight_files=files.weight_files, download_dir=self.download_dir,
-                strategy=self.safetensors_load_strategy, threads=self.load_threads,
+                load_format=files.weight_format,
+                weight_files=files.weight_files,
+                download_dir=self.download_dir,
+                strategy=self.safetensors_load_strategy,
+                threads=self.load_threads,
             ),
             cache=CacheConfig(
                 block_size=self.block_size,
@@ -227,7 +231,9 @@ class EngineArgs:
             ),
             parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
             scheduler=SchedulerConfig(
-                max_num_seqs=self.max_num_seqs, max_num_batched_tokens=batched, max_model_len=max_model_len,
+                max_num_seqs=self.max_num_seqs,
+                max_num_batched_tokens=batched,
+                max_model_len=max_model_len,
                 async_scheduling=self.async_scheduling if self.async_scheduling is not None else device == "cpu",
             ),
         )
@@ -289,7 +295,13 @@ class EngineArgs:
         _choice("generation_config", self.generation_config, GENERATION_CONFIGS)
         for name in ("tensor_parallel_size", "max_num_seqs"):
             _positive_int(name, getattr(self, name))
-        for name in ("kv_cache_memory_bytes", "max_model_len", "max_num_batched_tokens", "num_gpu_blocks_override", "load_threads"):
+        for name in (
+            "kv_cache_memory_bytes",
+            "max_model_len",
+            "max_num_batched_tokens",
+            "num_gpu_blocks_override",
+            "load_threads",
+        ):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
         if not 0 < self.gpu_memory_utilization <= 1:
@@ -323,5 +335,7 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device='cuda' was asked for, but torch sees no CUDA device; use device='cpu' or 'auto'", field="device")
+        raise ConfigError(
+            "device='cuda' was asked for, but torch sees no CUDA device; use device='cpu' or 'auto'", field="device"
+        )
     return device

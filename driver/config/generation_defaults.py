@@ -25,7 +25,10 @@ logger = logging.getLogger(f"shardlm.{__name__}")
 
 GENERATION_CONFIG_FILE = "generation_config.json"
 FIELDS = {
-    "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "repetition_penalty": "repetition_penalty",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "repetition_penalty": "repetition_penalty",
     "max_new_tokens": "max_tokens",
 }
 """generation_config.json's names -> SamplingParams' names."""
@@ -83,7 +86,9 @@ def _read_values(path: Path) -> dict[str, float | int]:
         if value is None or value == TRANSFORMERS_DEFAULTS.get(key):
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: {key}={value!r} is not a number; fix the file, or pass generation_config='vllm' to ignore it")
+            raise ConfigError(
+                f"{path}: {key}={value!r} is not a number; fix the file, or pass generation_config='vllm' to ignore it"
+            )
         values[name] = int(value) if name in INTEGER_FIELDS else float(value)
     return values
 

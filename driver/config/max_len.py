@@ -4,13 +4,20 @@ No torch: the checks before Ray starts read config.json as plain JSON."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from parallel.errors import ConfigError
 
 MAX_LEN_KEYS = (
-    "max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
-    "max_sequence_length", "max_seq_length", "seq_len",
+    "max_position_embeddings",
+    "n_positions",
+    "max_seq_len",
+    "seq_length",
+    "model_max_length",
+    "max_sequence_length",
+    "max_seq_length",
+    "seq_len",
 )
 """Config fields that bound the positions, in any of the names models give them."""
 DEFAULT_WINDOW = 4096

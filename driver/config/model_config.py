@@ -91,7 +91,9 @@ def rope_settings(cfg: Any, where: str) -> tuple[float, RopeScaling]:
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ConfigError(f"{where}: rope scaling {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
-    known = {f: params[f] for f in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings") if f in params}
+    known = {
+        f: params[f] for f in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings") if f in params
+    }
     return theta, RopeScaling(rope_type=rope_type, **known)
 
 
@@ -125,7 +127,9 @@ def derived_max_model_len(cfg: Any, arch: ModelArch) -> int:
     """The longest sequence the config allows (`driver.config.max_len`)."""
     fields = vars(cfg)
     scaling = arch.rope_scaling
-    return derived_max_len(position_limit(fields) or 2048, scaling.rope_type, scaling.factor, sliding_window(fields, arch.architecture))
+    return derived_max_len(
+        position_limit(fields) or 2048, scaling.rope_type, scaling.factor, sliding_window(fields, arch.architecture)
+    )
 
 
 def resolve_max_model_len(cfg: Any, arch: ModelArch, requested: int | None) -> int:

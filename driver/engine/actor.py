@@ -8,8 +8,9 @@ import contextlib
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import ray
 
@@ -32,7 +33,11 @@ from workers.sampling_params import SamplingParams
 logger = logging.getLogger(f"shardlm.{__name__}")
 
 TIMEOUTS_S = {
-    "init_device": 300.0, "load_model": 3600.0, "profile_memory": 1800.0, "allocate_kv_cache": 300.0, "execute_model": 600.0,
+    "init_device": 300.0,
+    "load_model": 3600.0,
+    "profile_memory": 1800.0,
+    "allocate_kv_cache": 300.0,
+    "execute_model": 600.0,
 }
 """Deadlines of the start-up calls: a rank that has not answered by then is reported, not waited for."""
 
@@ -124,7 +129,11 @@ class Engine:
                 logger.info("decode steps run eagerly (%s)", why)
             return []
         graph_bytes = self.workers.call("capture_cuda_graphs", timeout_s=TIMEOUTS_S["profile_memory"])
-        logger.info("CUDA graphs captured at %d batch sizes: %.0f MiB on rank 0", len(decode_buckets(self.config.scheduler.max_num_seqs)), graph_bytes[0] / 2**20)
+        logger.info(
+            "CUDA graphs captured at %d batch sizes: %.0f MiB on rank 0",
+            len(decode_buckets(self.config.scheduler.max_num_seqs)),
+            graph_bytes[0] / 2**20,
+        )
         return graph_bytes
 
     def _warm_up(self) -> None:
@@ -196,7 +205,9 @@ class Engine:
         for (_, text, _, _), core in zip(requests, core_requests):
             self.outputs.add(core.request_id, text, core.prompt_token_ids, core.params, core.arrival_time)
 
-    def render_chat(self, conversations: list[list[dict]], chat_template: str | None, add_generation_prompt: bool, kwargs: dict) -> list[list[int]]:
+    def render_chat(
+        self, conversations: list[list[dict]], chat_template: str | None, add_generation_prompt: bool, kwargs: dict
+    ) -> list[list[int]]:
         """Each conversation through the tokenizer's chat template, as token ids."""
         return self.processor.render_chat(conversations, chat_template, add_generation_prompt, kwargs)
 
@@ -366,4 +377,3 @@ def _timed(phases: dict[str, float], name: str) -> Iterator[None]:
 
 def _node_resource(name: str) -> dict[str, float]:
     return {n["NodeID"]: n.get("Resources", {}).get(name) for n in ray.nodes() if n.get("Alive")}
-

@@ -18,8 +18,8 @@ the completion, step N+1 computed one token too many, which `complete` drops uns
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import msgspec
 
@@ -110,7 +110,11 @@ class EngineCore:
     def _add(self, core: CoreRequest) -> None:
         params = core.params
         request = Request(
-            core.request_id, list(core.prompt_token_ids), params, RequestMetrics(arrival_time=core.arrival_time), core.eos_token_id
+            core.request_id,
+            list(core.prompt_token_ids),
+            params,
+            RequestMetrics(arrival_time=core.arrival_time),
+            core.eos_token_id,
         )
         for index in range(params.n):
             seq = Sequence(self.next_seq_id, request, index, _seed(params.seed, index))
@@ -228,7 +232,8 @@ class EngineCore:
 
     def _batch(self, planned: ScheduledStep) -> Batch:
         fields: dict[str, list] = {
-            k: [] for k in ("seq_ids", "token_ids", "query_lens", "context_lens", "table_updates", "sample", "prompt_logprob_counts")
+            k: []
+            for k in ("seq_ids", "token_ids", "query_lens", "context_lens", "table_updates", "sample", "prompt_logprob_counts")
         }
         new_seqs = []
         for seq, count in planned.scheduled:

@@ -55,7 +55,9 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.requests: dict[str, RequestState] = {}
 
-    def add(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams, arrival_time: float) -> None:
+    def add(
+        self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams, arrival_time: float
+    ) -> None:
         completions = []
         for index in range(params.n):
             detokenizer = None
@@ -67,7 +69,13 @@ class OutputProcessor:
             completions.append(state)
         prompt_logprobs = [None] if params.prompt_logprobs is not None else None
         self.requests[request_id] = RequestState(
-            request_id, prompt, list(prompt_token_ids), params, completions, RequestMetrics(arrival_time=arrival_time), prompt_logprobs
+            request_id,
+            prompt,
+            list(prompt_token_ids),
+            params,
+            completions,
+            RequestMetrics(arrival_time=arrival_time),
+            prompt_logprobs,
         )
 
     def abort(self, request_ids: list[str]) -> None:

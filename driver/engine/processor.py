@@ -32,7 +32,10 @@ class Processor:
             self.check_params(params, where)
             out.append(
                 CoreRequest(
-                    request_id=request_id, prompt_token_ids=list(token_ids), params=params, arrival_time=arrival_time,
+                    request_id=request_id,
+                    prompt_token_ids=list(token_ids),
+                    params=params,
+                    arrival_time=arrival_time,
                     eos_token_id=self.eos_token_id,
                 )
             )

@@ -68,8 +68,7 @@ class LoadReport(msgspec.Struct, kw_only=True):
             lines.append(f"  checkpoint: {self.ranks[0].checkpoint_bytes / MIB:.1f} MiB of tensors")
         if self.num_blocks:
             lines.append(
-                f"  KV cache: {self.num_blocks} blocks of {self.block_size} tokens per rank = "
-                f"{self.token_capacity} tokens"
+                f"  KV cache: {self.num_blocks} blocks of {self.block_size} tokens per rank = {self.token_capacity} tokens"
             )
         commits = {r.commit for r in self.ranks if r.commit}
         if commits:

@@ -11,8 +11,8 @@ its longest cached prefix (`BlockManager`), except requests that ask for prompt 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from driver.engine.block_manager import BlockManager
 from driver.engine.sequence import Sequence, Status
@@ -91,8 +91,7 @@ class Scheduler:
             return False
         full = len(seq.prompt_token_ids) // self.blocks.block_size * self.blocks.block_size
         return any(
-            other is not seq and other.status is Status.RUNNING and other.num_computed_tokens < full
-            for other in seq.request.seqs
+            other is not seq and other.status is Status.RUNNING and other.num_computed_tokens < full for other in seq.request.seqs
         )
 
     def _preempt(self, seq: Sequence, step: ScheduledStep) -> None:

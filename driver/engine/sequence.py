@@ -21,7 +21,7 @@ class Sequence:
     """One completion: its tokens, how many of them the KV cache holds, and its blocks."""
 
     seq_id: int
-    request: "Request"
+    request: Request
     index: int
     seed: int | None
     output_token_ids: list[int] = field(default_factory=list)

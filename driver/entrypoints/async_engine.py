@@ -18,7 +18,8 @@ import logging
 import queue
 import threading
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import ray
 
@@ -58,7 +59,7 @@ class AsyncEngine:
         self._thread.start()
 
     @classmethod
-    def start(cls, args: EngineArgs, placement_strategy: str = "PACK", placement_timeout_s: float = 60.0) -> "AsyncEngine":
+    def start(cls, args: EngineArgs, placement_strategy: str = "PACK", placement_timeout_s: float = 60.0) -> AsyncEngine:
         """Start an engine in this process (the Ray driver, or a Serve replica, whose placement
         group then holds the ranks) and its stepping thread."""
         engine = build_engine(args, placement_strategy)
@@ -72,7 +73,7 @@ class AsyncEngine:
         self._inbox.put((fn, args, future))
         return await asyncio.wrap_future(future)
 
-    async def submit(self, prompts: list[Prompt], params: SamplingParams, request_id: str | None = None) -> "RequestStream":
+    async def submit(self, prompts: list[Prompt], params: SamplingParams, request_id: str | None = None) -> RequestStream:
         """Queue one request per prompt, `<request_id>-<i>`; all or none (a ValueError names the
         bad prompt). `request_id` must be unique (default: one made here)."""
         if self.dead is not None:
@@ -158,8 +159,10 @@ class AsyncEngine:
         try:
             outputs = self.engine.step()  # every request it changed
         except Exception as exc:
-            self.dead = exc if isinstance(exc, EngineDeadError) else EngineDeadError(
-                f"the engine stopped: its loop failed: {type(exc).__name__}: {exc}"
+            self.dead = (
+                exc
+                if isinstance(exc, EngineDeadError)
+                else EngineDeadError(f"the engine stopped: its loop failed: {type(exc).__name__}: {exc}")
             )
             logger.error("%s", self.dead)
             self._fail_all(self.dead)
@@ -169,7 +172,7 @@ class AsyncEngine:
             if sink is not None and not sink.put(out):
                 self._abort([out.request_id])
 
-    def _add(self, requests: list[tuple[str, str | None, list[int] | None, SamplingParams]], sink: "_Sink") -> None:
+    def _add(self, requests: list[tuple[str, str | None, list[int] | None, SamplingParams]], sink: _Sink) -> None:
         if self.dead is not None:
             raise EngineDeadError(str(self.dead))
         self.engine.add_requests(requests)
@@ -204,7 +207,10 @@ class StartingEngine:
         self._starting: Engine | None = None
         self._done = threading.Event()
         self._thread = threading.Thread(
-            target=self._start, args=(args, placement_strategy, placement_timeout_s), name="shardlm-engine-start", daemon=True,
+            target=self._start,
+            args=(args, placement_strategy, placement_timeout_s),
+            name="shardlm-engine-start",
+            daemon=True,
         )
         self._thread.start()
 
@@ -280,7 +286,7 @@ class RequestStream:
         self._unfinished = set(request_ids)
         self._ready: list[RequestOutput] = []
 
-    def __aiter__(self) -> "RequestStream":
+    def __aiter__(self) -> RequestStream:
         return self
 
     async def __anext__(self) -> RequestOutput:

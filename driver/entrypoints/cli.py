@@ -19,9 +19,10 @@ import stat
 import sys
 import textwrap
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from cluster.logs import log_to_stderr
 from driver.config.units import parse_size
@@ -108,7 +109,9 @@ def byte_count(text: str) -> int:
 def capability(text: str) -> tuple[int, int]:
     match = re.fullmatch(r"\s*(\d+)(?:\.(\d+))?\s*", text)
     if match is None:
-        raise argparse.ArgumentTypeError(f"cannot read {text!r} as a compute capability: write MAJOR.MINOR, e.g. 9.0 (H100) or 8.0 (A100)")
+        raise argparse.ArgumentTypeError(
+            f"cannot read {text!r} as a compute capability: write MAJOR.MINOR, e.g. 9.0 (H100) or 8.0 (A100)"
+        )
     return int(match.group(1)), int(match.group(2) or 0)
 
 
@@ -148,7 +151,9 @@ def engine_fields() -> tuple[EngineField, ...]:
     docs = _docs(node.body)
     return tuple(
         EngineField(
-            stmt.target.id, ast.unparse(stmt.annotation), None if stmt.value is None else ast.literal_eval(stmt.value),
+            stmt.target.id,
+            ast.unparse(stmt.annotation),
+            None if stmt.value is None else ast.literal_eval(stmt.value),
             docs.get(stmt.target.id, ""),
         )
         for stmt in node.body
@@ -180,7 +185,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
             group.add_argument(*flags, dest=f.name, type=_flag_type(f.name, f.type), default=f.default, help=help_text)
 
 
-def engine_args_from(ns: argparse.Namespace) -> "EngineArgs":
+def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
     from driver.config.args import EngineArgs
 
     return EngineArgs(**changed_engine_args(ns))
@@ -199,7 +204,9 @@ def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: str) -> None:
     group.add_argument("--max-tokens", type=int, default=None, help=f"the most new tokens per reply (default: {max_tokens})")
     group.add_argument("--temperature", type=float, default=None, help=f"0 samples greedily (default: {model} 1.0)")
     group.add_argument(
-        "--top-p", type=float, default=None,
+        "--top-p",
+        type=float,
+        default=None,
         help=f"sample from the smallest set of likeliest tokens whose probability reaches this, in (0, 1] (default: {model} 1.0)",
     )
     group.add_argument(
@@ -210,56 +217,84 @@ def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: str) -> None:
 def add_common_flags(parser: argparse.ArgumentParser, top: bool = False) -> None:
     """--quiet and --debug, accepted before the command and after it (`shardlm generate --quiet`)."""
     default = False if top else argparse.SUPPRESS  # a subcommand must not reset what was given before it
-    parser.add_argument("-q", "--quiet", action="store_true", default=default, help="no progress bars or info logs: results, warnings and errors only")
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=default,
+        help="no progress bars or info logs: results, warnings and errors only",
+    )
     parser.add_argument("--debug", action="store_true", default=default, help="debug logs, and the traceback of an error")
 
 
 def build_parser() -> argparse.ArgumentParser:
     raw = argparse.RawDescriptionHelpFormatter
-    parser = ShardLMParser(prog="shardlm", description="Tensor-parallel LLM inference on Ray.", epilog=EXIT_STATUS, formatter_class=raw)
+    parser = ShardLMParser(
+        prog="shardlm", description="Tensor-parallel LLM inference on Ray.", epilog=EXIT_STATUS, formatter_class=raw
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     gen = sub.add_parser(
-        "generate", help="start an engine and complete prompts", description="Start an engine and complete prompts.",
-        epilog=SAMPLING_EPILOG.format(max_tokens=16) + "\n\n" + EXIT_STATUS, formatter_class=raw,
+        "generate",
+        help="start an engine and complete prompts",
+        description="Start an engine and complete prompts.",
+        epilog=SAMPLING_EPILOG.format(max_tokens=16) + "\n\n" + EXIT_STATUS,
+        formatter_class=raw,
     )
     gen.add_argument(
-        "prompts", nargs="*",
+        "prompts",
+        nargs="*",
         help=f"prompts; '-' reads stdin, one prompt a line. With no prompts and no --prompts-file: stdin when it is "
         f"a pipe or a file, else {DEFAULT_PROMPT!r}",
     )
-    gen.add_argument("--prompts-file", default=None, help='one prompt a line; in a .jsonl file, {"prompt": ...} or a JSON string a line')
+    gen.add_argument(
+        "--prompts-file", default=None, help='one prompt a line; in a .jsonl file, {"prompt": ...} or a JSON string a line'
+    )
     add_sampling_args(gen, max_tokens="the model's max_new_tokens, else 16")
     gen.add_argument("--json", action="store_true", help="print machine-readable JSON")
     add_engine_args(gen)
 
     chat = sub.add_parser(
-        "chat", help="talk with the model through its chat template, a reply streamed as it is generated",
+        "chat",
+        help="talk with the model through its chat template, a reply streamed as it is generated",
         description="Talk with the model through its chat template, a reply streamed as it is generated.",
-        epilog=SAMPLING_EPILOG.format(max_tokens=CHAT_MAX_TOKENS) + "\n\n" + EXIT_STATUS, formatter_class=raw,
+        epilog=SAMPLING_EPILOG.format(max_tokens=CHAT_MAX_TOKENS) + "\n\n" + EXIT_STATUS,
+        formatter_class=raw,
     )
-    chat.add_argument("--message", default=None, help="answer this one message and exit (default: read a message a line until /exit or EOF)")
+    chat.add_argument(
+        "--message", default=None, help="answer this one message and exit (default: read a message a line until /exit or EOF)"
+    )
     chat.add_argument("--system", default=None, help="a system prompt at the start of the conversation")
     add_sampling_args(chat, max_tokens=f"the model's max_new_tokens, else {CHAT_MAX_TOKENS}")
     add_engine_args(chat)
 
     srv = sub.add_parser(
-        "serve", help="serve OpenAI's completions and chat completions API (Ray Serve) until Ctrl-C",
-        epilog=EXIT_STATUS, formatter_class=raw,
+        "serve",
+        help="serve OpenAI's completions and chat completions API (Ray Serve) until Ctrl-C",
+        epilog=EXIT_STATUS,
+        formatter_class=raw,
     )
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     srv.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
-    srv.add_argument("--served-model-name", default=None, help="the name clients give as `model` (default: --model as given, or the default model's name)")
+    srv.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the name clients give as `model` (default: --model as given, or the default model's name)",
+    )
     srv.add_argument("--num-replicas", type=int, default=1, help="engines serving it, each with its own ranks (default: 1)")
     add_engine_args(srv)
 
     plan = sub.add_parser(
-        "plan", help="does it fit? weights and KV capacity per rank, from the model's config alone: no weights, no GPU",
+        "plan",
+        help="does it fit? weights and KV capacity per rank, from the model's config alone: no weights, no GPU",
         description="Does it fit? Weights, KV bytes per token and KV capacity per rank, from the model's config alone.",
-        epilog=PLAN_EPILOG, formatter_class=raw,
+        epilog=PLAN_EPILOG,
+        formatter_class=raw,
     )
     plan.add_argument(
-        "--gpu-memory", type=memory_size, default=None,
+        "--gpu-memory",
+        type=memory_size,
+        default=None,
         help="memory of each GPU, with its unit: 80GiB, 80GB, 81920MiB (or give --kv-cache-memory-bytes)",
     )
     plan.add_argument(
@@ -269,8 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(plan)
 
     save = sub.add_parser(
-        "save-sharded", help="write each rank's final tensors (sharded_state) for fast later starts",
-        epilog=EXIT_STATUS, formatter_class=raw,
+        "save-sharded",
+        help="write each rank's final tensors (sharded_state) for fast later starts",
+        epilog=EXIT_STATUS,
+        formatter_class=raw,
     )
     save.add_argument("output", help="the folder to write: model-rank-R-part-P.safetensors, config, tokenizer, manifest")
     save.add_argument("--max-size", type=byte_count, default=None, help="the most bytes per file, e.g. 2GiB (default: 5GiB)")
@@ -280,11 +317,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
     load = bench_sub.add_parser("load", help="load time and peak memory against from_pretrained")
     load.add_argument("--model", required=True, help="a checkpoint folder or .gguf file")
-    load.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="the dtype both load in (default: float32)")
+    load.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="the dtype both load in (default: float32)"
+    )
     load.add_argument("--repeat", type=int, default=1, help="runs of each; the best is shown")
     load.add_argument("-tp", "--tensor-parallel-size", type=int, default=1, help="ranks, each loading in its own process")
     load.add_argument(
-        "--safetensors-load-strategy", default="auto", choices=["auto", "page_cache", "direct"],
+        "--safetensors-load-strategy",
+        default="auto",
+        choices=["auto", "page_cache", "direct"],
         help="how shardlm's ranks read the files, as for the engine (default: auto)",
     )
     load.add_argument("--engine", action="store_true", help="also time one whole LLM(...) start, phase by phase")
@@ -306,10 +347,15 @@ def build_parser() -> argparse.ArgumentParser:
     tput.add_argument("--num-prompts", type=int, default=64, help="random prompts, all submitted at once (default: 64)")
     tput.add_argument("--input-len", type=int, default=32, help="prompt length (the shortest, with --input-len-max)")
     tput.add_argument("--input-len-max", type=int, default=None, help="draw prompt lengths from [input-len, this]")
-    tput.add_argument("--output-len", type=int, default=64, help="new tokens per prompt (the most, with --output-len-min; default: 64)")
-    tput.add_argument("--output-len-min", type=int, default=None, help="draw each request's output length from [this, output-len]")
     tput.add_argument(
-        "--mixed", action="store_true",
+        "--output-len", type=int, default=64, help="new tokens per prompt (the most, with --output-len-min; default: 64)"
+    )
+    tput.add_argument(
+        "--output-len-min", type=int, default=None, help="draw each request's output length from [this, output-len]"
+    )
+    tput.add_argument(
+        "--mixed",
+        action="store_true",
         help="a mixed workload: prompt and output lengths drawn per request (--input-len-max default: 4 x input-len, "
         "--output-len-min default: output-len / 8); transformers runs one padded batch to the longest output, "
         "and only the requested tokens count",
@@ -327,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--repeat", type=int, default=3, help="runs of each timing; the best is shown (default: 3)")
     lat.add_argument("--bench-seed", type=int, default=0, help="seed of the random prompts")
     lat.add_argument(
-        "--tiny", action="store_true",
+        "--tiny",
+        action="store_true",
         help="issue 11's tiny Llama (hidden 64, 2 layers, dummy weights) written to a temporary folder: the step's "
         "overhead alone (instead of --model)",
     )
@@ -342,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def open_llm(ns: argparse.Namespace) -> "LLM":
+def open_llm(ns: argparse.Namespace) -> LLM:
     """The engine a command asked for, with progress bars unless --quiet."""
     from driver.entrypoints.llm import LLM
 
@@ -362,7 +409,7 @@ def typed_sampling(ns: argparse.Namespace) -> dict[str, Any]:
     return typed
 
 
-def sampling_params_from(llm: "LLM", typed: dict[str, Any], fallback: dict[str, Any] | None = None) -> "SamplingParams | None":
+def sampling_params_from(llm: LLM, typed: dict[str, Any], fallback: dict[str, Any] | None = None) -> SamplingParams | None:
     """What to pass to `llm.generate`: None when no sampling flag was typed and the command has
     no defaults of its own, so that the engine applies its defaults; else the typed flags over
     the model's defaults (`llm.generation_defaults`: its generation_config.json, unless
@@ -382,8 +429,15 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         outputs = llm.generate(prompts, sampling_params_from(llm, typed), use_tqdm=not ns.quiet)
         report = llm.load_report
     if ns.json:
-        texts = [{"prompt": p, "text": o.outputs[0].text, "token_ids": o.outputs[0].token_ids,
-                  "finish_reason": o.outputs[0].finish_reason} for p, o in zip(prompts, outputs)]
+        texts = [
+            {
+                "prompt": p,
+                "text": o.outputs[0].text,
+                "token_ids": o.outputs[0].token_ids,
+                "finish_reason": o.outputs[0].finish_reason,
+            }
+            for p, o in zip(prompts, outputs)
+        ]
         print(json.dumps({"load_report": json.loads(report.to_json()), "outputs": texts}))
         return 0
     if not ns.quiet:
@@ -449,7 +503,9 @@ def stdin_prompts(required: bool) -> list[str]:
     except (OSError, ValueError):  # closed, or captured (pytest)
         prompts = []
     if required and not prompts:
-        raise PromptsError("'-' reads prompts from stdin, one a line, but stdin gave none; e.g. echo 'Hello' | shardlm generate -")
+        raise PromptsError(
+            "'-' reads prompts from stdin, one a line, but stdin gave none; e.g. echo 'Hello' | shardlm generate -"
+        )
     return prompts
 
 
@@ -484,7 +540,9 @@ def cmd_chat(ns: argparse.Namespace) -> int:
             return 0
         interactive = stdin_is_terminal()
         if interactive and not ns.quiet:
-            print(f"chatting with {llm.config.model.model or 'the embedded default model'}; /exit or Ctrl-D ends", file=sys.stderr)
+            print(
+                f"chatting with {llm.config.model.model or 'the embedded default model'}; /exit or Ctrl-D ends", file=sys.stderr
+            )
         try:
             while (message := read_message(interactive)) is not None and message.strip() not in EXIT_COMMANDS:
                 if message.strip():
@@ -507,7 +565,7 @@ def read_message(interactive: bool) -> str | None:
     return line.rstrip("\n") if line else None
 
 
-def stream_reply(llm: "LLM", messages: list[dict], params: "SamplingParams") -> str:
+def stream_reply(llm: LLM, messages: list[dict], params: SamplingParams) -> str:
     """Print the reply to `messages` as it is generated; return its whole text. Interrupting it
     aborts the request (the engine stays usable)."""
     shown = final = ""
@@ -515,10 +573,10 @@ def stream_reply(llm: "LLM", messages: list[dict], params: "SamplingParams") -> 
         for output in outputs:
             final = output.outputs[0].text
             if final.startswith(shown):
-                sys.stdout.write(final[len(shown):])
+                sys.stdout.write(final[len(shown) :])
                 sys.stdout.flush()
                 shown = final
-    print(final[len(shown):] if final.startswith(shown) else "")
+    print(final[len(shown) :] if final.startswith(shown) else "")
     return final
 
 
@@ -542,8 +600,7 @@ def cmd_plan(ns: argparse.Namespace) -> int:
         fits = [s for s in result.suggestions if "tensor_parallel_size" in s.changes]
         raise ConfigError(
             f"tensor_parallel_size={args.tensor_parallel_size} does not split the model: {result.problem} "
-            f"It splits into {', '.join(map(str, result.split_sizes))} ranks"
-            + (f"; use {fits[0].format()}" if fits else ""),
+            f"It splits into {', '.join(map(str, result.split_sizes))} ranks" + (f"; use {fits[0].format()}" if fits else ""),
             field="tensor_parallel_size",
         )
     if not ns.json:
@@ -569,7 +626,12 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     from driver.entrypoints.bench.throughput import bench_load, format_bench_load
 
     results = bench_load(
-        ns.model, ns.dtype, ns.repeat, ns.tensor_parallel_size, ns.safetensors_load_strategy, engine=ns.engine,
+        ns.model,
+        ns.dtype,
+        ns.repeat,
+        ns.tensor_parallel_size,
+        ns.safetensors_load_strategy,
+        engine=ns.engine,
     )
     print(json.dumps(results) if ns.json else format_bench_load(ns.model, ns.dtype, results))
     return 0
@@ -629,7 +691,11 @@ def cmd_bench_throughput(ns: argparse.Namespace) -> int:
         f"{ns.num_prompts} prompts x {bench.span(lengths)} tokens, {bench.span(out_lengths)} new tokens each"
     )
     if ns.json:
-        print(json.dumps({"setup": setup, "shardlm": ours, "transformers": theirs, "ratio": ours["tokens_per_s"] / theirs["tokens_per_s"]}))
+        print(
+            json.dumps(
+                {"setup": setup, "shardlm": ours, "transformers": theirs, "ratio": ours["tokens_per_s"] / theirs["tokens_per_s"]}
+            )
+        )
     else:
         print(bench.format_throughput(setup, ours, theirs))
     return 0
@@ -664,8 +730,13 @@ def _freeze_objects() -> None:
 
 
 COMMANDS = {
-    "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "plan": cmd_plan, "bench": cmd_bench,
-    "save-sharded": cmd_save_sharded, "download": cmd_download,
+    "generate": cmd_generate,
+    "chat": cmd_chat,
+    "serve": cmd_serve,
+    "plan": cmd_plan,
+    "bench": cmd_bench,
+    "save-sharded": cmd_save_sharded,
+    "download": cmd_download,
 }
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from parallel.errors import ConfigError
-
 from workers.model_files import LOAD_FORMATS as START_FORMATS
 
 if TYPE_CHECKING:
@@ -20,7 +19,7 @@ LOAD_FORMATS = tuple(f for f in START_FORMATS if f != "gguf")
 """What a download can fetch: a repo's GGUF files are not what a start of a repo id reads."""
 
 
-def download(model: str, revision: str | None = None, download_dir: str | None = None, load_format: str = "auto") -> "ModelFiles":
+def download(model: str, revision: str | None = None, download_dir: str | None = None, load_format: str = "auto") -> ModelFiles:
     """Fetch `model` (a Hub repo id) at `revision` as a start would; where it landed."""
     from workers.model_files import find_model
 
@@ -35,13 +34,19 @@ def add_download_parser(sub: argparse._SubParsersAction, epilog: str, formatter:
     parser = sub.add_parser(
         "download",
         help="fetch what a start of MODEL needs (config, tokenizer, one weight format) into the Hugging Face cache",
-        description=__doc__, epilog=epilog, formatter_class=formatter,
+        description=__doc__,
+        epilog=epilog,
+        formatter_class=formatter,
     )
     parser.add_argument("model", metavar="MODEL", help="a Hugging Face repo id, e.g. HuggingFaceTB/SmolLM2-135M-Instruct")
     parser.add_argument("--revision", default=None, help="a branch, tag or commit (default: main)")
-    parser.add_argument("--download-dir", default=None, help="the Hugging Face cache folder (default: huggingface_hub's, HF_HUB_CACHE)")
     parser.add_argument(
-        "--load-format", default="auto", choices=LOAD_FORMATS,
+        "--download-dir", default=None, help="the Hugging Face cache folder (default: huggingface_hub's, HF_HUB_CACHE)"
+    )
+    parser.add_argument(
+        "--load-format",
+        default="auto",
+        choices=LOAD_FORMATS,
         help="which weights: auto (safetensors where the repo has them, else .bin/.pt), safetensors, pt, sharded_state, "
         "or dummy (config and tokenizer only)",
     )

@@ -12,15 +12,16 @@ import contextlib
 import itertools
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Iterator, Sequence, Union
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Union
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from cluster.connect import actor_env, connect, runtime_env_options, shutdown_local_cluster
-from driver.entrypoints import preflight
 from driver.config.generation_defaults import GenerationDefaults, load_generation_defaults, sampling_params_with_defaults
 from driver.engine.outputs import RequestOutput
+from driver.entrypoints import preflight
 from parallel.errors import EngineDeadError, ShardLMError
 from workers.sampling_params import SamplingParams
 
@@ -74,8 +75,11 @@ class LLM:
         self.generation_defaults: GenerationDefaults = load_generation_defaults(args.generation_config, self.config.model)
         logger.info(
             "starting an engine: %s, tensor_parallel_size=%d, %s on %s, max_model_len=%d",
-            self.config.model.model or "the embedded default", args.tensor_parallel_size, self.config.model.dtype,
-            self.config.model.device, self.config.model.max_model_len,
+            self.config.model.model or "the embedded default",
+            args.tensor_parallel_size,
+            self.config.model.dtype,
+            self.config.model.device,
+            self.config.model.max_model_len,
         )
         self.load_report: LoadReport = self._start(placement_strategy, placement_timeout_s)
         download = found[0].download_seconds
@@ -85,7 +89,9 @@ class LLM:
         self.load_report.generation_defaults = self.generation_defaults
         logger.info(
             "engine ready in %.1f s: %d KV-cache blocks of %d tokens per rank",
-            sum(self.load_report.phases.values()), self.load_report.num_blocks, self.load_report.block_size,
+            sum(self.load_report.phases.values()),
+            self.load_report.num_blocks,
+            self.load_report.block_size,
         )
 
     def _start(self, placement_strategy: str, placement_timeout_s: float) -> LoadReport:
@@ -189,9 +195,7 @@ class LLM:
     def _render_chat(
         self, conversations: list[list[dict]], chat_template: str | None, add_generation_prompt: bool, kwargs: dict | None
     ) -> list[list[int]]:
-        return _result(
-            self._live_engine().render_chat.remote(conversations, chat_template, add_generation_prompt, kwargs or {})
-        )
+        return _result(self._live_engine().render_chat.remote(conversations, chat_template, add_generation_prompt, kwargs or {}))
 
     def stream(
         self, prompts: PromptInput, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
@@ -254,7 +258,8 @@ class LLM:
                     generated += sum(len(c.token_ids) for c in out.outputs)
                 seconds = max(1e-9, time.perf_counter() - started)
                 bar.set_postfix_str(
-                    f"est. speed input: {prompt_tokens / seconds:.1f} toks/s, output: {generated / seconds:.1f} toks/s", refresh=False
+                    f"est. speed input: {prompt_tokens / seconds:.1f} toks/s, output: {generated / seconds:.1f} toks/s",
+                    refresh=False,
                 )
                 bar.update(len(finished))
         return [done[rid] for rid in request_ids]
@@ -297,7 +302,7 @@ class LLM:
             logger.info("engine shutdown: %s", exc)
         self._kill_engine()
 
-    def __enter__(self) -> "LLM":
+    def __enter__(self) -> LLM:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -354,8 +359,8 @@ def discover_and_connect(
 def _discover(model: str | None, engine_args: dict[str, Any]) -> tuple[EngineArgs, tuple[ModelFiles, Any, Any], float]:
     """Validate the arguments, find the model and check its parallel layout (after importing
     what that and the engine need); the seconds it took, the imports left out."""
-    from driver.config.args import EngineArgs
     import driver.engine.actor  # noqa: F401  (needed next; imported here, beside Ray's start)
+    from driver.config.args import EngineArgs
 
     started = time.perf_counter()
     args = EngineArgs(model=model, **engine_args)

@@ -13,13 +13,14 @@ import logging
 import re
 import time
 import uuid
-from typing import Annotated, Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
 
 import msgspec
 
-from driver.entrypoints.async_engine import AsyncEngine, Prompt, RequestStream
 from driver.config.generation_defaults import GenerationDefaults, sampling_params_with_defaults
 from driver.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from driver.entrypoints.async_engine import AsyncEngine, Prompt, RequestStream
 from parallel.errors import EngineAsleepError, EngineDeadError
 from workers.sampling_params import SamplingParams
 
@@ -32,7 +33,9 @@ Seed = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 class OpenAIError(Exception):
     """An error to answer with `status` and OpenAI's error body."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error", code: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error", code: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
 
@@ -73,8 +76,21 @@ class _Request(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 SAMPLING_FIELDS = (
-    "n", "temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty", "top_k", "min_p",
-    "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "skip_special_tokens", "include_stop_str_in_output",
+    "n",
+    "temperature",
+    "top_p",
+    "stop",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "min_tokens",
+    "ignore_eos",
+    "stop_token_ids",
+    "skip_special_tokens",
+    "include_stop_str_in_output",
 )
 """Request fields that are SamplingParams fields of the same name and meaning (None: not set, the
 model's default or else SamplingParams' own)."""
@@ -190,7 +206,13 @@ class OpenAIServing:
         self.created = int(time.time())
 
     def models(self) -> dict[str, Any]:
-        card = {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "shardlm", "max_model_len": self.max_model_len}
+        card = {
+            "id": self.model_id,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "shardlm",
+            "max_model_len": self.max_model_len,
+        }
         return {"object": "list", "data": [card]}
 
     async def completions(self, body: bytes) -> dict[str, Any] | AsyncIterator[bytes]:
@@ -226,7 +248,9 @@ class OpenAIServing:
         params = sampling_params(request, self.defaults, fallback, **fields)
         beyond = [t for t in params.stop_token_ids if t >= self.vocab_size]
         if beyond:  # the sampler would index its logits with them, and fail the engine
-            raise OpenAIError(400, f"stop_token_ids must be below the vocabulary size, {self.vocab_size}: got {beyond}", param="stop_token_ids")
+            raise OpenAIError(
+                400, f"stop_token_ids must be below the vocabulary size, {self.vocab_size}: got {beyond}", param="stop_token_ids"
+            )
         return params
 
     async def _submit(self, prompts: list[Prompt], params: SamplingParams, reply_id: str, field: str) -> RequestStream:
@@ -243,13 +267,18 @@ class OpenAIServing:
         except EngineDeadError:
             raise
         except Exception as exc:  # the template refused these messages (roles out of order, ...)
-            raise OpenAIError(400, f"the messages cannot be rendered with the model's chat template: {exc}", param="messages") from None
+            raise OpenAIError(
+                400, f"the messages cannot be rendered with the model's chat template: {exc}", param="messages"
+            ) from None
         return rendered[0]
 
     def _check_model(self, model: str) -> None:
         if model != self.model_id:
             raise OpenAIError(
-                404, f"The model `{model}` does not exist; this server serves `{self.model_id}`", param="model", code="model_not_found"
+                404,
+                f"The model `{model}` does not exist; this server serves `{self.model_id}`",
+                param="model",
+                code="model_not_found",
             )
 
 
@@ -289,7 +318,9 @@ class _Reply:
             self.stream.close()
         outputs = [final[rid] for rid in self.stream.request_ids]
         choices = [
-            choice(self._index(out, c), c.text, c.finish_reason, self._logprobs(c, 0, 0), False) for out in outputs for c in out.outputs
+            choice(self._index(out, c), c.text, c.finish_reason, self._logprobs(c, 0, 0), False)
+            for out in outputs
+            for c in out.outputs
         ]
         return self._envelope(self.kind, choices, _usage(outputs))
 

@@ -120,7 +120,9 @@ def activation_estimate(config: EngineConfig) -> int:
     copies), this rank's q/k/v and gate/up outputs, plus float32 logits for the sampled rows."""
     arch, tp = config.model.arch, config.parallel.tensor_parallel_size
     itemsize = _itemsize(config.model.dtype)
-    per_token = 4 * arch.hidden_size + (arch.num_heads + 2 * arch.num_kv_heads) * arch.head_dim // tp + 3 * arch.intermediate_size // tp
+    per_token = (
+        4 * arch.hidden_size + (arch.num_heads + 2 * arch.num_kv_heads) * arch.head_dim // tp + 3 * arch.intermediate_size // tp
+    )
     logits = config.scheduler.max_num_seqs * arch.vocab_size * 4
     return config.scheduler.max_num_batched_tokens * per_token * itemsize + logits
 
@@ -172,8 +174,12 @@ def _plan(args: EngineArgs, found: Found, device: str, gpu_memory: int | None, c
     config = _engine_config(args, found, device, capability)
     arch, tp = config.model.arch, args.tensor_parallel_size
     base = dict(
-        model=config.model.model or f"default ({config.model.gguf_file})", architecture=arch.architecture,
-        tensor_parallel_size=tp, dtype=config.model.dtype, device=device, block_size=config.cache.block_size,
+        model=config.model.model or f"default ({config.model.gguf_file})",
+        architecture=arch.architecture,
+        tensor_parallel_size=tp,
+        dtype=config.model.dtype,
+        device=device,
+        block_size=config.cache.block_size,
         quantization=config.model.quantization.method if config.model.quantization else None,
         kv_cache_dtype=config.cache.kv_cache_dtype,
         max_model_len=config.model.max_model_len,
@@ -193,10 +199,17 @@ def _plan(args: EngineArgs, found: Found, device: str, gpu_memory: int | None, c
     needed = (-(-max_len // config.cache.block_size) + NULL_BLOCKS) * block_bytes
     short = needed - budget if capacity < max_len else 0
     return Plan(
-        **base, valid=True, problem=_shortfall(config, weights, gpu_memory, needed, short, capacity) if short else None,
-        weight_bytes_per_rank=weights, kv_bytes_per_token_per_rank=kv_bytes_per_token(config, tp),
-        kv_budget_bytes_per_rank=max(0, budget), kv_budget=how, num_blocks=blocks, token_capacity=capacity,
-        max_len_sequences=capacity // max_len, shortfall_bytes_per_rank=short,
+        **base,
+        valid=True,
+        problem=_shortfall(config, weights, gpu_memory, needed, short, capacity) if short else None,
+        weight_bytes_per_rank=weights,
+        kv_bytes_per_token_per_rank=kv_bytes_per_token(config, tp),
+        kv_budget_bytes_per_rank=max(0, budget),
+        kv_budget=how,
+        num_blocks=blocks,
+        token_capacity=capacity,
+        max_len_sequences=capacity // max_len,
+        shortfall_bytes_per_rank=short,
     )
 
 
@@ -278,7 +291,9 @@ def _alternatives(
     for tp in _divisors(found[2].num_heads):
         if tp != args.tensor_parallel_size:
             if (fit := _try(args, found, device, gpu_memory, capability, tensor_parallel_size=tp)) is not None:
-                suggestions.append(Suggestion(changes={"tensor_parallel_size": tp}, detail=_describe(fit, "the smallest that fits")))
+                suggestions.append(
+                    Suggestion(changes={"tensor_parallel_size": tp}, detail=_describe(fit, "the smallest that fits"))
+                )
                 break
     if not result.valid:
         return suggestions
@@ -296,7 +311,9 @@ def _alternatives(
     return suggestions
 
 
-def _try(args: EngineArgs, found: Found, device: str, gpu_memory: int | None, capability: tuple[int, int], **changes: Any) -> Plan | None:
+def _try(
+    args: EngineArgs, found: Found, device: str, gpu_memory: int | None, capability: tuple[int, int], **changes: Any
+) -> Plan | None:
     """The plan with `changes`, where it fits."""
     try:
         fit = _plan(dataclasses.replace(args, **changes), found, device, gpu_memory, capability)

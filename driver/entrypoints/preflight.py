@@ -28,7 +28,10 @@ def check_local_model(model: str | None, engine_args: dict[str, Any]) -> None:
     if model is not None and not isinstance(model, str):
         return  # EngineArgs says what it takes
     looks_local = (
-        not model or Path(model).expanduser().exists() or model.endswith(".gguf") or model.startswith(("/", ".", "~"))
+        not model
+        or Path(model).expanduser().exists()
+        or model.endswith(".gguf")
+        or model.startswith(("/", ".", "~"))
         or model.count("/") > 1
     )
     if looks_local:
@@ -85,7 +88,9 @@ def config_max_len(files: ModelFiles) -> int | None:
     if not isinstance(cfg, dict):
         return None
     names = cfg.get("architectures") or []
-    architecture = next((n for n in names if n in MODEL_TYPES.values()), None if names else MODEL_TYPES.get(cfg.get("model_type")))
+    architecture = next(
+        (n for n in names if n in MODEL_TYPES.values()), None if names else MODEL_TYPES.get(cfg.get("model_type"))
+    )
     limit = position_limit(cfg)
     if architecture is None or limit is None:
         return None

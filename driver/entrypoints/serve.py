@@ -28,15 +28,22 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from ray import serve
 
-from cluster.connect import cluster_device, connect, forwarded_env, shutdown_local_cluster, started_local_cluster, worker_logs_muted
+from cluster.connect import (
+    cluster_device,
+    connect,
+    forwarded_env,
+    shutdown_local_cluster,
+    started_local_cluster,
+    worker_logs_muted,
+)
 from cluster.logs import ROOT, quiet_ray_loggers, ray_level
 from cluster.placement import STRATEGIES, rank_bundle
 from driver.config.args import EngineArgs
-from driver.entrypoints.async_engine import AsyncEngine, StartingEngine
 from driver.config.generation_defaults import load_generation_defaults
-from driver.entrypoints.openai_api import OpenAIError, OpenAIServing, error_response
 from driver.engine.progress import StartProgress
 from driver.engine.report import LoadReport
+from driver.entrypoints.async_engine import AsyncEngine, StartingEngine
+from driver.entrypoints.openai_api import OpenAIError, OpenAIServing, error_response
 from parallel.errors import ConfigError, EngineAsleepError, EngineDeadError, ShardLMError
 from workers.model_files import DEFAULT_MODEL_NAME
 
@@ -112,7 +119,9 @@ class LLMConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields
             raise ConfigError(f"engine argument: {exc}") from None
         args.validate()
         if self.placement_group_config.strategy not in STRATEGIES:
-            raise ConfigError(f"placement strategy {self.placement_group_config.strategy!r} is not one of {', '.join(STRATEGIES)}")
+            raise ConfigError(
+                f"placement strategy {self.placement_group_config.strategy!r} is not one of {', '.join(STRATEGIES)}"
+            )
         return args
 
     def served_model_id(self) -> str:
@@ -280,7 +289,9 @@ class OpenAIServer:
         starting = self.starting
         progress = await asyncio.to_thread(starting.progress) if starting.error is None else None
         report = starting.engine.load_report if starting.engine is not None else None
-        return StartStatus(replica=serve.get_replica_context().replica_id.unique_id, progress=progress, report=report, error=starting.error)
+        return StartStatus(
+            replica=serve.get_replica_context().replica_id.unique_id, progress=progress, report=report, error=starting.error
+        )
 
     def check_health(self) -> None:
         """Serve's periodic check: a replica whose engine failed to start, or died, is replaced
@@ -404,7 +415,9 @@ def run_server(
     shardlm logs above INFO, as under -q).
     """
     kwargs = engine_args.non_default_kwargs()
-    loading = ModelLoadingConfig(model_id=model_id, model_source=kwargs.pop("model", None), tokenizer_source=kwargs.pop("tokenizer", None))
+    loading = ModelLoadingConfig(
+        model_id=model_id, model_source=kwargs.pop("model", None), tokenizer_source=kwargs.pop("tokenizer", None)
+    )
     config = LLMConfig(
         model_loading_config=loading,
         engine_kwargs=kwargs,

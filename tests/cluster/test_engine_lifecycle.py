@@ -70,19 +70,26 @@ def test_a_rank_failing_to_load_fails_llm_promptly_and_releases_everything(ray_c
 
 def test_placement_that_cannot_be_met_names_the_resources(ray_cluster, tiny_checkpoint) -> None:
     folder, _ = tiny_checkpoint("llama_8h4kv")
-    with pytest.raises(ClusterError, match=r"could not place 8 bundle\(s\) of \{'CPU': 1\.0\} \(PACK\).*it has CPU 4.* in all.*ray status"):
+    with pytest.raises(
+        ClusterError, match=r"could not place 8 bundle\(s\) of \{'CPU': 1\.0\} \(PACK\).*it has CPU 4.* in all.*ray status"
+    ):
         LLM(str(folder), tensor_parallel_size=8, placement_timeout_s=2, **dict(SMALL, num_gpu_blocks_override=64))
     assert not live_groups()
 
 
 def test_no_room_for_one_block(ray_cluster, tiny_checkpoint) -> None:
     folder, _ = tiny_checkpoint("llama_8h4kv")
-    with pytest.raises(InsufficientMemory, match=r"no room for the KV cache on rank [01]: it can give 100 bytes .* the null block and one more take 8192 bytes"):
+    with pytest.raises(
+        InsufficientMemory,
+        match=r"no room for the KV cache on rank [01]: it can give 100 bytes .* the null block and one more take 8192 bytes",
+    ):
         LLM(str(folder), tensor_parallel_size=2, **dict(SMALL, kv_cache_memory_bytes=100))
     assert not live_groups()
 
 
-def test_a_dead_worker_ends_the_engine_and_another_model_starts_in_the_same_process(ray_cluster, tiny_checkpoint, tmp_path) -> None:
+def test_a_dead_worker_ends_the_engine_and_another_model_starts_in_the_same_process(
+    ray_cluster, tiny_checkpoint, tmp_path
+) -> None:
     import ray
 
     from driver import EngineDeadError, SamplingParams
@@ -122,7 +129,9 @@ def test_a_dead_worker_ends_the_engine_and_another_model_starts_in_the_same_proc
 def _greedy(llm) -> list[list[int]]:
     from driver import SamplingParams
 
-    outputs = llm.generate([[1, 2, 3], [7, 8, 9, 10, 11]], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
+    outputs = llm.generate(
+        [[1, 2, 3], [7, 8, 9, 10, 11]], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False
+    )
     return [list(o.outputs[0].token_ids) for o in outputs]
 
 
@@ -139,4 +148,3 @@ def _sleep_and_wake(llm, before: list[list[int]]) -> None:
         llm.wake_up()
         assert _greedy(llm) == before
     assert llm.load_report.phases["wake"] > 0
-

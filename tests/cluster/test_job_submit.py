@@ -18,8 +18,8 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import psutil
 import pytest
@@ -30,8 +30,14 @@ from tests.helpers import greedy_ids, with_byte_tokenizer
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
 PORT_FLAGS = (
-    "--port", "--dashboard-port", "--ray-client-server-port", "--dashboard-agent-listen-port",
-    "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port", "--node-manager-port",
+    "--port",
+    "--dashboard-port",
+    "--ray-client-server-port",
+    "--dashboard-agent-listen-port",
+    "--dashboard-agent-grpc-port",
+    "--runtime-env-agent-port",
+    "--metrics-export-port",
+    "--node-manager-port",
     "--object-manager-port",
 )
 
@@ -105,8 +111,21 @@ def head_node() -> Iterator[tuple[str, Path]]:
     """(the dashboard's URL, the head node's temp dir)."""
     temp_dir = Path(tempfile.mkdtemp(prefix="shardlm-ray-", dir="/tmp"))  # short: socket paths have a limit
     ports = free_ports(len(PORT_FLAGS))
-    command = [RAY, "start", "--head", "--block", "--num-cpus", "4", "--include-dashboard", "true",
-               "--dashboard-host", "127.0.0.1", "--temp-dir", str(temp_dir), "--disable-usage-stats"]
+    command = [
+        RAY,
+        "start",
+        "--head",
+        "--block",
+        "--num-cpus",
+        "4",
+        "--include-dashboard",
+        "true",
+        "--dashboard-host",
+        "127.0.0.1",
+        "--temp-dir",
+        str(temp_dir),
+        "--disable-usage-stats",
+    ]
     command += [str(x) for flag, port in zip(PORT_FLAGS, ports) for x in (flag, port)]
     log = temp_dir / "ray-start.log"
     with open(log, "w") as out:
@@ -124,12 +143,33 @@ def test_generate_runs_as_a_ray_job_from_the_working_dir(head_node, tiny_checkpo
     url, temp_dir = head_node
     checkpoint, hf = tiny_checkpoint("llama")
     model = with_byte_tokenizer(checkpoint, tmp_path / "model")
-    generate = ["python", "-m", "driver", "generate", "--model", str(model), "-tp", "2", "--temperature", "0",
-                "--max-tokens", "4", "--max-num-batched-tokens", "256", "--kv-cache-memory-bytes", str(4 * 2**20),
-                "--json", "Hello"]
+    generate = [
+        "python",
+        "-m",
+        "driver",
+        "generate",
+        "--model",
+        str(model),
+        "-tp",
+        "2",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "4",
+        "--max-num-batched-tokens",
+        "256",
+        "--kv-cache-memory-bytes",
+        str(4 * 2**20),
+        "--json",
+        "Hello",
+    ]
     done = subprocess.run(
         [RAY, "job", "submit", "--address", url, "--working-dir", ".", "--", *generate],
-        cwd=REPO, env=cluster_env(), capture_output=True, text=True, timeout=150,
+        cwd=REPO,
+        env=cluster_env(),
+        capture_output=True,
+        text=True,
+        timeout=150,
     )
     assert done.returncode == 0 and "succeeded" in done.stdout + done.stderr, done.stdout[-4000:] + done.stderr[-2000:]
     result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith('{"load_report"')))
@@ -140,5 +180,5 @@ def test_generate_runs_as_a_ray_job_from_the_working_dir(head_node, tiny_checkpo
     assert "Loading weights: 100%" in done.stdout  # the bars, drawn by the job's driver process
 
     shipped = [d for d in temp_dir.glob("session_*/runtime_resources/working_dir_files/*") if d.is_dir()]
-    assert shipped and all((d / "driver" / "cli.py").is_file() for d in shipped)
+    assert shipped and all((d / "driver" / "entrypoints" / "cli.py").is_file() for d in shipped)
     assert not any((d / name).exists() for d in shipped for name in (".git", ".venv", ".whl"))

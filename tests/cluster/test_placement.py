@@ -19,15 +19,23 @@ def test_engine_inside_a_placement_group_uses_its_bundles(ray_cluster, tiny_chec
         def logits(self, model: str) -> tuple[list, list[str]]:
             from driver import LLM
 
-            with LLM(model, tensor_parallel_size=2, max_num_batched_tokens=256, kv_cache_memory_bytes=2**22,
-                     device="cpu", skip_tokenizer_init=True) as llm:
+            with LLM(
+                model,
+                tensor_parallel_size=2,
+                max_num_batched_tokens=256,
+                kv_cache_memory_bytes=2**22,
+                device="cpu",
+                skip_tokenizer_init=True,
+            ) as llm:
                 live = [g for g in ray.util.placement_group_table().values() if g["state"] == "CREATED"]
                 return llm.prompt_logits([[1, 2, 3, 4]]), [g["placement_group_id"] for g in live]
 
     group = placement_group([{"CPU": 1}] * 3, strategy="PACK")
     ray.get(group.ready(), timeout=30)
     try:
-        strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)
+        strategy = PlacementGroupSchedulingStrategy(
+            group, placement_group_bundle_index=0, placement_group_capture_child_tasks=True
+        )
         replica = Replica.options(scheduling_strategy=strategy).remote()
         logits, live_groups = ray.get(replica.logits.remote(str(folder)), timeout=300)
         assert live_groups == [group.id.hex()], "no placement group besides the replica's own"

@@ -4,8 +4,6 @@ test_engine_lifecycle.py kills one under the default, the compiled graph)."""
 
 from __future__ import annotations
 
-import pytest
-
 from cluster.worker_group import COMPILED_GRAPH_ENV, compiled_graph_wanted
 from driver import LLM, SamplingParams
 

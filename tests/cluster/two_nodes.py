@@ -32,13 +32,17 @@ def main(folder: str) -> None:
         with LLM(folder, tensor_parallel_size=2, max_num_batched_tokens=256, device="cpu", skip_tokenizer_init=True) as llm:
             ours = llm.prompt_logits(prompts)
             report = llm.load_report
-            print(json.dumps({
-                "max_diff": max(float((a - b).abs().max()) for a, b in zip(ours, refs)),
-                "nodes": report.nodes,
-                "offered": [p.kv_cache_bytes for p in report.memory],
-                "num_blocks": report.num_blocks,
-                "block_bytes": kv_block_bytes(llm.config, 2),
-            }))
+            print(
+                json.dumps(
+                    {
+                        "max_diff": max(float((a - b).abs().max()) for a, b in zip(ours, refs)),
+                        "nodes": report.nodes,
+                        "offered": [p.kv_cache_bytes for p in report.memory],
+                        "num_blocks": report.num_blocks,
+                        "block_bytes": kv_block_bytes(llm.config, 2),
+                    }
+                )
+            )
     finally:
         ray.shutdown()
         cluster.shutdown()

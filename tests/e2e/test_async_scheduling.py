@@ -20,7 +20,9 @@ def test_steps_give_transformers_greedy_tokens(ray_cluster, tiny_checkpoint, tp,
     stop_at = refs[0][5]
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in NEW]
     params[0] = SamplingParams(temperature=0, max_tokens=NEW[0], stop_token_ids=[stop_at])
-    engine = dict(max_num_batched_tokens=64, max_num_seqs=8, max_model_len=96, num_gpu_blocks_override=7, block_size=16, device="cpu")
+    engine = dict(
+        max_num_batched_tokens=64, max_num_seqs=8, max_model_len=96, num_gpu_blocks_override=7, block_size=16, device="cpu"
+    )
     with LLM(str(folder), tensor_parallel_size=tp, skip_tokenizer_init=True, async_scheduling=overlap, **engine) as llm:
         assert llm.config.scheduler.async_scheduling is overlap
         outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from driver import LLM, SamplingParams
-from tests.helpers import SMOLLM2_PROMPTS as PROMPTS, reference_logits
+from tests.helpers import SMOLLM2_PROMPTS as PROMPTS
+from tests.helpers import reference_logits
 
 NEW_TOKENS = 16
 ENGINE = dict(max_model_len=512, max_num_batched_tokens=512, kv_cache_memory_bytes=64 * 2**20, device="cpu")
@@ -109,12 +110,18 @@ def test_stop_strings_stop_tokens_and_lengths(llm, references) -> None:
     tokenizer = llm.get_tokenizer()
     full = tokenizer.decode(references[0], skip_special_tokens=True)  # " Paris.\n\nThe answer is: ..."
     stop = full[8:12]
-    out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=16, stop=[stop, "never seen"]), use_tqdm=False)[0].outputs[0]
+    out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=16, stop=[stop, "never seen"]), use_tqdm=False)[
+        0
+    ].outputs[0]
     assert out.text == full[: full.index(stop)] and out.finish_reason == "stop" and out.stop_reason == stop
-    kept = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=16, stop=stop, include_stop_str_in_output=True), use_tqdm=False)[0]
+    kept = llm.generate(
+        PROMPTS[0], SamplingParams(temperature=0, max_tokens=16, stop=stop, include_stop_str_in_output=True), use_tqdm=False
+    )[0]
     assert kept.outputs[0].text.endswith(stop)
     third = references[0][2]
-    out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=16, stop_token_ids=[third]), use_tqdm=False)[0].outputs[0]
+    out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=16, stop_token_ids=[third]), use_tqdm=False)[
+        0
+    ].outputs[0]
     assert out.token_ids == references[0][:3] and out.finish_reason == "stop" and out.stop_reason == third
     out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)[0].outputs[0]
     assert out.token_ids == references[0][:5] and out.finish_reason == "length"
@@ -164,7 +171,9 @@ def test_chat_uses_the_chat_template(llm, smollm2_reference) -> None:
     with torch.no_grad():
         ref = smollm2_reference[1].generate(torch.tensor([out.prompt_token_ids]), max_new_tokens=12, do_sample=False)
     assert out.outputs[0].token_ids == ref[0, len(out.prompt_token_ids) :].tolist()[: len(out.outputs[0].token_ids)]
-    two = llm.chat([messages, [{"role": "user", "content": "Hello"}]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    two = llm.chat(
+        [messages, [{"role": "user", "content": "Hello"}]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False
+    )
     assert len(two) == 2 and two[0].outputs[0].token_ids == out.outputs[0].token_ids[:4]
 
 

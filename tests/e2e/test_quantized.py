@@ -133,9 +133,10 @@ def test_smollm2_quantized_while_loading_keeps_its_greedy_text(smollm2_gguf, smo
     ours = batched_greedy(loaded.worker, ids, NEW_TOKENS)
     same = sum(mine == ref for mine, ref in zip(ours, reference))
     first = sum(mine[0] == ref[0] for mine, ref in zip(ours, reference))
-    print(f"\nSmolLM2 {method}: first {NEW_TOKENS} greedy tokens equal float32's for {same} of {len(ids)} prompts, first token {first}")
+    print(
+        f"\nSmolLM2 {method}: first {NEW_TOKENS} greedy tokens equal float32's for {same} of {len(ids)} prompts, first token {first}"
+    )
     assert same >= AGREEMENT[method][0] and first >= AGREEMENT[method][1]
     # one byte per weight plus a float32 scale per output channel: half of bfloat16's bytes
     ratio = linear_bytes(loaded.worker.model) / bfloat16_linear_bytes(loaded.worker.model)
     assert 0.5 <= ratio < 0.51
-

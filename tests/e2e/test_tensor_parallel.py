@@ -41,7 +41,9 @@ def test_tiny_llama_logits_match_transformers(ray_cluster, tiny_checkpoint, fami
 
 def check_every_rank_allocates_the_minimum(llm: LLM, tp: int) -> None:
     report = llm.load_report
-    planned = plan(EngineArgs(model=llm.config.model.model, tensor_parallel_size=tp, skip_tokenizer_init=True, **SMALL), device="cpu")
+    planned = plan(
+        EngineArgs(model=llm.config.model.model, tensor_parallel_size=tp, skip_tokenizer_init=True, **SMALL), device="cpu"
+    )
     assert [r.weight_device_bytes for r in report.ranks] == [planned.weight_bytes_per_rank] * tp
     assert (planned.num_blocks, planned.token_capacity) == (report.num_blocks, report.token_capacity)
     block = kv_block_bytes(llm.config, tp)
@@ -54,7 +56,9 @@ def test_smollm2_at_two_ranks_is_refused_before_any_worker_starts(ray_cluster, s
     from ray.util import placement_group_table
 
     before = len(placement_group_table())
-    with pytest.raises(ConfigError, match=r"^Total number of attention heads \(9\) must be divisible by tensor parallel size \(2\)\.$"):
+    with pytest.raises(
+        ConfigError, match=r"^Total number of attention heads \(9\) must be divisible by tensor parallel size \(2\)\.$"
+    ):
         LLM(str(smollm2_gguf), tensor_parallel_size=2, **SMOLLM2)
     assert len(placement_group_table()) == before
 
@@ -73,5 +77,7 @@ def test_block_override_and_a_pool_too_small_for_max_model_len(ray_cluster, tiny
     folder, _ = tiny_checkpoint("llama_8h4kv")
     with LLM(str(folder), skip_tokenizer_init=True, num_gpu_blocks_override=20, **SMALL) as llm:
         assert llm.load_report.num_blocks == 20
-    with pytest.raises(ConfigError, match=r"max_model_len=256 does not fit .* holds 4 blocks of 16 tokens = 64 tokens\. Set max_model_len <= 64"):
+    with pytest.raises(
+        ConfigError, match=r"max_model_len=256 does not fit .* holds 4 blocks of 16 tokens = 64 tokens\. Set max_model_len <= 64"
+    ):
         LLM(str(folder), skip_tokenizer_init=True, num_gpu_blocks_override=4, **SMALL)

@@ -34,11 +34,27 @@ def model_config(tiny: bool):
     from transformers import LlamaConfig
 
     if tiny:
-        return LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
-                           num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True)
-    return LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                       num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048, rms_norm_eps=1e-5,
-                       rope_theta=100000.0, tie_word_embeddings=True)
+        return LlamaConfig(
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            vocab_size=512,
+            tie_word_embeddings=True,
+        )
+    return LlamaConfig(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+    )
 
 
 def write_model(folder: Path, tiny: bool):
@@ -61,8 +77,12 @@ def hf_greedy(model, device: str, dtype: torch.dtype, prompts: list[list[int]], 
     model = model.to(device=device, dtype=dtype)
     model.generation_config.eos_token_id = None  # no early stop, as the engine's ignore_eos
     with torch.no_grad():
-        return [model.generate(torch.tensor([p], device=device), max_new_tokens=tokens, do_sample=False,
-                               pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+        return [
+            model.generate(torch.tensor([p], device=device), max_new_tokens=tokens, do_sample=False, pad_token_id=0)[
+                0, len(p) :
+            ].tolist()
+            for p in prompts
+        ]
 
 
 def compare(ours: list[torch.Tensor], ref: list[torch.Tensor]) -> dict[str, float]:
@@ -83,8 +103,14 @@ def engine_run(folder: Path, device: str, prompts, tokens: int, **kwargs) -> dic
         params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
         outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         report = llm.load_report
-    return {"start_s": started, "logits": logits, "greedy": [list(o.outputs[0].token_ids) for o in outputs],
-            "weight_bytes": report.ranks[0].weight_device_bytes, "kv_blocks": report.num_blocks, "phases": report.phases}
+    return {
+        "start_s": started,
+        "logits": logits,
+        "greedy": [list(o.outputs[0].token_ids) for o in outputs],
+        "weight_bytes": report.ranks[0].weight_device_bytes,
+        "kv_blocks": report.num_blocks,
+        "phases": report.phases,
+    }
 
 
 def same_prefix(ours: list[list[int]], ref: list[list[int]]) -> list[int]:
@@ -110,7 +136,9 @@ def main(out: Path, tiny: bool) -> None:
             results[name] = {
                 **compare(run["logits"], hf_logits(ref_model, device, ref_dtype)),
                 "greedy_same_prefix": same_prefix(run["greedy"], ref_greedy),
-                "start_s": run["start_s"], "weight_bytes": run["weight_bytes"], "kv_blocks": run["kv_blocks"],
+                "start_s": run["start_s"],
+                "weight_bytes": run["weight_bytes"],
+                "kv_blocks": run["kv_blocks"],
                 "phases": run["phases"],
             }
         except Exception:
@@ -128,7 +156,9 @@ def main(out: Path, tiny: bool) -> None:
         from tests.quant_packer import Scheme, write_quantized_checkpoint
 
         gptq = Path("/tmp/shardlm-gpu-check/gptq")
-        dequantized = write_quantized_checkpoint(hf.float().cpu(), gptq, Scheme("gptq", 128 if not tiny else 64, sym=False, desc_act=True))
+        dequantized = write_quantized_checkpoint(
+            hf.float().cpu(), gptq, Scheme("gptq", 128 if not tiny else 64, sym=False, desc_act=True)
+        )
         check("gptq_4bit_act_order", torch.bfloat16, ref_model=dequantized, dtype="bfloat16", model=str(gptq))
     except Exception:
         results["gptq_4bit_act_order"] = {"error": traceback.format_exc()}

@@ -100,7 +100,9 @@ def test_decode_reference_is_plain_attention() -> None:
     """The reference itself against attention written out on the gathered context."""
     key_cache, value_cache, tables = paged_setup(8, 2, 16, [13], torch.float32)
     q = torch.randn(1, 4, 16, device=DEVICE)
-    out = paged_decode_attention_ref(q, key_cache, value_cache, tables, torch.tensor([13], dtype=torch.int32, device=DEVICE), 0.25)
+    out = paged_decode_attention_ref(
+        q, key_cache, value_cache, tables, torch.tensor([13], dtype=torch.int32, device=DEVICE), 0.25
+    )
     slots = [int(tables[0, j // 8]) * 8 + j % 8 for j in range(13)]
     keys = key_cache.view(-1, 2, 16)[slots]
     values = value_cache.view(-1, 2, 16)[slots]
@@ -129,7 +131,9 @@ def test_prefill_reference_matches_decode_for_single_tokens() -> None:
     key_cache, value_cache, tables = paged_setup(16, 2, 16, [3, 30], torch.float32, seed=4)
     q = torch.randn(2, 4, 16, device=DEVICE)
     lens = torch.tensor([3, 30], dtype=torch.int32, device=DEVICE)
-    prefill = prefill_attention_ref(q, key_cache, value_cache, tables, torch.tensor([0, 1, 2], dtype=torch.int32, device=DEVICE), lens, 0.3)
+    prefill = prefill_attention_ref(
+        q, key_cache, value_cache, tables, torch.tensor([0, 1, 2], dtype=torch.int32, device=DEVICE), lens, 0.3
+    )
     decode = paged_decode_attention_ref(q, key_cache, value_cache, tables, lens, 0.3)
     torch.testing.assert_close(prefill, decode, atol=1e-6, rtol=1e-6)
 
@@ -143,7 +147,9 @@ def test_wrappers_refuse_layouts_they_do_not_handle() -> None:
     with pytest.raises(AssertionError, match="does not fit"):
         paged_decode_attention_triton(torch.randn(1, 3, 16, device=DEVICE), key_cache, value_cache, tables, lens, 1.0)
     with pytest.raises(AssertionError, match="contiguous"):
-        paged_decode_attention_triton(torch.randn(1, 16, 4, device=DEVICE).transpose(1, 2), key_cache, value_cache, tables, lens, 1.0)
+        paged_decode_attention_triton(
+            torch.randn(1, 16, 4, device=DEVICE).transpose(1, 2), key_cache, value_cache, tables, lens, 1.0
+        )
 
 
 # FP8 KV cache (kv_cache_dtype="fp8"): float8_e4m3fn codes, one scale per layer for K and one for V
@@ -298,9 +304,9 @@ def test_prefill_cpu_is_the_reference(heads, kv_heads, dtype) -> None:
     q, query_start, lens = (t.cpu() for t in prefill_batch(shapes, heads, 16, dtype))
     starts = query_start.tolist()
     spans = tuple((starts[s], starts[s + 1], c) for s, (_, c) in enumerate(shapes))
-    slots = torch.cat([
-        torch.tensor([int(tables[s, p // 16]) * 16 + p % 16 for p in range(c - new, c)]) for s, (new, c) in enumerate(shapes)
-    ])
+    slots = torch.cat(
+        [torch.tensor([int(tables[s, p // 16]) * 16 + p % 16 for p in range(c - new, c)]) for s, (new, c) in enumerate(shapes)]
+    )
     key, value = key_cache.view(-1, kv_heads, 16)[slots], value_cache.view(-1, kv_heads, 16)[slots]  # as the step wrote them
     expected = prefill_attention_ref(q, key_cache, value_cache, tables, query_start, lens, 0.25)
     got = prefill_attention_cpu(q, key, value, key_cache, value_cache, tables, spans, 0.25)

@@ -12,16 +12,28 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from kernels.fp8_linear import (
-    FP8_MAX, SCALED_MM_MIN_ROWS, fp8_linear, fp8_linear_ref, fp8_linear_scaled_mm, fp8_linear_triton, quantize_fp8_rows,
-)
-from kernels.int4_linear import dequantize_int4, int4_linear, int4_linear_ref, int4_linear_triton, pack_int4_rows, unpack_int4_rows
-from kernels.int8_linear import int8_linear, int8_linear_ref, int8_linear_triton, quantize_int8_rows
-from kernels.quant import FP8, e4m3_decode, e4m3_encode
-
 import triton
 import triton.language as tl
+
+from kernels.fp8_linear import (
+    FP8_MAX,
+    SCALED_MM_MIN_ROWS,
+    fp8_linear,
+    fp8_linear_ref,
+    fp8_linear_scaled_mm,
+    fp8_linear_triton,
+    quantize_fp8_rows,
+)
+from kernels.int4_linear import (
+    dequantize_int4,
+    int4_linear,
+    int4_linear_ref,
+    int4_linear_triton,
+    pack_int4_rows,
+    unpack_int4_rows,
+)
+from kernels.int8_linear import int8_linear, int8_linear_ref, int8_linear_triton, quantize_int8_rows
+from kernels.quant import FP8, e4m3_decode, e4m3_encode
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -71,10 +83,14 @@ def test_e4m3_encode_matches_torch() -> None:
     torch.manual_seed(0)
     values = torch.arange(256, dtype=torch.uint8).view(FP8).float()
     values = values[values.isfinite()].unique()
-    x = torch.cat([
-        torch.randn(1024) * torch.logspace(-4, 3, 1024), values, (values[1:] + values[:-1]) / 2,
-        torch.tensor([500.0, -1e6, 449.0, -0.0, 2**-10, 3 * 2**-11]),
-    ])
+    x = torch.cat(
+        [
+            torch.randn(1024) * torch.logspace(-4, 3, 1024),
+            values,
+            (values[1:] + values[:-1]) / 2,
+            torch.tensor([500.0, -1e6, 449.0, -0.0, 2**-10, 3 * 2**-11]),
+        ]
+    )
     x = torch.cat([x, torch.zeros(4096 - x.numel())]).to(DEVICE)
     codes = torch.empty(4096, dtype=torch.uint8, device=DEVICE)
     _encode_kernel[(1,)](x, codes, 4096)
@@ -281,7 +297,9 @@ def test_dispatch_and_empty_batches() -> None:
     else:  # float32 activations take the Triton paths everywhere
         assert torch.equal(fp8_linear(x, q8, s8, b), fp8_linear_triton(x, q8, s8, b))
         assert torch.equal(int8_linear(x, qi, si, b), int8_linear_triton(x, qi, si, b))
-        assert torch.equal(int4_linear(x, packed, scales, zeros, g_idx, b), int4_linear_triton(x, packed, scales, zeros, g_idx, b))
+        assert torch.equal(
+            int4_linear(x, packed, scales, zeros, g_idx, b), int4_linear_triton(x, packed, scales, zeros, g_idx, b)
+        )
     empty = torch.randn(0, 64, device=DEVICE)
     assert fp8_linear_triton(empty, q8, s8, b).shape == (0, 32)
     assert int8_linear_triton(empty, qi, si, b).shape == (0, 32)

@@ -85,9 +85,13 @@ def test_qkv_bias_follows_the_weight_rows(checkpoint: Path) -> None:
 
 
 def test_layouts_that_cannot_split_are_refused_in_vllm_words() -> None:
-    with pytest.raises(ConfigError, match=r"Total number of attention heads \(6\) must be divisible by tensor parallel size \(4\)\."):
+    with pytest.raises(
+        ConfigError, match=r"Total number of attention heads \(6\) must be divisible by tensor parallel size \(4\)\."
+    ):
         QKVParallelLinear(HIDDEN, HEAD_DIM, HEADS, KV_HEADS, False, group(0, 4))
-    with pytest.raises(ConfigError, match=r"Tensor parallel size \(3\) must be divisible by the total number of key/value heads \(2\)"):
+    with pytest.raises(
+        ConfigError, match=r"Tensor parallel size \(3\) must be divisible by the total number of key/value heads \(2\)"
+    ):
         QKVParallelLinear(HIDDEN, HEAD_DIM, 3, KV_HEADS, False, group(0, 3))
 
 

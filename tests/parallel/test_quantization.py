@@ -28,8 +28,13 @@ from workers.safetensors_file import iter_safetensors
 
 HIDDEN, HEAD_DIM, HEADS, KV_HEADS, INTER = 256, 32, 8, 2, 512
 SHAPES = {  # checkpoint tensor -> [out, in]
-    "q_proj": (HEADS * HEAD_DIM, HIDDEN), "k_proj": (KV_HEADS * HEAD_DIM, HIDDEN), "v_proj": (KV_HEADS * HEAD_DIM, HIDDEN),
-    "o_proj": (HIDDEN, HEADS * HEAD_DIM), "gate_proj": (INTER, HIDDEN), "up_proj": (INTER, HIDDEN), "down_proj": (HIDDEN, INTER),
+    "q_proj": (HEADS * HEAD_DIM, HIDDEN),
+    "k_proj": (KV_HEADS * HEAD_DIM, HIDDEN),
+    "v_proj": (KV_HEADS * HEAD_DIM, HIDDEN),
+    "o_proj": (HIDDEN, HEADS * HEAD_DIM),
+    "gate_proj": (INTER, HIDDEN),
+    "up_proj": (INTER, HIDDEN),
+    "down_proj": (HIDDEN, INTER),
 }
 SCHEMES = {
     "gptq-g32-sym": Scheme("gptq", 32, sym=True),

@@ -10,7 +10,8 @@ import random
 import socket
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -46,7 +47,9 @@ def _rank_main(rank: int, size: int, port: int, body: Callable[..., Any], args: 
         results.put((rank, None, traceback.format_exc()))
 
 
-def run_ranks(size: int, body: Callable[..., Any], *args: Any, env: dict[str, str] | None = None, timeout_s: float = 120) -> list[Any]:
+def run_ranks(
+    size: int, body: Callable[..., Any], *args: Any, env: dict[str, str] | None = None, timeout_s: float = 120
+) -> list[Any]:
     """`body(tp, dist, *args)` on `size` fresh processes joined by `init_tensor_parallel`; each rank's answer."""
     ctx = multiprocessing.get_context("spawn")
     results, port = ctx.Queue(), free_port()

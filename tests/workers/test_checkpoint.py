@@ -60,7 +60,11 @@ def test_safetensors_bytes_read_are_the_slice_bytes(safetensors_file: Path) -> N
 
 
 def test_read_into_out_writes_in_place(safetensors_file: Path) -> None:
-    source = next(s for s in iter_checkpoint(str(safetensors_file.parent), (safetensors_file.name,), "safetensors", ReadStats()) if s.name == "f32")
+    source = next(
+        s
+        for s in iter_checkpoint(str(safetensors_file.parent), (safetensors_file.name,), "safetensors", ReadStats())
+        if s.name == "f32"
+    )
     big = torch.zeros(30, 48)
     returned = source.read((slice(0, 10), slice(None)), out=big[5:15])
     with safe_open(safetensors_file, framework="pt") as f:
@@ -138,7 +142,11 @@ def test_gguf_slices_equal_dequantized_tensor(smollm2_gguf, gguf_reader, name, i
     t = next(t for t in gguf_reader.tensors if t.name == name)
     whole = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
     stats = ReadStats()
-    source = next(s for s in iter_checkpoint(str(smollm2_gguf.parent), (smollm2_gguf.name,), "gguf", stats) if s.name == gguf_to_hf_name(name))
+    source = next(
+        s
+        for s in iter_checkpoint(str(smollm2_gguf.parent), (smollm2_gguf.name,), "gguf", stats)
+        if s.name == gguf_to_hf_name(name)
+    )
     assert source.shape == tuple(whole.shape)
     assert torch.equal(source.read(index), whole[index])
     assert 0 < stats.bytes_read <= t.n_bytes
@@ -152,7 +160,11 @@ def test_gguf_rotary_rows_are_unpermuted_like_transformers(smollm2_gguf, gguf_re
     whole = gguf.quants.dequantize(t.data, t.tensor_type)
     processor = LlamaTensorProcessor(config={"num_attention_heads": 9, "num_key_value_heads": 3})
     expected = torch.from_numpy(processor.process(whole, t.name).weights.copy())
-    source = next(s for s in iter_checkpoint(str(smollm2_gguf.parent), (smollm2_gguf.name,), "gguf", ReadStats()) if s.name == "model.layers.2.self_attn.k_proj.weight")
+    source = next(
+        s
+        for s in iter_checkpoint(str(smollm2_gguf.parent), (smollm2_gguf.name,), "gguf", ReadStats())
+        if s.name == "model.layers.2.self_attn.k_proj.weight"
+    )
     assert torch.equal(source.read((slice(None), slice(None))), expected)
     assert torch.equal(source.read((slice(64, 128), slice(None))), expected[64:128])
     assert torch.equal(source.read((slice(70, 100), slice(None))), expected[70:100])

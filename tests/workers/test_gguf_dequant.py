@@ -16,8 +16,14 @@ from workers.gguf_file import GGUFSource, GGUFTensorInfo
 from workers.read_stats import ReadStats
 
 HALF_FIELDS = {
-    gd.Q8_0: (0,), gd.Q4_0: (0,), gd.Q4_1: (0, 2), gd.Q5_0: (0,), gd.Q5_1: (0, 2),
-    gd.Q4_K: (0, 2), gd.Q5_K: (0, 2), gd.Q6_K: (208,),
+    gd.Q8_0: (0,),
+    gd.Q4_0: (0,),
+    gd.Q4_1: (0, 2),
+    gd.Q5_0: (0,),
+    gd.Q5_1: (0, 2),
+    gd.Q4_K: (0, 2),
+    gd.Q5_K: (0, 2),
+    gd.Q6_K: (208,),
     10: (80, 82),  # Q2_K, left to the gguf package: d and dmin follow 16 + 64 bytes of scales and quants
 }
 """Byte offsets of each block's float16 fields (scales, mins), made finite in random blocks."""

@@ -100,7 +100,9 @@ def test_an_incomplete_cached_snapshot_names_the_missing_shard(hub, both_formats
 
 def test_uncached_repo_with_the_hub_down(hub, tmp_path) -> None:
     hub.stop()
-    with pytest.raises(ModelNotFound, match=r"'org/tiny' .*not in the local cache and the Hub cannot be reached .*shardlm download org/tiny"):
+    with pytest.raises(
+        ModelNotFound, match=r"'org/tiny' .*not in the local cache and the Hub cannot be reached .*shardlm download org/tiny"
+    ):
         find_model(REPO, download_dir=str(tmp_path))
 
 
@@ -116,7 +118,9 @@ def test_a_rank_elsewhere_loads_the_drivers_commit_after_the_branch_moved(hub, b
     elsewhere = config.__class__(
         model=config.model.__class__(**{**_fields(config.model), "path": str(tmp_path / "not-on-this-node")}),
         load=config.load.__class__(**{**_fields(config.load), "download_dir": str(tmp_path / "other-node")}),
-        cache=config.cache, parallel=config.parallel, scheduler=config.scheduler,
+        cache=config.cache,
+        parallel=config.parallel,
+        scheduler=config.scheduler,
     )
     found = ensure_model_files(elsewhere, rank=1)
     assert Path(found.model.path) == tmp_path / "other-node" / "models--org--tiny" / "snapshots" / first
@@ -138,7 +142,9 @@ def test_two_processes_on_one_node_fetch_each_file_once(hub, both_formats, tmp_p
     commit = hub.repos[REPO].push(both_formats)
     env = {**__import__("os").environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"}
     procs = [
-        subprocess.Popen([sys.executable, "-c", FETCH, str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", FETCH, str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         for _ in range(2)
     ]
     outs = [p.communicate(timeout=120) for p in procs]

@@ -27,13 +27,22 @@ from workers.kv_cache import (
 def config(tiny_checkpoint):
     """Tiny Llama: 2 layers, 4 KV heads of 8 dims, float32, block_size 16, max_model_len 256."""
     folder, _ = tiny_checkpoint("llama_8h4kv")
-    return EngineArgs(model=str(folder), device="cpu", tensor_parallel_size=2, max_num_batched_tokens=600,
-                      max_num_seqs=4).create_engine_config()
+    return EngineArgs(
+        model=str(folder), device="cpu", tensor_parallel_size=2, max_num_batched_tokens=600, max_num_seqs=4
+    ).create_engine_config()
 
 
 def profile(rank: int, kv: int) -> MemoryProfile:
-    return MemoryProfile(rank=rank, kv_cache_bytes=kv, total_bytes=0, weights_bytes=0, peak_activation_bytes=0,
-                         non_torch_bytes=0, seconds=0.0, budget="test")
+    return MemoryProfile(
+        rank=rank,
+        kv_cache_bytes=kv,
+        total_bytes=0,
+        weights_bytes=0,
+        peak_activation_bytes=0,
+        non_torch_bytes=0,
+        seconds=0.0,
+        budget="test",
+    )
 
 
 def test_kv_heads_per_rank() -> None:
@@ -113,7 +122,15 @@ STEP_SHAPES = {
     "logits-heavy": dict(hidden=128, inter=256, heads=2, kv_heads=1, vocab=32000, tokens=256, seqs=256, max_len=256),
     "SmolLM2's layer": dict(hidden=576, inter=1536, heads=9, kv_heads=3, vocab=49152, tokens=512, seqs=256, max_len=8192),
     "bfloat16": dict(
-        hidden=128, inter=512, heads=4, kv_heads=2, vocab=4096, tokens=1024, seqs=64, max_len=1024, dtype="bfloat16",
+        hidden=128,
+        inter=512,
+        heads=4,
+        kv_heads=2,
+        vocab=4096,
+        tokens=1024,
+        seqs=64,
+        max_len=1024,
+        dtype="bfloat16",
     ),
     "int8": dict(hidden=128, inter=512, heads=4, kv_heads=2, vocab=4096, tokens=512, seqs=16, max_len=512, quantization="int8"),
 }
@@ -127,14 +144,30 @@ def test_cpu_activation_bound_holds_the_measured_peak(shape, tmp_path) -> None:
     from workers.worker import Worker
 
     s = dict(STEP_SHAPES[shape])
-    (tmp_path / "config.json").write_text(json.dumps(dict(
-        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=s["hidden"], intermediate_size=s["inter"],
-        num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"], vocab_size=s["vocab"], num_hidden_layers=2,
-        max_position_embeddings=s["max_len"], tie_word_embeddings=True,
-    )))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            dict(
+                architectures=["LlamaForCausalLM"],
+                model_type="llama",
+                hidden_size=s["hidden"],
+                intermediate_size=s["inter"],
+                num_attention_heads=s["heads"],
+                num_key_value_heads=s["kv_heads"],
+                vocab_size=s["vocab"],
+                num_hidden_layers=2,
+                max_position_embeddings=s["max_len"],
+                tie_word_embeddings=True,
+            )
+        )
+    )
     config = EngineArgs(
-        model=str(tmp_path), load_format="dummy", device="cpu", dtype=s.get("dtype", "float32"),
-        quantization=s.get("quantization"), max_num_batched_tokens=s["tokens"], max_num_seqs=s["seqs"],
+        model=str(tmp_path),
+        load_format="dummy",
+        device="cpu",
+        dtype=s.get("dtype", "float32"),
+        quantization=s.get("quantization"),
+        max_num_batched_tokens=s["tokens"],
+        max_num_seqs=s["seqs"],
     ).create_engine_config()
     worker = Worker(config)
     worker.init_device()

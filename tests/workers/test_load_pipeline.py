@@ -87,7 +87,12 @@ def test_reads_give_the_files_bytes_at_every_thread_count_and_strategy(data_file
 def test_adjacent_pieces_merge_into_one_read_in_file_order(data_file) -> None:
     file = CheckpointFile(str(data_file[0]))
     dest = torch.zeros(100, dtype=torch.uint8)
-    pieces = [Piece(file, 40, 10, dest, 0), Piece(file, 0, 20, dest, 10), Piece(file, 20, 20, dest, 30), Piece(file, 60, 5, dest, 50)]
+    pieces = [
+        Piece(file, 40, 10, dest, 0),
+        Piece(file, 0, 20, dest, 10),
+        Piece(file, 20, 20, dest, 30),
+        Piece(file, 60, 5, dest, 50),
+    ]
     reads = merge_reads(pieces, chunk=1000)
     assert [[(p.offset, p.length) for p in r] for r in reads] == [[(0, 20), (20, 20), (40, 10)], [(60, 5)]]
     capped = merge_reads(pieces, chunk=35)  # a read never passes the chunk size
@@ -95,7 +100,12 @@ def test_adjacent_pieces_merge_into_one_read_in_file_order(data_file) -> None:
     gapped = merge_reads(pieces, chunk=1000, max_gap=10)  # the 10 bytes at 50..60 are read along
     assert [[p.offset for p in r] for r in gapped] == [[0, 20, 40, 60]]
     split = merge_reads([Piece(file, 0, 100, dest, 0)], chunk=30)
-    assert [(p.offset, p.length, p.dest_offset) for r in split for p in r] == [(0, 30, 0), (30, 30, 30), (60, 30, 60), (90, 10, 90)]
+    assert [(p.offset, p.length, p.dest_offset) for r in split for p in r] == [
+        (0, 30, 0),
+        (30, 30, 30),
+        (60, 30, 60),
+        (90, 10, 90),
+    ]
 
 
 class SlowCopier(HostCopier):
@@ -248,8 +258,13 @@ def test_models_loaded_through_the_pipeline_equal_the_plain_path_at_tp_1_2_3(tin
             monkeypatch.setattr(loader, "make_pipeline", lambda config, device: None)
             plain = _state(loader.load_model(config, tp, torch.device("cpu"))[0])
             for strategy, threads, chunk in settings:
-                monkeypatch.setattr(loader, "make_pipeline", lambda config, device: LoadPipeline(
-                    device, threads=threads, strategy=strategy, chunk_bytes=chunk, window_bytes=20_000))
+                monkeypatch.setattr(
+                    loader,
+                    "make_pipeline",
+                    lambda config, device: LoadPipeline(
+                        device, threads=threads, strategy=strategy, chunk_bytes=chunk, window_bytes=20_000
+                    ),
+                )
                 model, report = loader.load_model(config, tp, torch.device("cpu"))
                 piped = _state(model)
                 assert piped.keys() == plain.keys()
@@ -300,7 +315,12 @@ def test_cuda_loads_through_the_pinned_ring_equal_the_plain_path(tiny_checkpoint
     tp, cuda = TensorParallelGroup(rank=1, size=2), torch.device("cuda")
     monkeypatch.setattr(loader, "make_pipeline", lambda config, device: None)
     plain = _state(loader.load_model(config, tp, cuda)[0])
-    monkeypatch.setattr(loader, "make_pipeline", lambda config, device: LoadPipeline(
-        device, threads=3, strategy=strategy, chunk_bytes=4096 + 64, window_bytes=20_000, staging_buffers=2))
+    monkeypatch.setattr(
+        loader,
+        "make_pipeline",
+        lambda config, device: LoadPipeline(
+            device, threads=3, strategy=strategy, chunk_bytes=4096 + 64, window_bytes=20_000, staging_buffers=2
+        ),
+    )
     piped = _state(loader.load_model(config, tp, cuda)[0])
     assert all(torch.equal(piped[k], plain[k]) for k in plain)

@@ -49,7 +49,9 @@ def test_known_extras_are_skipped_unread(tiny_checkpoint, tmp_path) -> None:
     folder = _copy_with(
         tiny_checkpoint("llama_tied")[0],
         tmp_path / "c",
-        lambda t: t.update({"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8), "lm_head.weight": torch.ones(300, 64)}),
+        lambda t: t.update(
+            {"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8), "lm_head.weight": torch.ones(300, 64)}
+        ),
     )
     worker = Worker(EngineArgs(model=str(folder), device="cpu").create_engine_config())
     report = worker.load_model()
@@ -81,7 +83,10 @@ def test_tensor_in_two_shards_is_an_error(tiny_checkpoint, tmp_path) -> None:
 
 
 def test_name_mapping_round_trips() -> None:
-    assert checkpoint_target("model.layers.3.self_attn.k_proj.weight", MAPPING) == ("model.layers.3.self_attn.qkv_proj.weight", "k")
+    assert checkpoint_target("model.layers.3.self_attn.k_proj.weight", MAPPING) == (
+        "model.layers.3.self_attn.qkv_proj.weight",
+        "k",
+    )
     assert checkpoint_target("model.layers.3.mlp.up_proj.weight", MAPPING) == ("model.layers.3.mlp.gate_up_proj.weight", 1)
     assert checkpoint_target("model.norm.weight", MAPPING) == ("model.norm.weight", None)
     for name in ("model.layers.0.self_attn.v_proj.bias", "model.layers.2.mlp.gate_proj.weight", "lm_head.weight"):

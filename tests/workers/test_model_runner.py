@@ -28,8 +28,14 @@ def tiny_worker(tiny_checkpoint, blocks: int = 64) -> Worker:
 
 def batch(seq_ids, token_ids, query_lens, context_lens, num_decodes, **kwargs) -> Batch:
     return Batch(
-        seq_ids=seq_ids, token_ids=token_ids, query_lens=query_lens, context_lens=context_lens, num_decodes=num_decodes,
-        sample=[True] * len(seq_ids), prompt_logprob_counts=[0] * len(seq_ids), **kwargs,
+        seq_ids=seq_ids,
+        token_ids=token_ids,
+        query_lens=query_lens,
+        context_lens=context_lens,
+        num_decodes=num_decodes,
+        sample=[True] * len(seq_ids),
+        prompt_logprob_counts=[0] * len(seq_ids),
+        **kwargs,
     )
 
 
@@ -81,10 +87,15 @@ def test_one_write_for_keys_and_values(monkeypatch) -> None:
     expected_k, expected_v = pair[0].clone(), pair[1].clone()
     reshape_and_cache_ref(kv[:, 0], kv[:, 1], expected_k, expected_v, slots)
     meta = PagedMetadata(
-        slot_mapping=slots, num_decodes=0, decode_block_tables=torch.zeros(0, 1, dtype=torch.int32),
-        decode_context_lens=torch.zeros(0, dtype=torch.int32), prefill_block_tables=torch.tensor([[1]], dtype=torch.int32),
-        prefill_query_start=torch.tensor([0, 3], dtype=torch.int32), prefill_context_lens=torch.tensor([3], dtype=torch.int32),
-        max_prefill_query_len=3, prefill_spans=((0, 3, 3),),
+        slot_mapping=slots,
+        num_decodes=0,
+        decode_block_tables=torch.zeros(0, 1, dtype=torch.int32),
+        decode_context_lens=torch.zeros(0, dtype=torch.int32),
+        prefill_block_tables=torch.tensor([[1]], dtype=torch.int32),
+        prefill_query_start=torch.tensor([0, 3], dtype=torch.int32),
+        prefill_context_lens=torch.tensor([3], dtype=torch.int32),
+        max_prefill_query_len=3,
+        prefill_spans=((0, 3, 3),),
     )
     monkeypatch.setattr("kernels.reshape_and_cache.reshape_and_cache_ref", None)
     attn(heads[:, :4], kv[:, 0], kv[:, 1], meta, kv=kv)

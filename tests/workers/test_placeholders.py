@@ -12,9 +12,14 @@ from workers.placeholders import PLACEHOLDER, LastTokens
 
 def batch(seq_ids: list[int], token_ids: list[int], query_lens: list[int], finished: list[int] | None = None) -> Batch:
     return Batch(
-        seq_ids=seq_ids, token_ids=token_ids, query_lens=query_lens, context_lens=[8] * len(seq_ids),
-        num_decodes=sum(1 for q in query_lens if q == 1), sample=[True] * len(seq_ids),
-        prompt_logprob_counts=[0] * len(seq_ids), finished_seq_ids=finished or [],
+        seq_ids=seq_ids,
+        token_ids=token_ids,
+        query_lens=query_lens,
+        context_lens=[8] * len(seq_ids),
+        num_decodes=sum(1 for q in query_lens if q == 1),
+        sample=[True] * len(seq_ids),
+        prompt_logprob_counts=[0] * len(seq_ids),
+        finished_seq_ids=finished or [],
     )
 
 

@@ -46,11 +46,15 @@ def test_normalised_fields() -> None:
     assert SamplingParams(temperature=0).greedy and not SamplingParams().greedy
 
 
-def sampler_with(params: list[SamplingParams], prompts: list[list[int]] | None = None, seeds: list[int | None] | None = None) -> Sampler:
+def sampler_with(
+    params: list[SamplingParams], prompts: list[list[int]] | None = None, seeds: list[int | None] | None = None
+) -> Sampler:
     sampler = Sampler(torch.device("cpu"), seed=0)
     for i, p in enumerate(params):
         seed = seeds[i] if seeds else p.seed
-        sampler.add(NewSequence(seq_id=i, prompt_token_ids=(prompts or [[0]] * len(params))[i], params=p, seed=seed, stop_ids=[3]))
+        sampler.add(
+            NewSequence(seq_id=i, prompt_token_ids=(prompts or [[0]] * len(params))[i], params=p, seed=seed, stop_ids=[3])
+        )
     return sampler
 
 
@@ -79,7 +83,7 @@ def test_top_k_top_p_masks() -> None:
     kept = (masked > float("-inf")).tolist()
     assert kept[0] == [True, True, False, False, False]
     assert kept[1] == [True, True, False, False, False]  # 0.5 + 0.2 reaches 0.7
-    assert kept[2] == [True, True, True, True, False]   # 0.85 < 0.86: the 0.1 token is needed too
+    assert kept[2] == [True, True, True, True, False]  # 0.85 < 0.86: the 0.1 token is needed too
 
 
 def test_seeded_sequences_ignore_their_batch() -> None:
@@ -100,13 +104,15 @@ def test_penalties_follow_their_definitions() -> None:
     counts = torch.tensor([[0.0, 1.0, 2.0, 2.0]])
     one = lambda v: torch.tensor([v])  # noqa: E731
     got = apply_penalties(logits.clone(), seen, counts, one(2.0), one(0.5), one(0.25))[0]
-    expected = torch.tensor([
-        2.0 / 2.0,                          # in the prompt: repetition only
-        -1.0 * 2.0 - 0.5 * 1 - 0.25,        # output once, negative logit: multiplied
-        0.5,                                # unseen
-        1.0 / 2.0 - 0.5 * 2 - 0.25,         # output twice
-        0.0,
-    ])
+    expected = torch.tensor(
+        [
+            2.0 / 2.0,  # in the prompt: repetition only
+            -1.0 * 2.0 - 0.5 * 1 - 0.25,  # output once, negative logit: multiplied
+            0.5,  # unseen
+            1.0 / 2.0 - 0.5 * 2 - 0.25,  # output twice
+            0.0,
+        ]
+    )
     torch.testing.assert_close(got, expected)
 
 
@@ -139,7 +145,9 @@ def test_prompt_logprobs() -> None:
     assert [top[0][0] for top in entry.top] == raw.argmax(-1).tolist()
 
 
-def reference_row(row: torch.Tensor, params: SamplingParams, prompt: list[int], outputs: list[int], stop_ids: list[int]) -> torch.Tensor:
+def reference_row(
+    row: torch.Tensor, params: SamplingParams, prompt: list[int], outputs: list[int], stop_ids: list[int]
+) -> torch.Tensor:
     """One row by the definitions, in float64: min_tokens, penalties, then for a draw temperature, top-k,
     top-p and min-p. Greedy rows: the penalised logits; drawn rows: the probabilities drawn from."""
     row, vocab = row.double().clone(), row.shape[0]
@@ -251,8 +259,13 @@ def test_long_prompts_many_sequences_and_a_large_vocabulary_match_the_old_sample
         SamplingParams(temperature=0.7, min_p=0.05, seed=11),
     ]
     seqs = [
-        NewSequence(seq_id=i, prompt_token_ids=torch.randint(0, 1000, (1 + 37 * (i % 5),)).tolist(), params=kinds[i % 4],
-                    seed=i if i % 3 == 0 else None, stop_ids=[7])
+        NewSequence(
+            seq_id=i,
+            prompt_token_ids=torch.randint(0, 1000, (1 + 37 * (i % 5),)).tolist(),
+            params=kinds[i % 4],
+            seed=i if i % 3 == 0 else None,
+            stop_ids=[7],
+        )
         for i in range(70)
     ]
     ours, theirs = run_both(seqs, steps=30, vocab=1000)
@@ -353,9 +366,7 @@ class OldSampler:
     def _draw(self, logits: torch.Tensor, states: list[OldState]) -> torch.Tensor:
         temperature = torch.tensor([s.params.temperature for s in states], device=logits.device)
         logits = logits / temperature[:, None]
-        logits = old_apply_top_k_top_p(
-            logits, [s.params.top_k for s in states], [s.params.top_p for s in states]
-        )
+        logits = old_apply_top_k_top_p(logits, [s.params.top_k for s in states], [s.params.top_p for s in states])
         probs = logits.softmax(dim=-1)
         min_p = torch.tensor([s.params.min_p for s in states], device=logits.device)
         if bool((min_p > 0).any()):
@@ -369,7 +380,9 @@ class OldSampler:
                 noise[i].exponential_(generator=state.generator)
         return (probs / noise).argmax(dim=-1)
 
-    def _with_logprobs(self, logits: torch.Tensor, seq_ids: list[int], states: list[OldState], tokens: list[int]) -> list[SampledToken]:
+    def _with_logprobs(
+        self, logits: torch.Tensor, seq_ids: list[int], states: list[OldState], tokens: list[int]
+    ) -> list[SampledToken]:
         wanted = [i for i, s in enumerate(states) if s.params.logprobs is not None]
         results = [SampledToken(seq_id=s, token_id=t) for s, t in zip(seq_ids, tokens)]
         if not wanted:
@@ -388,7 +401,11 @@ class OldSampler:
         logprobs = logits.log_softmax(dim=-1)
         entries = [old_describe(logprobs[i], targets[i], state.params.prompt_logprobs) for i in range(logits.shape[0])]
         return PromptLogprobs(
-            seq_id=seq_id, start=start, logprobs=[e[0] for e in entries], ranks=[e[1] for e in entries], top=[e[2] for e in entries]
+            seq_id=seq_id,
+            start=start,
+            logprobs=[e[0] for e in entries],
+            ranks=[e[1] for e in entries],
+            top=[e[2] for e in entries],
         )
 
 

@@ -42,7 +42,9 @@ def _load_rank(folder: Path, rank: int, tp_size: int, **kwargs):
 
 @pytest.mark.parametrize("tp_size", [1, 2, 3])
 def test_every_rank_reads_back_what_it_saved_and_only_its_own_files(tiny_checkpoint, tmp_path, tp_size) -> None:
-    config = EngineArgs(model=str(tiny_checkpoint("llama_6h")[0]), device="cpu", tensor_parallel_size=tp_size).create_engine_config()
+    config = EngineArgs(
+        model=str(tiny_checkpoint("llama_6h")[0]), device="cpu", tensor_parallel_size=tp_size
+    ).create_engine_config()
     saved = _save(config, tmp_path)
     assert (tmp_path / "config.json").is_file() and not (tmp_path / "model.safetensors").exists()
     assert find_model(str(tmp_path)).weight_format == "sharded_state"  # load_format="auto" finds it
@@ -61,7 +63,9 @@ def test_every_rank_reads_back_what_it_saved_and_only_its_own_files(tiny_checkpo
 
 
 def test_quantized_ranks_stay_quantized(tiny_checkpoint, tmp_path) -> None:
-    config = EngineArgs(model=str(tiny_checkpoint("llama_6h")[0]), device="cpu", tensor_parallel_size=2, quantization="int8").create_engine_config()
+    config = EngineArgs(
+        model=str(tiny_checkpoint("llama_6h")[0]), device="cpu", tensor_parallel_size=2, quantization="int8"
+    ).create_engine_config()
     saved = _save(config, tmp_path / "int8")
     model, _ = _load_rank(tmp_path / "int8", 1, 2)  # quantization comes from the manifest
     assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.int8

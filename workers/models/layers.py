@@ -40,8 +40,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Te
     """The rotary inverse frequencies theta^(-2i/d), rescaled as `scaling` says."""
     if scaling.rope_type not in SUPPORTED_ROPE_TYPES:
         raise ConfigError(
-            f"rope scaling type {scaling.rope_type!r} is not supported; shardlm supports "
-            f"{', '.join(SUPPORTED_ROPE_TYPES)}"
+            f"rope scaling type {scaling.rope_type!r} is not supported; shardlm supports {', '.join(SUPPORTED_ROPE_TYPES)}"
         )
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     if scaling.rope_type == "linear":
@@ -57,9 +56,7 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
     high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
     scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
-    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
-        s.high_freq_factor - s.low_freq_factor
-    )
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
     blended = (1 - smooth) * scaled / s.factor + smooth * scaled
     medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return torch.where(medium, blended, scaled)
@@ -140,9 +137,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: At
     for length in meta.seq_lens:
         end = start + length
         seq = [t[start:end].transpose(0, 1)[None] for t in (q, k, v)]
-        out[start:end] = F.scaled_dot_product_attention(
-            *seq, is_causal=True, scale=scale, enable_gqa=True
-        )[0].transpose(0, 1)
+        out[start:end] = F.scaled_dot_product_attention(*seq, is_causal=True, scale=scale, enable_gqa=True)[0].transpose(0, 1)
         start = end
     return out
 
@@ -165,7 +160,11 @@ class Attention(nn.Module):
         self.k_scale = self.v_scale = 1.0
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata | PagedMetadata,
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata | PagedMetadata,
         kv: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """q [T, H, D], k and v [T, H_kv, D]; `kv` [T, 2, H_kv, D], when given, holds k and v side by
@@ -181,7 +180,9 @@ class Attention(nn.Module):
         return dict(k_scale=self.k_scale, v_scale=self.v_scale) if self.kv_cache[0].dtype == torch.float8_e4m3fn else {}
 
     def forward_triton(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: PagedMetadata) -> torch.Tensor:
-        from kernels import paged_decode_attention as decode, prefill_attention as prefill, reshape_and_cache as cache
+        from kernels import paged_decode_attention as decode
+        from kernels import prefill_attention as prefill
+        from kernels import reshape_and_cache as cache
 
         key_cache, value_cache = self.kv_cache
         scales = self.scales()
@@ -192,13 +193,25 @@ class Attention(nn.Module):
         n = meta.num_decodes
         if n:
             out[:n] = decode.paged_decode_attention_triton(
-                q[:n].contiguous(), key_cache, value_cache, meta.decode_block_tables, meta.decode_context_lens, self.scale,
+                q[:n].contiguous(),
+                key_cache,
+                value_cache,
+                meta.decode_block_tables,
+                meta.decode_context_lens,
+                self.scale,
                 **scales,
             )
         if q.shape[0] > n:
             out[n:] = prefill.prefill_attention_triton(
-                q[n:].contiguous(), key_cache, value_cache, meta.prefill_block_tables, meta.prefill_query_start,
-                meta.prefill_context_lens, self.scale, meta.max_prefill_query_len, **scales,
+                q[n:].contiguous(),
+                key_cache,
+                value_cache,
+                meta.prefill_block_tables,
+                meta.prefill_query_start,
+                meta.prefill_context_lens,
+                self.scale,
+                meta.max_prefill_query_len,
+                **scales,
             )
         return out
 

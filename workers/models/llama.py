@@ -12,6 +12,7 @@ import re
 import torch
 from torch import nn
 
+from parallel.errors import ConfigError
 from parallel.layers import (
     MergedColumnParallelLinear,
     ParallelLMHead,
@@ -20,7 +21,6 @@ from parallel.layers import (
     VocabParallelEmbedding,
     divide,
 )
-from parallel.errors import ConfigError
 from parallel.quantization import QuantConfig
 from parallel.state import TensorParallelGroup
 from workers.config import ModelArch
@@ -106,9 +106,7 @@ class LlamaForCausalLM(nn.Module):
     }
     """Checkpoint module name -> (fused module name, shard id)."""
 
-    def __init__(
-        self, arch: ModelArch, tp: TensorParallelGroup, max_positions: int, quant: QuantConfig | None = None
-    ) -> None:
+    def __init__(self, arch: ModelArch, tp: TensorParallelGroup, max_positions: int, quant: QuantConfig | None = None) -> None:
         """`quant`: how the linear layers of the decoder hold their weights (None: the model dtype);
         the embeddings, norms and LM head always stay in the model dtype."""
         super().__init__()
@@ -142,7 +140,9 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: Metadata) -> torch.Tensor:
         return self.model(input_ids, positions, meta)
 
-    def bind_kv_cache(self, keys: list[torch.Tensor], values: list[torch.Tensor], pairs: list[torch.Tensor] | None = None) -> None:
+    def bind_kv_cache(
+        self, keys: list[torch.Tensor], values: list[torch.Tensor], pairs: list[torch.Tensor] | None = None
+    ) -> None:
         """Give each layer's attention its K and V pools (and, where they are its halves, the
         [2, ...] tensor that holds both)."""
         for i, (layer, k, v) in enumerate(zip(self.model.layers, keys, values)):

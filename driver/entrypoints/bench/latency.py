@@ -23,15 +23,24 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from driver.entrypoints.bench.throughput import random_prompts
 
 TINY_LLAMA = dict(
-    architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64, intermediate_size=96,
-    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
-    max_position_embeddings=2048, tie_word_embeddings=False, torch_dtype="float32",
+    architectures=["LlamaForCausalLM"],
+    model_type="llama",
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=256,
+    max_position_embeddings=2048,
+    tie_word_embeddings=False,
+    torch_dtype="float32",
 )
 """issue 11's tiny Llama: compute near nothing, so a step's time is the engine's own."""
 
@@ -76,7 +85,12 @@ def _best(runs: int, timed: Callable[[], Any]) -> Any:
 
 
 def run_shardlm_latency(
-    engine_args: dict[str, Any], batch_sizes: list[int], input_len: int, output_len: int, repeat: int, seed: int,
+    engine_args: dict[str, Any],
+    batch_sizes: list[int],
+    input_len: int,
+    output_len: int,
+    repeat: int,
+    seed: int,
 ) -> tuple[dict[int, dict[str, float]], list[int], Any]:
     """Per batch size: ms per decode step and the steps counted; each rank's weight bytes; the
     engine's config."""
@@ -93,8 +107,10 @@ def run_shardlm_latency(
             full_s, full_steps = _best(repeat, lambda: _timed_generate(llm, prompts(batch), output_len))
             decode_steps = full_steps - prefill_steps
             rows[batch] = {
-                "ms_per_step": ms_per_step(full_s, prefill_s, decode_steps), "decode_steps": decode_steps,
-                "prefill_s": prefill_s, "full_s": full_s,
+                "ms_per_step": ms_per_step(full_s, prefill_s, decode_steps),
+                "decode_steps": decode_steps,
+                "prefill_s": prefill_s,
+                "full_s": full_s,
             }
         weights = [r.weight_device_bytes for r in llm.load_report.ranks]
     return rows, weights, llm.config
@@ -131,7 +147,13 @@ def transformers_model(folder: str, dtype: str, dummy: bool, device: str) -> Any
 
 
 def run_transformers_latency(
-    model: Any, batch_sizes: list[int], input_len: int, output_len: int, vocab: int, repeat: int, seed: int,
+    model: Any,
+    batch_sizes: list[int],
+    input_len: int,
+    output_len: int,
+    vocab: int,
+    repeat: int,
+    seed: int,
 ) -> dict[int, dict[str, float]]:
     """Per batch size: ms per decode step of `generate` (greedy, exactly `output_len` new tokens)."""
     import torch
@@ -143,8 +165,12 @@ def run_transformers_latency(
         start = time.perf_counter()
         with torch.no_grad():
             model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=0,
             )
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -156,8 +182,10 @@ def run_transformers_latency(
         prefill_s, _ = _best(repeat, lambda: timed(ids, 1))
         full_s, _ = _best(repeat, lambda: timed(ids, output_len))
         rows[batch] = {
-            "ms_per_step": ms_per_step(full_s, prefill_s, output_len - 1), "decode_steps": output_len - 1,
-            "prefill_s": prefill_s, "full_s": full_s,
+            "ms_per_step": ms_per_step(full_s, prefill_s, output_len - 1),
+            "decode_steps": output_len - 1,
+            "prefill_s": prefill_s,
+            "full_s": full_s,
         }
     return rows
 
@@ -197,7 +225,12 @@ def roofline(rank_weight_bytes: list[int], gb_per_s: float, batch1_ms: float | N
 
 
 def bench_latency(
-    engine_args: dict[str, Any], batch_sizes: list[int], input_len: int, output_len: int, repeat: int = 3, seed: int = 0,
+    engine_args: dict[str, Any],
+    batch_sizes: list[int],
+    input_len: int,
+    output_len: int,
+    repeat: int = 3,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """shardlm, then transformers (after the engine has let go of its devices), then on CUDA the
     device's bandwidth: everything `format_latency` prints, JSON-ready."""
@@ -212,9 +245,14 @@ def bench_latency(
     del hf
     result: dict[str, Any] = {
         "setup": {
-            "model": config.model.model or "default", "dtype": config.model.dtype, "device": config.model.device,
-            "tensor_parallel_size": config.parallel.tensor_parallel_size, "load_format": config.load.load_format,
-            "input_len": input_len, "output_len": output_len, "repeat": repeat,
+            "model": config.model.model or "default",
+            "dtype": config.model.dtype,
+            "device": config.model.device,
+            "tensor_parallel_size": config.parallel.tensor_parallel_size,
+            "load_format": config.load.load_format,
+            "input_len": input_len,
+            "output_len": output_len,
+            "repeat": repeat,
         },
         "shardlm": {str(b): r for b, r in ours.items()},
         "transformers": {str(b): r for b, r in theirs.items()},

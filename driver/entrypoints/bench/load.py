@@ -28,8 +28,9 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 PROBE_TOKENS = [1, 5, 17, 42, 99, 123, 200, 255]
 """A prompt every test checkpoint's vocabulary covers."""
@@ -63,7 +64,7 @@ def _read_files(model: str, buffer_for: Callable[[int], memoryview]) -> dict[str
         fd = os.open(file, os.O_RDONLY)
         try:
             offset = 0
-            while offset < size and (n := os.preadv(fd, [buffer[offset % len(buffer):]], offset)) > 0:
+            while offset < size and (n := os.preadv(fd, [buffer[offset % len(buffer) :]], offset)) > 0:
                 offset += n
             total += offset
         finally:
@@ -99,16 +100,25 @@ def _child_shardlm(model: str, dtype: str, tp_size: int, rank: int, strategy: st
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = EngineArgs(
-        model=model, dtype=dtype, device=device, tensor_parallel_size=tp_size, safetensors_load_strategy=strategy,
+        model=model,
+        dtype=dtype,
+        device=device,
+        tensor_parallel_size=tp_size,
+        safetensors_load_strategy=strategy,
     ).create_engine_config()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp_size))
     start = time.perf_counter()
     loaded, report = load_model(config, TensorParallelGroup(rank=rank, size=tp_size), torch.device(device))
     seconds = time.perf_counter() - start
     result = {
-        "seconds": seconds, "bytes_read": report.bytes_read, "gb_per_s": report.bytes_read / seconds / 1e9,
-        "peak_after_load": _peak_rss(), "strategy": report.load_strategy, "threads": report.load_threads,
-        "reads": report.reads, "rank": rank,
+        "seconds": seconds,
+        "bytes_read": report.bytes_read,
+        "gb_per_s": report.bytes_read / seconds / 1e9,
+        "peak_after_load": _peak_rss(),
+        "strategy": report.load_strategy,
+        "threads": report.load_threads,
+        "reads": report.reads,
+        "rank": rank,
     }
     if tp_size == 1:
         from workers.models.layers import AttentionMetadata
@@ -192,8 +202,13 @@ def _best(previous: dict | None, result: dict) -> dict:
 
 
 def bench_load(
-    model: str, dtype: str = "float32", repeat: int = 1, tensor_parallel_size: int = 1, strategy: str = "auto",
-    engine: bool = False, transformers: bool = True,
+    model: str,
+    dtype: str = "float32",
+    repeat: int = 1,
+    tensor_parallel_size: int = 1,
+    strategy: str = "auto",
+    engine: bool = False,
+    transformers: bool = True,
 ) -> dict[str, Any]:
     """Best-of-`repeat` figures of each measurement, alternating within each repeat."""
     warm_page_cache(model)
@@ -230,8 +245,11 @@ def engine_start_phases(model: str, dtype: str, tensor_parallel_size: int) -> di
         ready = time.perf_counter() - start
         report = llm.load_report
         return {
-            "ready_seconds": ready, "phases": dict(report.phases),
-            "ranks": [{"rank": r.rank, "seconds": r.seconds, "gb_per_s": r.gb_per_s, "strategy": r.load_strategy} for r in report.ranks],
+            "ready_seconds": ready,
+            "phases": dict(report.phases),
+            "ranks": [
+                {"rank": r.rank, "seconds": r.seconds, "gb_per_s": r.gb_per_s, "strategy": r.load_strategy} for r in report.ranks
+            ],
         }
 
 

@@ -64,7 +64,9 @@ def run_child(engine_args: dict[str, Any], timeout_s: float = CHILD_TIMEOUT_S) -
     try:
         done = subprocess.run(
             [sys.executable, "-c", CHILD.format(marker=MARKER), json.dumps(engine_args)],
-            capture_output=True, text=True, timeout=timeout_s,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
         )
     except subprocess.TimeoutExpired:
         raise ShardLMError(f"bench start: a child did not finish within {timeout_s:.0f} s") from None
@@ -73,7 +75,7 @@ def run_child(engine_args: dict[str, Any], timeout_s: float = CHILD_TIMEOUT_S) -
     if done.returncode != 0 or not lines:
         tail = "\n".join(done.stderr.strip().splitlines()[-15:])
         raise ShardLMError(f"bench start: the child failed (exit status {done.returncode}):\n{tail}")
-    result = json.loads(lines[-1][len(MARKER):])
+    result = json.loads(lines[-1][len(MARKER) :])
     result["python"] = result.pop("first") - spawned
     result["process wall"] = wall
     return result

@@ -87,8 +87,12 @@ def run_transformers_throughput(model: str, dtype: str, prompts: list[list[int]]
     start = time.perf_counter()
     with torch.no_grad():
         hf.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest,
-            do_sample=False, pad_token_id=pad,
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=longest,
+            min_new_tokens=longest,
+            do_sample=False,
+            pad_token_id=pad,
         )
     if device == "cuda":
         torch.cuda.synchronize()
@@ -107,14 +111,18 @@ def _load_transformers_model(model: str, dtype: str) -> Any:
 
 def format_throughput(setup: str, ours: dict[str, float], theirs: dict[str, float]) -> str:
     ratio = ours["tokens_per_s"] / theirs["tokens_per_s"]
-    return "\n".join([
-        f"throughput: {setup}",
-        f"{'':28}{'shardlm':>12}{'transformers':>14}",
-        f"{'output tokens':28}{ours['output_tokens']:>12.0f}{theirs['output_tokens']:>14.0f}",
-        f"{'seconds':28}{ours['seconds']:>12.2f}{theirs['seconds']:>14.2f}",
-        f"{'output tokens / s':28}{ours['tokens_per_s']:>12.1f}{theirs['tokens_per_s']:>14.1f}",
-        *([f"{'tokens computed (padded)':28}{'':>12}{theirs['computed_tokens']:>14.0f}"]
-          if theirs.get("computed_tokens", theirs["output_tokens"]) != theirs["output_tokens"] else []),
-        f"ratio (shardlm / transformers): {ratio:.2f}",
-    ])
-
+    return "\n".join(
+        [
+            f"throughput: {setup}",
+            f"{'':28}{'shardlm':>12}{'transformers':>14}",
+            f"{'output tokens':28}{ours['output_tokens']:>12.0f}{theirs['output_tokens']:>14.0f}",
+            f"{'seconds':28}{ours['seconds']:>12.2f}{theirs['seconds']:>14.2f}",
+            f"{'output tokens / s':28}{ours['tokens_per_s']:>12.1f}{theirs['tokens_per_s']:>14.1f}",
+            *(
+                [f"{'tokens computed (padded)':28}{'':>12}{theirs['computed_tokens']:>14.0f}"]
+                if theirs.get("computed_tokens", theirs["output_tokens"]) != theirs["output_tokens"]
+                else []
+            ),
+            f"ratio (shardlm / transformers): {ratio:.2f}",
+        ]
+    )

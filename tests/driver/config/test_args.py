@@ -20,7 +20,9 @@ from workers.model_files import find_model
 
 
 def test_unknown_keyword_names_the_nearest_valid_one() -> None:
-    with pytest.raises(TypeError, match=r"unexpected keyword argument 'tensor_paralel_size'; did you mean 'tensor_parallel_size'\?"):
+    with pytest.raises(
+        TypeError, match=r"unexpected keyword argument 'tensor_paralel_size'; did you mean 'tensor_parallel_size'\?"
+    ):
         EngineArgs(tensor_paralel_size=2)
     with pytest.raises(TypeError, match="'modle'.*did you mean 'model'"):
         EngineArgs.from_kwargs(modle="x")
@@ -100,7 +102,10 @@ def test_bfloat16_on_old_gpus_is_refused() -> None:
 def test_max_model_len_from_config_and_user(tiny_checkpoint) -> None:
     llama = str(tiny_checkpoint("llama")[0])
     assert EngineArgs(model=llama, device="cpu").create_engine_config().model.max_model_len == 256
-    assert EngineArgs(model=str(tiny_checkpoint("llama_linear_rope")[0]), device="cpu").create_engine_config().model.max_model_len == 512
+    assert (
+        EngineArgs(model=str(tiny_checkpoint("llama_linear_rope")[0]), device="cpu").create_engine_config().model.max_model_len
+        == 512
+    )
     with pytest.raises(ConfigError, match=r"max_model_len=300 is larger than the model allows \(256") as refused:
         EngineArgs(model=llama, max_model_len=300, device="cpu").create_engine_config()
     assert refused.value.field == "max_model_len"
@@ -119,7 +124,9 @@ def test_unsupported_architecture_lists_the_supported(tiny_checkpoint, tmp_path)
     config = json.loads((folder / "config.json").read_text())
     config["architectures"] = ["GPT2LMHeadModel"]
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match=r"\['GPT2LMHeadModel'\].*supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"):
+    with pytest.raises(
+        ConfigError, match=r"\['GPT2LMHeadModel'\].*supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"
+    ):
         EngineArgs(model=str(folder)).create_engine_config()
 
 
@@ -134,7 +141,9 @@ def test_heads_not_divisible_by_tp_are_refused(tiny_checkpoint) -> None:
     from workers.loader import build_model
 
     config = EngineArgs(model=str(tiny_checkpoint("llama")[0]), device="cpu").create_engine_config()
-    with pytest.raises(ConfigError, match=r"Total number of attention heads \(4\) must be divisible by tensor parallel size \(3\)\."):
+    with pytest.raises(
+        ConfigError, match=r"Total number of attention heads \(4\) must be divisible by tensor parallel size \(3\)\."
+    ):
         build_model(config, TensorParallelGroup(rank=0, size=3), torch.device("cpu"))
 
 
@@ -155,8 +164,15 @@ def test_omitted_fields_take_transformers_defaults(tmp_path) -> None:
     from transformers import AutoConfig
 
     for architecture in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"):
-        sparse = {"architectures": [architecture], "model_type": architecture[:-11].lower(), "hidden_size": 64,
-                  "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 300}
+        sparse = {
+            "architectures": [architecture],
+            "model_type": architecture[:-11].lower(),
+            "hidden_size": 64,
+            "intermediate_size": 96,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "vocab_size": 300,
+        }
         (tmp_path / "config.json").write_text(json.dumps(sparse))
         files = SimpleNamespace(folder=str(tmp_path), gguf_file=None)
         ours, theirs = load_hf_config(files), AutoConfig.from_pretrained(tmp_path)

@@ -76,7 +76,9 @@ def test_a_gguf_model_has_none(smollm2_gguf: Path) -> None:
 
 def test_what_is_set_comes_first_then_the_model_then_the_fallback() -> None:
     defaults = GenerationDefaults(values=EXPECTED, source="generation_config.json")
-    params = sampling_params_with_defaults({"temperature": 0.0, "top_p": None}, defaults, fallback={"max_tokens": 256, "min_p": 0.1})
+    params = sampling_params_with_defaults(
+        {"temperature": 0.0, "top_p": None}, defaults, fallback={"max_tokens": 256, "min_p": 0.1}
+    )
     assert (params.temperature, params.top_p, params.top_k, params.max_tokens, params.min_p) == (0.0, 0.9, 20, 3, 0.1)
     assert sampling_params_with_defaults({}, GenerationDefaults(), fallback={"max_tokens": 256}).max_tokens == 256
     with pytest.raises(ValueError, match="top_k must be"):
@@ -127,8 +129,9 @@ def test_llm_applies_the_models_defaults_unless_given_sampling_params(ray_cluste
         defaults = llm.get_default_sampling_params()
         assert defaults == SamplingParams(**EXPECTED)
         assert llm.load_report.generation_defaults == llm.generation_defaults
-        assert "sampling defaults: temperature=0.6 top_p=0.9 top_k=20 repetition_penalty=1.1 max_tokens=3 from generation_config.json" in (
-            llm.load_report.format()
+        assert (
+            "sampling defaults: temperature=0.6 top_p=0.9 top_k=20 repetition_penalty=1.1 max_tokens=3 from generation_config.json"
+            in (llm.load_report.format())
         )
         plain, chat = llm.generate("Hello"), llm.chat([{"role": "user", "content": "Hello"}])
         for out in (plain[0].outputs[0], chat[0].outputs[0]):

@@ -6,8 +6,8 @@ the tokens a completion gets do not depend on how its prompt was chunked, cached
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import SimpleNamespace
-from typing import Callable
 
 import pytest
 import torch
@@ -15,8 +15,8 @@ import torch
 from driver.engine import core as engine_core
 from driver.engine.core import CoreRequest, EngineCore
 from driver.engine.output_processor import OutputProcessor
-from workers.batch import Batch, PromptLogprobs, SampledToken, StepResult
 from parallel.state import TensorParallelGroup
+from workers.batch import Batch, PromptLogprobs, SampledToken, StepResult
 from workers.block_tables import BlockTables
 from workers.placeholders import PLACEHOLDER, LastTokens
 from workers.sampling_params import SamplingParams
@@ -75,9 +75,13 @@ class FakeExecutor:
             if batch.prompt_logprob_counts[i]:
                 count = batch.prompt_logprob_counts[i]
                 first = batch.context_lens[i] - batch.query_lens[i] + 1
-                prompt.append(PromptLogprobs(seq_id=seq_id, start=first, logprobs=[-0.5] * count, ranks=[1] * count, top=[[]] * count))
+                prompt.append(
+                    PromptLogprobs(seq_id=seq_id, start=first, logprobs=[-0.5] * count, ranks=[1] * count, top=[[]] * count)
+                )
             if batch.sample[i]:
-                sampled.append(SampledToken(seq_id=seq_id, token_id=(batch.token_ids[end - 1] + 1) % VOCAB, logprob=-1.0, rank=1, top=[]))
+                sampled.append(
+                    SampledToken(seq_id=seq_id, token_id=(batch.token_ids[end - 1] + 1) % VOCAB, logprob=-1.0, rank=1, top=[])
+                )
         return StepResult(sampled=sampled, prompt_logprobs=prompt)
 
 
@@ -92,12 +96,18 @@ def run(core: EngineCore, max_steps: int = 500) -> dict[str, dict[int, tuple[lis
             for delta in out.seqs:
                 tokens.setdefault((out.request_id, delta.index), []).append(delta.sampled.token_id)
                 if delta.finish_reason is not None:
-                    done.setdefault(out.request_id, {})[delta.index] = (tokens[out.request_id, delta.index], delta.finish_reason, delta.stop_reason)
+                    done.setdefault(out.request_id, {})[delta.index] = (
+                        tokens[out.request_id, delta.index],
+                        delta.finish_reason,
+                        delta.stop_reason,
+                    )
     raise AssertionError("the core did not finish")
 
 
 def request(request_id: str, prompt: list[int], eos: int | None = None, **params: object) -> CoreRequest:
-    return CoreRequest(request_id=request_id, prompt_token_ids=prompt, params=SamplingParams(**params), arrival_time=0.0, eos_token_id=eos)
+    return CoreRequest(
+        request_id=request_id, prompt_token_ids=prompt, params=SamplingParams(**params), arrival_time=0.0, eos_token_id=eos
+    )
 
 
 def make_core(num_blocks: int = 64, **kwargs: object) -> tuple[EngineCore, FakeExecutor]:
@@ -108,12 +118,14 @@ def make_core(num_blocks: int = 64, **kwargs: object) -> tuple[EngineCore, FakeE
 
 def test_token_ids_alone_end_a_completion() -> None:
     core, _ = make_core()
-    core.add_requests([
-        request("eos", [1, 2], eos=5, max_tokens=10),
-        request("stop-id", [10], stop_token_ids=[13], max_tokens=10),
-        request("length", [20], max_tokens=3),
-        request("min", [1, 2], eos=4, min_tokens=3, max_tokens=4),
-    ])
+    core.add_requests(
+        [
+            request("eos", [1, 2], eos=5, max_tokens=10),
+            request("stop-id", [10], stop_token_ids=[13], max_tokens=10),
+            request("length", [20], max_tokens=3),
+            request("min", [1, 2], eos=4, min_tokens=3, max_tokens=4),
+        ]
+    )
     done = run(core)
     assert done["eos"][0] == ([3, 4, 5], "stop", None)
     assert done["stop-id"][0] == ([11, 12, 13], "stop", 13)
@@ -236,7 +248,8 @@ def test_async_scheduling_gives_the_tokens_of_sync_steps(num_blocks: int) -> Non
             for out in outputs.process(core.step())[0]:
                 final[out.request_id] = out
         results[overlap] = {
-            rid: ([(c.token_ids, c.finish_reason, c.stop_reason) for c in o.outputs], o.prompt_logprobs) for rid, o in final.items()
+            rid: ([(c.token_ids, c.finish_reason, c.stop_reason) for c in o.outputs], o.prompt_logprobs)
+            for rid, o in final.items()
         }
         assert all(o.finished for o in final.values()) and not core.seqs
         assert core.scheduler.blocks.num_free == num_blocks

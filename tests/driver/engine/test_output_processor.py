@@ -67,7 +67,8 @@ def test_a_stop_string_wins_over_length_but_not_over_a_stop_token() -> None:
     results, hits = outputs.process([step("len", 1, reason="length"), step("eos", 1, reason="stop")])
     assert hits == [("len", 0, "b")]
     assert [(o.outputs[0].finish_reason, o.outputs[0].stop_reason, o.outputs[0].text) for o in results] == [
-        ("stop", "b", ""), ("stop", None, "b"),
+        ("stop", "b", ""),
+        ("stop", None, "b"),
     ]
 
 

@@ -54,7 +54,9 @@ def check_invariants(manager: BlockManager, seqs: list[Sequence], num_blocks: in
     assert len(manager.cached) == len(manager.key_of)
 
 
-def play(manager: BlockManager, requests: list[Request], budget: int, outputs: int, seed: int, max_steps: int = 3000) -> StandInModel:
+def play(
+    manager: BlockManager, requests: list[Request], budget: int, outputs: int, seed: int, max_steps: int = 3000
+) -> StandInModel:
     """Run every request to `outputs` tokens per completion; outputs drawn from a small alphabet."""
     rng = random.Random(seed)
     scheduler = Scheduler(manager, max_num_seqs=6, max_num_batched_tokens=budget)
@@ -87,7 +89,13 @@ PROMPTS = st.lists(
 
 
 @settings(max_examples=150, deadline=None)
-@given(prompts=PROMPTS, num_blocks=st.integers(10, 40), block_size=st.sampled_from([1, 2, 4]), budget=st.integers(8, 40), seed=st.integers(0, 9))
+@given(
+    prompts=PROMPTS,
+    num_blocks=st.integers(10, 40),
+    block_size=st.sampled_from([1, 2, 4]),
+    budget=st.integers(8, 40),
+    seed=st.integers(0, 9),
+)
 def test_hits_hold_the_same_tokens_and_referenced_blocks_stay(prompts, num_blocks, block_size, budget, seed) -> None:
     """Prompts share one of three stems, with pool pressure (preemption, eviction) and n > 1."""
     stems = [[5, 6, 7, 8, 9, 10, 11, 12], [5, 6, 7, 8, 1, 1], [9] * 10]

@@ -15,7 +15,7 @@ from driver.engine.tokenizer import decode_stream_backend
 from parallel.errors import ModelNotFound
 
 TEXT = st.text(
-    alphabet=st.sampled_from(list("abc xyz,.!\n") + list("éüñ") + list("中文字") + ["🎉", "🚀", "👍", "\U0001F3FD", "\u200d"]),
+    alphabet=st.sampled_from(list("abc xyz,.!\n") + list("éüñ") + list("中文字") + ["🎉", "🚀", "👍", "\U0001f3fd", "\u200d"]),
     max_size=30,
 )
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -35,8 +35,13 @@ def sentencepiece_tokenizer(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sp")
     corpus = ["Hello world, this is a test.", "café naïve résumé", "数字 and 中文", "emoji 🎉 rare"] * 50
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus), model_prefix=str(folder / "tokenizer"), vocab_size=340,
-        byte_fallback=True, model_type="bpe", character_coverage=1.0, minloglevel=2,
+        sentence_iterator=iter(corpus),
+        model_prefix=str(folder / "tokenizer"),
+        vocab_size=340,
+        byte_fallback=True,
+        model_type="bpe",
+        character_coverage=1.0,
+        minloglevel=2,
     )
     (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
     return AutoTokenizer.from_pretrained(folder)
@@ -53,9 +58,7 @@ def byte_tokenizer():
     byte_level = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     byte_level.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     byte_level.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=byte_level, eos_token="<|end|>", additional_special_tokens=["<|sep|>"]
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=byte_level, eos_token="<|end|>", additional_special_tokens=["<|sep|>"])
 
 
 class WindowedView:
@@ -79,9 +82,7 @@ def detokenizer(tokenizer, prompt_ids: list[int], path: str, **kwargs) -> Increm
     return detok
 
 
-def detokenize(
-    tokenizer, prompt_ids: list[int], output_ids: list[int], path: str = "stream", **kwargs
-) -> tuple[str, list[str]]:
+def detokenize(tokenizer, prompt_ids: list[int], output_ids: list[int], path: str = "stream", **kwargs) -> tuple[str, list[str]]:
     detok = detokenizer(tokenizer, prompt_ids, path, **kwargs)
     deltas = [detok.add(t) for t in output_ids]
     deltas.append(detok.finish())
@@ -91,6 +92,7 @@ def detokenize(
 
 def expected_text(tokenizer, prompt_ids: list[int], output_ids: list[int], skip_special_tokens: bool = True) -> str:
     """What the output adds to the prompt when the whole sequence is decoded at once."""
+
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
 
@@ -204,8 +206,12 @@ def test_special_tokens_skipped_or_kept(smollm2_tokenizer, path: str, skip_speci
     assert text == ("Hi there 你好" if skip_special_tokens else "Hi there 你好<|im_end|><|im_start|><|endoftext|>")
     assert text == expected_text(smollm2_tokenizer, prompt, output, skip_special_tokens)
     kept_apart, _ = detokenize(
-        smollm2_tokenizer, prompt, output, path,
-        skip_special_tokens=skip_special_tokens, spaces_between_special_tokens=False,
+        smollm2_tokenizer,
+        prompt,
+        output,
+        path,
+        skip_special_tokens=skip_special_tokens,
+        spaces_between_special_tokens=False,
     )
     assert kept_apart == text, "a byte-level decoder puts no space between special tokens anyway"
 
@@ -219,9 +225,7 @@ def test_spaces_between_special_tokens_as_vllm() -> None:
     vocab = {"[UNK]": 0, "[CLS]": 1, "[SEP]": 2, "hello": 3, "world": 4, "##s": 5}
     wordpiece = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
     wordpiece.pre_tokenizer, wordpiece.decoder = pre_tokenizers.BertPreTokenizer(), decoders.WordPiece()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=wordpiece, cls_token="[CLS]", sep_token="[SEP]", unk_token="[UNK]"
-    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=wordpiece, cls_token="[CLS]", sep_token="[SEP]", unk_token="[UNK]")
     output = [1, 4, 5, 2, 2, 3]
     assert expected_text(tokenizer, [3], output, False) == " [CLS] worlds [SEP] [SEP] hello"
     assert detokenize(tokenizer, [3], output, skip_special_tokens=False)[0] == " [CLS] worlds [SEP] [SEP] hello"

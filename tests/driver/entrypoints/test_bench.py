@@ -10,7 +10,13 @@ import pytest
 
 from driver.entrypoints.bench import throughput as bench
 from driver.entrypoints.bench.latency import (
-    TINY_LLAMA, batch_sizes, ms_per_step, ratios, roofline, roofline_fraction, roofline_ms, tiny_llama_folder,
+    TINY_LLAMA,
+    batch_sizes,
+    ms_per_step,
+    ratios,
+    roofline,
+    roofline_fraction,
+    roofline_ms,
 )
 from driver.entrypoints.cli import main
 
@@ -71,7 +77,7 @@ class FakeLLM:
     def __init__(self, **engine_args) -> None:
         self.engine_args = engine_args
 
-    def __enter__(self) -> "FakeLLM":
+    def __enter__(self) -> FakeLLM:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -83,7 +89,10 @@ class FakeLLM:
         assert len(prompts) == len(params) and all(p.ignore_eos and p.temperature == 0 for p in params)
         return [
             RequestOutput(
-                request_id=str(i), prompt=None, prompt_token_ids=p["prompt_token_ids"], finished=True,
+                request_id=str(i),
+                prompt=None,
+                prompt_token_ids=p["prompt_token_ids"],
+                finished=True,
                 outputs=[CompletionOutput(index=0, text="", token_ids=[7] * sp.max_tokens)],
                 metrics=RequestMetrics(arrival_time=0.0),
             )

@@ -11,19 +11,24 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import msgspec
 import pytest
 
-import msgspec
-
 from cluster.logs import log_to_stderr
+from driver.engine.report import LoadReport
 from driver.entrypoints.cli import (
-    DEFAULT_PROMPT, FlagSpelling, all_parsers, build_parser, error_line, main, read_prompts, sampling_params_from,
+    DEFAULT_PROMPT,
+    FlagSpelling,
+    all_parsers,
+    build_parser,
+    error_line,
+    main,
+    read_prompts,
+    sampling_params_from,
     typed_sampling,
 )
-from driver.engine.report import LoadReport
 from parallel.errors import ConfigError
 from workers.sampling_params import SamplingParams
-
 
 SMALL_ENGINE = ["--max-model-len", "256", "--max-num-batched-tokens", "256", "--kv-cache-memory-bytes", str(16 * 2**20)]
 
@@ -38,7 +43,10 @@ def test_generate_on_the_default_model(ray_cluster, capsys) -> None:
     report = msgspec.json.decode(json.dumps(out["load_report"]), type=LoadReport)
     table = report.format()
     assert "engine start: default (SmolLM2-135M-Instruct.Q4_1.gguf)" in table
-    assert all(f"  {phase} " in table for phase in ("discover", "placement", "workers", "weights", "profile", "kv_allocation", "tokenizer", "warmup"))
+    assert all(
+        f"  {phase} " in table
+        for phase in ("discover", "placement", "workers", "weights", "profile", "kv_allocation", "tokenizer", "warmup")
+    )
     assert "peak host MiB" in table and f"KV cache: {report.num_blocks} blocks of 16 tokens" in table
 
 
@@ -55,7 +63,10 @@ def test_messages_name_the_flags_as_typed() -> None:
     """What Python spells `max_model_len=999999` the command line spells `--max-model-len 999999`;
     `-tp` where the user typed it; paths and other words are left alone."""
     spell = FlagSpelling(build_parser(), ["plan", "-tp", "3", "--max-model-len", "999999"])
-    assert spell("max_model_len=999999 is larger; use max_model_len <= 131072") == "--max-model-len 999999 is larger; use --max-model-len <= 131072"
+    assert (
+        spell("max_model_len=999999 is larger; use max_model_len <= 131072")
+        == "--max-model-len 999999 is larger; use --max-model-len <= 131072"
+    )
     assert spell("tensor_parallel_size=3 does not split") == "-tp 3 does not split"
     assert spell("dtype='fp32' is not one of 'auto'", "dtype") == "--dtype fp32 is not one of 'auto'"
     cuda = "device='cuda' was asked for, but torch sees no CUDA device; use device='cpu' or 'auto'"
@@ -119,7 +130,9 @@ def test_bench_load_reports_both_libraries(tiny_checkpoint) -> None:
     folder, _ = tiny_checkpoint("llama")
     done = subprocess.run(
         [sys.executable, "-m", "driver", "bench", "load", "--model", str(folder), "--json"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr
     results = json.loads(done.stdout)
@@ -161,7 +174,7 @@ def test_prompt_sources_that_give_nothing_are_one_line_errors(tmp_path, monkeypa
     assert main(["generate", *[a.replace("{f}", str(target)) for a in args]]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("shardlm: error: ") and message in err[0]
-    assert "one prompt a line" in err[0] or "echo" in err[0] or "{\"prompt\"" in err[0]
+    assert "one prompt a line" in err[0] or "echo" in err[0] or '{"prompt"' in err[0]
 
 
 def test_quiet_and_debug_go_before_or_after_every_command() -> None:
@@ -211,13 +224,23 @@ def test_bench_start_times_each_phase_of_fresh_starts(tiny_checkpoint) -> None:
     engine = ["--model", str(folder), "--device", "cpu", "--skip-tokenizer-init", *SMALL_ENGINE]
     done = subprocess.run(
         [sys.executable, "-m", "driver", "bench", "start", "--repeat", "1", "--json", *engine],
-        capture_output=True, text=True, timeout=300, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
     )
     assert done.returncode == 0, done.stderr
     runs = json.loads(done.stdout)
     assert len(runs) == 1 and runs[0]["device"] == "cpu" and runs[0]["local_cluster"]
     assert list(runs[0]["phases"]) == [
-        "discover", "placement", "driver_actor", "workers", "weights", "profile", "kv_allocation", "warmup",
+        "discover",
+        "placement",
+        "driver_actor",
+        "workers",
+        "weights",
+        "profile",
+        "kv_allocation",
+        "warmup",
     ]
     table = format_bench_start(runs * 2, 1)
     assert "2 fresh processes, each starting a local Ray cluster" in table

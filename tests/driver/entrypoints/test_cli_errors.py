@@ -44,7 +44,11 @@ def shardlm(*argv: str, env: dict[str, str] | None = None, importtime: bool = Fa
     lines = done.stderr.splitlines()
     modules = {line.split("|")[-1].strip() for line in lines if line.startswith("import time:")}
     return Run(
-        done.returncode, done.stdout, [line for line in lines if not line.startswith("import time:")], modules, wall,
+        done.returncode,
+        done.stdout,
+        [line for line in lines if not line.startswith("import time:")],
+        modules,
+        wall,
         after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime,
     )
 
@@ -75,7 +79,9 @@ def test_plan_of_a_4bit_config_that_does_not_fit_exits_3_and_says_what_would(tmp
     capacity = int(next(line for line in lines if line.startswith("  token capacity")).split()[-1])
     fixes = [line for line in lines if line.startswith("  would fit with ")]
     assert [f.split(" (")[0] for f in fixes] == [
-        f"  would fit with --max-model-len {capacity}", "  would fit with --tensor-parallel-size 2", "  would fit with --kv-cache-dtype fp8",
+        f"  would fit with --max-model-len {capacity}",
+        "  would fit with --tensor-parallel-size 2",
+        "  would fit with --kv-cache-dtype fp8",
     ]
 
 
@@ -83,7 +89,14 @@ def test_plan_on_a_hub_repo_id_from_a_cache_holding_only_config_json(tmp_path, l
     cache = tmp_path / "hub"
     make_hub_cache(cache, "meta-llama/Llama-3.1-70B-Instruct", llama3_70b)
     done = shardlm(
-        "plan", "--model", "meta-llama/Llama-3.1-70B-Instruct", "-tp", "4", "--gpu-memory", "80GiB", "--json",
+        "plan",
+        "--model",
+        "meta-llama/Llama-3.1-70B-Instruct",
+        "-tp",
+        "4",
+        "--gpu-memory",
+        "80GiB",
+        "--json",
         env={"HF_HUB_CACHE": str(cache)},
     )
     assert done.returncode == 0, done.stderr
@@ -95,7 +108,10 @@ def test_plan_on_a_hub_repo_id_from_a_cache_holding_only_config_json(tmp_path, l
 BAD_INPUT = [
     (["--gpu-memory", "80"], "argument --gpu-memory: '80' has no unit: did you mean 80GiB?"),
     (["--gpu-memory", "80ZB"], "argument --gpu-memory: cannot read '80ZB' as a memory size: write e.g. 80GiB"),
-    (["--gpu-memory", "80GiB", "-tp", "3"], "-tp 3 does not split the model: Total number of attention heads (64) must be divisible"),
+    (
+        ["--gpu-memory", "80GiB", "-tp", "3"],
+        "-tp 3 does not split the model: Total number of attention heads (64) must be divisible",
+    ),
     (["--gpu-memory", "80GiB", "--dtype", "fp32"], "--dtype fp32 is not one of 'auto', 'float32', 'bfloat16', 'float16'"),
     (["--gpu-memory", "80GiB", "--max-num-seqs", "0"], "--max-num-seqs 0 must be a positive integer"),
     (["--gpu-memory", "80GiB", "--max-model-len", "999999"], "--max-model-len 999999 is larger than the model allows (131072"),

@@ -9,19 +9,33 @@ from pathlib import Path
 import pytest
 
 from driver import EngineArgs
+from driver.config.units import format_gib, parse_size
 from driver.entrypoints.cli import main
 from driver.entrypoints.planner import CUDA_RESERVE_BYTES, activation_estimate, plan
-from driver.config.units import format_gib, parse_size
 from parallel.errors import ConfigError
 from tests.helpers import make_hub_cache
 
 GIB = 2**30
 LLAMA3_70B = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192, "num_hidden_layers": 80,
-    "num_attention_heads": 64, "num_key_value_heads": 8, "intermediate_size": 28672, "vocab_size": 128256,
-    "torch_dtype": "bfloat16", "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                     "original_max_position_embeddings": 8192},
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 8192,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+    "intermediate_size": 28672,
+    "vocab_size": 128256,
+    "torch_dtype": "bfloat16",
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
     "tie_word_embeddings": False,
 }
 """Llama-3.1-70B's config.json: 70.55e9 parameters, 141.1 GB in bfloat16."""
@@ -54,7 +68,9 @@ def test_sizes_take_units() -> None:
     with pytest.raises(ConfigError, match="cannot read '80ZB' as a memory size: write e.g. 80GiB"):
         parse_size("80ZB")
     for bare, meant in [("80", "80GiB"), ("81920", "81920MiB"), ("85899345920", "85899345920B (80.00 GiB)")]:
-        with pytest.raises(ConfigError, match=rf"'{bare}' has no unit: did you mean {meant.replace('(', '[(]').replace(')', '[)]')}\?"):
+        with pytest.raises(
+            ConfigError, match=rf"'{bare}' has no unit: did you mean {meant.replace('(', '[(]').replace(')', '[)]')}\?"
+        ):
             parse_size(bare)
     assert format_gib(35278831616) == "32.86 GiB" and format_gib(16 * 2**20) == "16.0 MiB"
 
@@ -76,25 +92,34 @@ def test_a_plan_that_does_not_fit_says_by_how_much_and_what_would(tmp_path) -> N
     folder = config_folder(tmp_path / "llama-3-70b")
     result = plan(EngineArgs(model=str(folder), tensor_parallel_size=2), "cuda", 80 * GIB)
     assert result.valid and not result.fits and result.token_capacity == 27392
-    config = EngineArgs(model=str(folder), tensor_parallel_size=2, load_format="dummy").create_engine_config(device="cuda", capability=(9, 0))
+    config = EngineArgs(model=str(folder), tensor_parallel_size=2, load_format="dummy").create_engine_config(
+        device="cuda", capability=(9, 0)
+    )
     needed = (131072 // 16 + 1) * 16 * result.kv_bytes_per_token_per_rank  # the null block kept aside
     budget = int(0.9 * 80 * GIB) - result.weight_bytes_per_rank - activation_estimate(config) - CUDA_RESERVE_BYTES
     assert result.shortfall_bytes_per_rank == needed - budget
     assert result.problem.startswith(f"{format_gib(needed - budget)} short per rank: weights 65.71 GiB + ")
     assert "bytes per rank" not in result.problem and "-" not in result.problem.split(":")[0]
     assert [s.changes for s in result.suggestions] == [
-        {"max_model_len": 27392}, {"tensor_parallel_size": 4}, {"quantization": "fp8"},
+        {"max_model_len": 27392},
+        {"tensor_parallel_size": 4},
+        {"quantization": "fp8"},
     ]
     assert "would fit with max_model_len=27392" in result.format()
     one_rank = plan(EngineArgs(model=str(folder)), "cuda", 80 * GIB)  # the weights alone exceed the GPU
     assert one_rank.num_blocks == 0 and one_rank.kv_budget_bytes_per_rank == 0
     assert [s.changes for s in one_rank.suggestions] == [{"tensor_parallel_size": 4}]
-    assert one_rank.to_builtins()["fits"] is False and one_rank.to_builtins()["suggestions"][0]["changes"] == {"tensor_parallel_size": 4}
+    assert one_rank.to_builtins()["fits"] is False and one_rank.to_builtins()["suggestions"][0]["changes"] == {
+        "tensor_parallel_size": 4
+    }
 
 
 def test_a_layout_that_does_not_split_names_the_sizes_that_do(tmp_path) -> None:
     result = plan(EngineArgs(model=str(config_folder(tmp_path / "m")), tensor_parallel_size=3), "cuda", 80 * GIB)
-    assert not result.valid and result.problem == "Total number of attention heads (64) must be divisible by tensor parallel size (3)."
+    assert (
+        not result.valid
+        and result.problem == "Total number of attention heads (64) must be divisible by tensor parallel size (3)."
+    )
     assert result.split_sizes == [1, 2, 4, 8, 16, 32, 64]
     assert [s.changes for s in result.suggestions] == [{"tensor_parallel_size": 4}]
 
@@ -157,7 +182,10 @@ def test_smollm2_quantized_with_an_fp8_kv_cache(smollm2_gguf) -> None:
 
 def test_layouts_that_do_not_split_say_so_as_the_engine_does(smollm2_gguf) -> None:
     result = plan(EngineArgs(model=str(smollm2_gguf), tensor_parallel_size=2), "cuda", 80 * GIB)
-    assert not result.valid and result.problem == "Total number of attention heads (9) must be divisible by tensor parallel size (2)."
+    assert (
+        not result.valid
+        and result.problem == "Total number of attention heads (9) must be divisible by tensor parallel size (2)."
+    )
 
 
 def test_a_pool_too_small_for_max_model_len(smollm2_gguf) -> None:

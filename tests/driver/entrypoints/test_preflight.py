@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from driver.entrypoints import preflight
 from driver.config.model_config import derived_max_model_len, load_hf_config, model_arch, resolve_max_model_len
+from driver.entrypoints import preflight
 from parallel.errors import ConfigError
 from tests.helpers import FAMILIES, hf_config
 from workers.gguf_file import read_gguf_index
@@ -41,10 +41,20 @@ def test_the_plain_reading_agrees_with_the_engines(tmp_path: Path, smollm2_gguf:
     cases = []
     for family in FAMILIES:
         hf = hf_config(family)
-        hf.architectures = [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[hf.model_type]]
+        hf.architectures = [
+            {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[hf.model_type]
+        ]
         hf.save_pretrained(tmp_path / family)
         cases.append(ModelFiles(source="folder", folder=str(tmp_path / family), weight_format="dummy"))
-    cases.append(config_only(tmp_path / "windowed", architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=True, sliding_window=100))
+    cases.append(
+        config_only(
+            tmp_path / "windowed",
+            architectures=["Qwen2ForCausalLM"],
+            model_type="qwen2",
+            use_sliding_window=True,
+            sliding_window=100,
+        )
+    )
     cases.append(ModelFiles(source="gguf", folder=str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, weight_format="gguf"))
     for files in cases:
         assert preflight.config_max_len(files) == engine_limit(files), files.folder
@@ -97,7 +107,11 @@ def refused(*flags: str) -> tuple[subprocess.CompletedProcess, float]:
     "flags, expected",
     [
         (["--max-model-len", "999999"], "is larger than the model allows (8192"),
-        pytest.param(["--device", "cuda"], "was asked for, but torch sees no CUDA", marks=pytest.mark.skipif(not NO_GPU, reason="this machine has a GPU")),
+        pytest.param(
+            ["--device", "cuda"],
+            "was asked for, but torch sees no CUDA",
+            marks=pytest.mark.skipif(not NO_GPU, reason="this machine has a GPU"),
+        ),
     ],
 )
 def test_the_command_refuses_before_ray_starts(flags: list[str], expected: str) -> None:

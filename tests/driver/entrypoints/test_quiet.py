@@ -29,7 +29,10 @@ def test_quiet_generate_prints_its_results_and_no_line_of_ray() -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "TQDM_DISABLE")}
     done = subprocess.run(
         [SHARDLM, "generate", "--max-tokens", "4", "--temperature", "0", "-q", "--device", "cpu", *SMALL_ENGINE, "Hi"],
-        capture_output=True, text=True, timeout=240, env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("'Hi' -> ") and len(done.stdout.splitlines()) == 1, done.stdout
@@ -83,7 +86,9 @@ def test_sigterm_raises_terminated_in_the_main_thread_and_a_second_one_is_ignore
 
 def test_what_outlives_the_grace_is_killed() -> None:
     polite = subprocess.Popen([sys.executable, "-c", "pass"])
-    stubborn = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"])
+    stubborn = subprocess.Popen(
+        [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"]
+    )
     processes = [psutil.Process(polite.pid), psutil.Process(stubborn.pid)]
     polite.wait(30)
     started = time.monotonic()

@@ -23,15 +23,17 @@ import pytest
 import torch
 
 from driver.config.args import EngineArgs
+from driver.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from driver.entrypoints.async_engine import AsyncEngine
 from driver.entrypoints.openai_api import OpenAIServing, error_response
-from driver.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from parallel.errors import ConfigError, EngineAsleepError, EngineDeadError
 from tests.helpers import hf_config
 
 MODEL_ID = "tiny-chat"
 MAX_MODEL_LEN = 1024
-ENGINE = dict(tensor_parallel_size=2, device="cpu", max_model_len=MAX_MODEL_LEN, max_num_batched_tokens=256, kv_cache_memory_bytes=2**22)
+ENGINE = dict(
+    tensor_parallel_size=2, device="cpu", max_model_len=MAX_MODEL_LEN, max_num_batched_tokens=256, kv_cache_memory_bytes=2**22
+)
 PROMPT = "The capital of France is"
 MESSAGES = [{"role": "user", "content": "Name three colours."}]
 
@@ -81,7 +83,9 @@ def _live_groups() -> dict[str, list[dict]]:
     """Placement group id -> its bundles, for the groups in place now."""
     from ray.util import placement_group_table
 
-    return {g["placement_group_id"]: list(g["bundles"].values()) for g in placement_group_table().values() if g["state"] == "CREATED"}
+    return {
+        g["placement_group_id"]: list(g["bundles"].values()) for g in placement_group_table().values() if g["state"] == "CREATED"
+    }
 
 
 @pytest.fixture(scope="module")
@@ -106,11 +110,17 @@ def test_completion_whole_and_streamed(client: openai.OpenAI, tokenizer: Any) ->
     choice = whole.choices[0]
     assert choice.finish_reason == "length" and choice.text and whole.object == "text_completion"
     prompt_tokens = len(tokenizer(PROMPT)["input_ids"])
-    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens, whole.usage.total_tokens) == (prompt_tokens, 8, prompt_tokens + 8)
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens, whole.usage.total_tokens) == (
+        prompt_tokens,
+        8,
+        prompt_tokens + 8,
+    )
 
-    chunks = list(client.completions.create(
-        model=MODEL_ID, prompt=PROMPT, max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True}
-    ))
+    chunks = list(
+        client.completions.create(
+            model=MODEL_ID, prompt=PROMPT, max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
@@ -288,7 +298,11 @@ def _output(request_id: str, tokens: list[int], done: bool) -> RequestOutput:
     text = "".join(f"<{t}>" for t in tokens)
     completion = CompletionOutput(index=0, text=text, token_ids=list(tokens), finish_reason="length" if done else None)
     return RequestOutput(
-        request_id=request_id, prompt=None, prompt_token_ids=[1], outputs=[completion], finished=done,
+        request_id=request_id,
+        prompt=None,
+        prompt_token_ids=[1],
+        outputs=[completion],
+        finished=done,
         metrics=RequestMetrics(arrival_time=0.0),
     )
 
