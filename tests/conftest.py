@@ -56,22 +56,56 @@ def smollm2_gguf() -> Path:
     return default_model_path()
 
 
+def reference_cache(gguf: Path) -> Path:
+    """Where transformers' references for the SmolLM2 file are kept between runs (about 30 s to
+    compute): SHARDLM_TEST_CACHE, else ~/.cache/shardlm-test-references, keyed by the file and the
+    transformers and torch versions that computed them."""
+    import hashlib
+
+    import transformers
+
+    stat = gguf.stat()
+    key = f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{transformers.__version__}:{torch.__version__}"
+    root = Path(os.environ.get("SHARDLM_TEST_CACHE") or Path.home() / ".cache" / "shardlm-test-references")
+    return root / hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
 @pytest.fixture(scope="session")
-def smollm2_reference(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
-    """(safetensors folder converted from the GGUF file, transformers' float32 model of the GGUF file)."""
-    folder = tmp_path_factory.mktemp("smollm2-safetensors")
-    hf = convert_gguf_to_safetensors(smollm2_gguf, folder)
+def smollm2_reference(smollm2_gguf: Path) -> tuple[Path, Any]:
+    """(safetensors folder converted from the GGUF file, transformers' float32 model of the GGUF
+    file). transformers converts the file once; later runs load its saved conversion."""
+    from transformers import AutoModelForCausalLM
+
+    folder = reference_cache(smollm2_gguf) / "safetensors"
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return folder, AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    building = folder.with_name(f"safetensors.{os.getpid()}")
+    hf = convert_gguf_to_safetensors(smollm2_gguf, building)
+    if not folder.exists():
+        building.rename(folder)  # whole or not at all
     return folder, hf
 
 
 @pytest.fixture(scope="session")
 def smollm2_greedy_references(smollm2_reference: tuple[Path, Any], smollm2_gguf: Path) -> list[list[int]]:
     """transformers' greedy tokens (16, no stop) for each of SMOLLM2_PROMPTS alone, float32."""
+    import hashlib
+    import json
+
     from driver.config.args import EngineArgs
     from driver.engine.tokenizer import load_tokenizer
 
+    kept = (
+        reference_cache(smollm2_gguf) / f"greedy-16-{hashlib.sha256(json.dumps(SMOLLM2_PROMPTS).encode()).hexdigest()[:12]}.json"
+    )
+    if kept.is_file():
+        return json.loads(kept.read_text())
     tokenizer = load_tokenizer(EngineArgs(model=str(smollm2_gguf)).create_engine_config().model)
-    return [transformers_greedy(smollm2_reference[1], tokenizer(p)["input_ids"], 16) for p in SMOLLM2_PROMPTS]
+    refs = [transformers_greedy(smollm2_reference[1], tokenizer(p)["input_ids"], 16) for p in SMOLLM2_PROMPTS]
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.with_suffix(f".{os.getpid()}").write_text(json.dumps(refs))
+    kept.with_suffix(f".{os.getpid()}").rename(kept)
+    return refs
 
 
 @pytest.fixture(scope="session")
