@@ -58,14 +58,14 @@ def smollm2_gguf() -> Path:
 
 def reference_cache(gguf: Path) -> Path:
     """Where transformers' references for the SmolLM2 file are kept between runs (about 30 s to
-    compute): SHARDLM_TEST_CACHE, else ~/.cache/shardlm-test-references, keyed by the file and the
-    transformers and torch versions that computed them."""
+    compute): SHARDLM_TEST_CACHE, else ~/.cache/shardlm-test-references, keyed by the file's contents
+    and the transformers and torch versions that computed them."""
     import hashlib
 
     import transformers
 
-    stat = gguf.stat()
-    key = f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{transformers.__version__}:{torch.__version__}"
+    digest = hashlib.sha256(gguf.read_bytes()).hexdigest()  # the file's contents: every venv's copy is the same
+    key = f"{digest}:{transformers.__version__}:{torch.__version__}"
     root = Path(os.environ.get("SHARDLM_TEST_CACHE") or Path.home() / ".cache" / "shardlm-test-references")
     return root / hashlib.sha256(key.encode()).hexdigest()[:20]
 
