@@ -7,6 +7,10 @@ import msgspec
 
 from workers.sampling_params import SamplingParams
 
+PLACEHOLDER = -1
+"""A token id in `Batch.token_ids` that stands for the token the step before is still sampling
+for that sequence (async scheduling); the ranks fill it in (`workers.placeholders`)."""
+
 
 class NewSequence(msgspec.Struct, frozen=True, kw_only=True):
     """What rank 0 keeps about a sequence for sampling, sent the first time it is scheduled."""

@@ -13,10 +13,7 @@ import msgspec
 import torch
 
 from parallel.state import TensorParallelGroup
-from workers.batch import Batch, StepResult
-
-PLACEHOLDER = -1
-"""The driver's `driver.engine.core.PLACEHOLDER`: the input token a step in flight is sampling."""
+from workers.batch import PLACEHOLDER, Batch, StepResult
 
 
 class LastTokens:

@@ -27,12 +27,9 @@ from driver.engine.block_manager import BlockManager
 from driver.engine.outputs import RequestMetrics
 from driver.engine.scheduler import ScheduledStep, Scheduler
 from driver.engine.sequence import Request, Sequence, Status
-from workers.batch import Batch, NewSequence, PromptLogprobs, SampledToken, StepResult, TableUpdate
+from workers.batch import PLACEHOLDER, Batch, NewSequence, PromptLogprobs, SampledToken, StepResult, TableUpdate
 from workers.config import EngineConfig
 from workers.sampling_params import SamplingParams
-
-PLACEHOLDER = -1
-"""The input token of a completion whose last token is still being sampled by the step in flight."""
 
 
 class CoreRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -129,11 +126,13 @@ class EngineCore:
     def abort(self, request_ids: list[str]) -> None:
         """End these requests now (unknown ids are ignored)."""
         for request_id in request_ids:
-            request = self.requests.pop(request_id, None)
-            for seq in request.seqs if request else []:
+            request = self.requests.get(request_id)
+            if request is None:
+                continue
+            for seq in request.seqs:
                 if not seq.finished:
                     self._finish(seq, "abort")
-                self.seqs.pop(seq.seq_id, None)
+            self._drop(request)
 
     def finish(self, request_id: str, index: int, reason: str, stop_reason: int | str | None = None) -> None:
         """End completion `index` of a request (a stop string matched); the request goes once
@@ -182,18 +181,7 @@ class EngineCore:
         if not planned.scheduled:
             return None
         self.steps += 1
-        now = time.time()
-        batch = self._batch(planned)
-        scheduled = []
-        for seq, count in planned.scheduled:
-            start = seq.num_computed_tokens
-            seq.num_computed_tokens += count
-            if start + count == seq.num_tokens:  # it samples: its next token is a placeholder until then
-                seq.output_token_ids.append(PLACEHOLDER)
-                seq.pending += 1
-            if seq.request.metrics.first_scheduled_time is None:
-                seq.request.metrics.first_scheduled_time = now
-            scheduled.append((seq, start, start + count))
+        batch, scheduled = self._batch(planned)
         return InFlight(scheduled, self.submit(batch))
 
     def _ending(self, seq: Sequence) -> bool:
@@ -230,7 +218,12 @@ class EngineCore:
                 self._drop(request)
         return list(touched.values())
 
-    def _batch(self, planned: ScheduledStep) -> Batch:
+    def _batch(self, planned: ScheduledStep) -> tuple[Batch, list[tuple[Sequence, int, int]]]:
+        """The step's message, and (sequence, first position, end position) of each chunk. Each
+        sequence counts its chunk as computed, and one that samples gets a placeholder for the
+        token it samples."""
+        now = time.time()
+        scheduled = []
         fields: dict[str, list] = {
             k: []
             for k in ("seq_ids", "token_ids", "query_lens", "context_lens", "table_updates", "sample", "prompt_logprob_counts")
@@ -245,15 +238,24 @@ class EngineCore:
             update = table_update(seq)
             if update is not None:
                 fields["table_updates"].append(update)
-            fields["sample"].append(stop == seq.num_tokens)
-            count = _prompt_logprob_count(seq, start, stop)
-            seq.request.prompt_logprobs_scored += count
-            fields["prompt_logprob_counts"].append(count)
+            samples = stop == seq.num_tokens
+            fields["sample"].append(samples)
+            scored = _prompt_logprob_count(seq, start, stop)
+            seq.request.prompt_logprobs_scored += scored
+            fields["prompt_logprob_counts"].append(scored)
             if not seq.announced:
                 new_seqs.append(_announce(seq))
+            seq.num_computed_tokens = stop
+            if samples:  # its next token is a placeholder until this step's result comes
+                seq.output_token_ids.append(PLACEHOLDER)
+                seq.pending += 1
+            if seq.request.metrics.first_scheduled_time is None:
+                seq.request.metrics.first_scheduled_time = now
+            scheduled.append((seq, start, stop))
         num_decodes = sum(1 for _, count in planned.scheduled if count == 1)
         forget, self.to_forget = self.to_forget, []
-        return Batch(**fields, num_decodes=num_decodes, new_seqs=new_seqs, finished_seq_ids=forget)
+        batch = Batch(**fields, num_decodes=num_decodes, new_seqs=new_seqs, finished_seq_ids=forget)
+        return batch, scheduled
 
     def _append(self, seq: Sequence, token: SampledToken, now: float) -> SeqDelta:
         metrics = seq.request.metrics

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from parallel.state import TensorParallelGroup
-from workers.batch import Batch, SampledToken, StepResult
-from workers.placeholders import PLACEHOLDER, LastTokens
+from workers.batch import PLACEHOLDER, Batch, SampledToken, StepResult
+from workers.placeholders import LastTokens
 
 
 def batch(seq_ids: list[int], token_ids: list[int], query_lens: list[int], finished: list[int] | None = None) -> Batch:

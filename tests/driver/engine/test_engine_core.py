@@ -12,13 +12,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from driver.engine import core as engine_core
 from driver.engine.core import CoreRequest, EngineCore
 from driver.engine.output_processor import OutputProcessor
 from parallel.state import TensorParallelGroup
-from workers.batch import Batch, PromptLogprobs, SampledToken, StepResult
+from workers.batch import PLACEHOLDER, Batch, PromptLogprobs, SampledToken, StepResult
 from workers.block_tables import BlockTables
-from workers.placeholders import PLACEHOLDER, LastTokens
+from workers.placeholders import LastTokens
 from workers.sampling_params import SamplingParams
 
 VOCAB = 50
@@ -214,10 +213,6 @@ def test_prompt_logprobs_cover_the_prompt_once() -> None:
     assert final.finished and len(final.prompt_logprobs) == 10 and final.prompt_logprobs[0] is None
     assert all(entry[token].logprob == -0.5 for entry, token in zip(final.prompt_logprobs[1:], range(2, 11)))
     assert final.outputs[0].token_ids == [11, 12] and final.metrics.finished_time is not None
-
-
-def test_the_placeholder_is_the_ranks_one() -> None:
-    assert engine_core.PLACEHOLDER == PLACEHOLDER
 
 
 def mixed_requests() -> list[CoreRequest]:
