@@ -197,10 +197,6 @@ class WorkerGroup:
             )
             self.step_graph = None
 
-    def step(self, batch: Batch, timeout_s: float) -> StepResult:
-        """Run one step on every rank; rank 0's result."""
-        return self.submit_step(batch).result(timeout_s)
-
     def submit_step(self, batch: Batch) -> PendingStep:
         """Send one step to every rank without waiting: its result comes from `PendingStep.result`.
         Steps run on the ranks in the order they are sent (a compiled graph holds several in flight;
