@@ -25,17 +25,15 @@ did not arrive, and sooner with `PeerExited` when the process of a rank it waits
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 import os
-import platform
-import secrets
 import time
 
 import torch
 import torch.distributed as dist
 
 from parallel.errors import ShardLMError
+from parallel.shm import Futex, alive, create_file, open_file, supported
 
 ALIGN = 64
 DEFAULT_CAPACITY_BYTES = 4 << 20
@@ -56,11 +54,6 @@ class PeerExited(ShardLMError):
     """A rank's process ended while another waited for it in a shared-memory collective."""
 
 
-def supported() -> bool:
-    """Whether this machine keeps stores in order (x86-64), which the flags rely on."""
-    return platform.machine().lower() in ("x86_64", "amd64")
-
-
 def capacity_from_env() -> int:
     """Bytes of one rank's slot, from `SHARDLM_SHM_ALLREDUCE_BYTES` (0: no shared memory)."""
     value = os.environ.get(CAPACITY_ENV, "").strip()
@@ -70,49 +63,6 @@ def capacity_from_env() -> int:
 
 def segment_bytes(size: int, capacity: int) -> int:
     return ALIGN * (1 + size) + 2 * size * capacity
-
-
-class Futex:
-    """Sleeping on, and waking, 32-bit words of a shared mapping (Linux futexes, not private: they
-    work across processes that map one file)."""
-
-    SYS_FUTEX = 202  # x86-64
-    WAIT, WAKE = 0, 1
-
-    def __init__(self) -> None:
-        self._syscall = ctypes.CDLL(None, use_errno=True).syscall
-        self._syscall.restype = ctypes.c_long
-
-    def wait(self, address: int, expected: int, timeout_s: float) -> None:
-        """Sleep while the word at `address` is `expected` (mod 2**32), at most `timeout_s`; a
-        wake-up, a changed word, a signal or the timeout all return."""
-        seconds = int(timeout_s)
-        timeout = _Timespec(seconds, int((timeout_s - seconds) * 1e9))
-        self._syscall(
-            ctypes.c_long(self.SYS_FUTEX),
-            ctypes.c_void_p(address),
-            ctypes.c_int(self.WAIT),
-            ctypes.c_uint32(expected & 0xFFFFFFFF),
-            ctypes.byref(timeout),
-            None,
-            ctypes.c_int(0),
-        )
-
-    def wake(self, address: int) -> None:
-        """Wake every process sleeping on the word at `address`."""
-        self._syscall(
-            ctypes.c_long(self.SYS_FUTEX),
-            ctypes.c_void_p(address),
-            ctypes.c_int(self.WAKE),
-            ctypes.c_int(0x7FFFFFFF),
-            None,
-            None,
-            ctypes.c_int(0),
-        )
-
-
-class _Timespec(ctypes.Structure):
-    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
 
 
 class ShmCommunicator:
@@ -207,7 +157,7 @@ class ShmCommunicator:
             if waited > self.timeout_s:
                 raise self._timeout(generation, why)
             seen = self._flags[self._flag_index[late]]
-            if self.watch_pids and waited > FUTEX_SLICE_S and not _alive(self.pid_of(late)):
+            if self.watch_pids and waited > FUTEX_SLICE_S and not alive(self.pid_of(late)):
                 raise PeerExited(
                     f"rank {self.rank} of {self.size}: rank {late} (pid {self.pid_of(late)}) exited during shared-memory "
                     f"collective {self.generation} (waiting to {why})"
@@ -220,7 +170,7 @@ class ShmCommunicator:
 
     def peers_visible(self) -> bool:
         """Whether this process can see every rank's process (one pid namespace)."""
-        return all(_alive(self.pid_of(r)) for r in range(self.size))
+        return all(alive(self.pid_of(r)) for r in range(self.size))
 
     def _timeout(self, generation: int, why: str) -> CollectiveTimeout:
         late = [r for r, i in enumerate(self._flag_index) if self._flags[i] < generation]
@@ -239,16 +189,6 @@ class ShmCommunicator:
             self._buffer.close()
         except BufferError:
             pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process of that pid: it runs
-        return True
-    return True
 
 
 # -- set-up ------------------------------------------------------------------------------------
@@ -296,44 +236,11 @@ def _everyone(group: dist.ProcessGroup, mine: bool) -> bool:
 
 
 def create_segment(size: int, capacity: int, folder: str = "/dev/shm") -> tuple[str, bytes, mmap.mmap]:
-    """Rank 0: a new file in `folder` of the segment's size, its blocks reserved up front (a full
-    tmpfs fails here, not later with SIGBUS), a random token in its first bytes; its path, the
-    token and a mapping of it."""
-    token = secrets.token_bytes(16)
-    fd, path = _new_file(folder)
-    try:
-        os.posix_fallocate(fd, 0, segment_bytes(size, capacity))
-        buffer = mmap.mmap(fd, segment_bytes(size, capacity))
-    except BaseException:
-        os.unlink(path)
-        raise
-    finally:
-        os.close(fd)
-    buffer[: len(token)] = token
-    return path, token, buffer
-
-
-def _new_file(folder: str) -> tuple[int, str]:
-    path = os.path.join(folder, f"shardlm-tp-{os.getpid()}-{secrets.token_hex(8)}")
-    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600), path
+    """Rank 0: the group's new segment (`parallel.shm.create_file`): its path, token and mapping."""
+    return create_file(segment_bytes(size, capacity), "shardlm-tp", folder)
 
 
 def open_segment(path: str, token: bytes, size: int, capacity: int) -> mmap.mmap | None:
     """Another rank: the mapping of rank 0's segment, or None when this rank cannot see it (another
     host, another /dev/shm) or sees a different file."""
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except OSError:
-        return None
-    try:
-        if os.fstat(fd).st_size != segment_bytes(size, capacity):
-            return None
-        buffer = mmap.mmap(fd, segment_bytes(size, capacity))
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    if buffer[: len(token)] != token:
-        buffer.close()
-        return None
-    return buffer
+    return open_file(path, token, segment_bytes(size, capacity))
