@@ -25,7 +25,7 @@ step throughput_fp8 "${THROUGHPUT_S:-90}" python3 -m driver bench throughput --m
   --dtype bfloat16 --skip-tokenizer-init --quantization fp8 --num-prompts 256 --input-len 64 --input-len-max 256 --output-len 128 --json --quiet
 step load_tests "${LOAD_TESTS_S:-90}" python3 -m pytest tests/workers/test_load_pipeline.py tests/workers/test_gguf_dequant.py -q -p no:cacheprovider -o addopts=""
 step load_model "${LOAD_MODEL_S:-60}" python3 tests/gpu/make_load_model.py /tmp/shardlm-gpu-check/llama-1b
-step latency_1b "${LATENCY_S:-150}" env SHARDLM_CUDA_GRAPHS=1 SHARDLM_COMPILED_GRAPH=1 python3 -m driver bench latency \
+step latency_1b "${LATENCY_S:-150}" env SHARDLM_CUDA_GRAPHS=1 SHARDLM_STEP_DISPATCH=shm python3 -m driver bench latency \
   --model /tmp/shardlm-gpu-check/llama-1b --load-format dummy --dtype bfloat16 --skip-tokenizer-init --batch-sizes 1,256 --json --quiet
 step bench_load "${BENCH_LOAD_S:-120}" python3 -m driver bench load --model /tmp/shardlm-gpu-check/llama-1b --dtype bfloat16 --repeat 2 --json
 cat "$OUT/steps.txt"

@@ -72,30 +72,61 @@ class WorkerActor:
         result = self.worker.execute_model(STEP_DECODER.decode(message))
         return None if result is None else STEP_ENCODER.encode(result)
 
+    def attach_step_channel(self, offer: tuple[str, bytes, tuple[int, int, int]]) -> bool:
+        """Map the driver's step channel (`cluster.step_channel`); False where this rank cannot."""
+        from cluster.step_channel import StepReader
+
+        self._reader = StepReader.attach(self.rank, offer)
+        return self._reader is not None
+
+    def detach_step_channel(self) -> None:
+        reader, self._reader = getattr(self, "_reader", None), None
+        if reader is not None:
+            reader.close()
+
+    @ray.method(concurrency_group="steps")
+    def serve_steps(self) -> int:
+        """Run every step the driver writes into the channel, on this call's own thread, until the
+        driver closes it; how many ran."""
+        self._bind_device_to_step_thread()
+        reader, self._reader = self._reader, None
+        try:
+            return reader.serve(STEP_DECODER.decode, self._run_step)
+        finally:
+            reader.close()
+
+    def _run_step(self, batch: Batch) -> bytes | None:
+        result = self.worker.execute_model(batch)
+        return None if result is None else STEP_ENCODER.encode(result)
+
     @ray.method(concurrency_group="progress")
     def progress(self) -> RankProgress:
         """Where the rank's start-up has got: answered by a second thread while `execute` runs."""
         return self.worker.progress_snapshot()
 
 
-RemoteWorker = ray.remote(concurrency_groups={"progress": 1})(WorkerActor)
+RemoteWorker = ray.remote(concurrency_groups={"progress": 1, "steps": 1})(WorkerActor)
 
 STEP_ENCODER = msgspec.msgpack.Encoder()
 STEP_DECODER = msgspec.msgpack.Decoder(Batch)
 RESULT_DECODER = msgspec.msgpack.Decoder(StepResult)
-COMPILED_GRAPH_ENV = "SHARDLM_COMPILED_GRAPH"
-""""1" or "0" force the step dispatch; unset: a compiled graph on CPU, plain calls on CUDA (where
-it has not run yet)."""
+STEP_DISPATCH_ENV = "SHARDLM_STEP_DISPATCH"
+"""How steps reach the ranks: "shm" (`cluster.step_channel`), "compiled" (a Ray Compiled Graph) or
+"plain" (actor calls). Unset: on CPU the shared-memory channel where every rank can map it, else
+a compiled graph; on CUDA, where neither has run yet, plain calls."""
+DISPATCHES = ("shm", "compiled", "plain")
 
 
-def compiled_graph_wanted(device: str) -> tuple[bool, str]:
-    """Whether to build the step's compiled graph, and why (for the log)."""
-    value = os.environ.get(COMPILED_GRAPH_ENV, "").strip()
-    if value in ("0", "1"):
-        return value == "1", f"{COMPILED_GRAPH_ENV}={value}"
+def step_dispatch_wanted(device: str) -> tuple[str, str]:
+    """The step dispatch to try first, and why (for the log)."""
+    value = os.environ.get(STEP_DISPATCH_ENV, "").strip()
+    if value:
+        if value not in DISPATCHES:
+            raise ShardLMError(f"{STEP_DISPATCH_ENV}={value!r} is not one of {', '.join(DISPATCHES)}")
+        return value, f"{STEP_DISPATCH_ENV}={value}"
     if device == "cuda":
-        return False, f"not yet run on CUDA: set {COMPILED_GRAPH_ENV}=1 to try it"
-    return True, "the default on CPU"
+        return "plain", f"the shared-memory channel and compiled graphs have not run on CUDA yet: set {STEP_DISPATCH_ENV}"
+    return "shm", "the default on CPU"
 
 
 ANSI_CODES = re.compile(r"\x1b\[[0-9;]*m")
@@ -147,12 +178,14 @@ def gather(refs: Sequence[ray.ObjectRef], method: str, timeout_s: float | None) 
 class PendingStep:
     """A step sent to the ranks; `result` waits for it."""
 
-    def __init__(self, group: WorkerGroup, refs: list[Any], compiled: bool) -> None:
-        self.group, self.refs, self.compiled = group, refs, compiled
+    def __init__(self, group: WorkerGroup, refs: list[Any] | None, how: str, number: int = 0) -> None:
+        self.group, self.refs, self.how, self.number = group, refs, how, number
 
     def result(self, timeout_s: float) -> StepResult:
         """Rank 0's result once every rank has finished the step; an error naming the rank that failed."""
-        if not self.compiled:
+        if self.how == "shm":
+            return self.group.channel.result(self.number, RESULT_DECODER.decode, timeout_s)
+        if self.how == "plain":
             return gather(self.refs, "execute_model", timeout_s)[0]
         results = []
         for rank, ref in enumerate(self.refs):
@@ -164,24 +197,76 @@ class PendingStep:
 
 
 class WorkerGroup:
-    """The engine's worker actors and the one way to call them; the step goes through a Ray
-    Compiled Graph where one is built (`compile_step`), else through plain calls."""
+    """The engine's worker actors and the one way to call them. Steps go through the shared-memory
+    step channel where every rank can map it (`cluster.step_channel`), else through a Ray Compiled
+    Graph, else through plain calls (`set_up_step_dispatch`)."""
 
     def __init__(self, actors: list[Any]) -> None:
         self.actors = actors
         self.step_graph: Any = None
+        self.channel: Any = None
+        self.serving: list[Any] = []
+        """The ranks' `serve_steps` calls, running while the channel is open."""
         self.step_dispatch = "plain calls"
         """How steps reach the ranks, for the load report and tests."""
 
-    def compile_step(self, device: str) -> None:
+    def set_up_step_dispatch(self, device: str, timeout_s: float) -> None:
+        """Open the step channel, or build a compiled graph, as `step_dispatch_wanted` says, each
+        falling back to the next (shared memory, compiled graph, plain calls) where it cannot be
+        set up, saying why once."""
+        wanted, why = step_dispatch_wanted(device)
+        if wanted == "shm":
+            if self._open_channel(timeout_s):
+                return
+            wanted = "compiled"
+        if wanted == "compiled":
+            self._compile_step()
+            return
+        logger.info("steps go to the ranks as plain Ray calls (%s)", why)
+
+    def _open_channel(self, timeout_s: float) -> bool:
+        from cluster.step_channel import StepChannel
+
+        try:
+            channel = StepChannel(len(self.actors), timeout_s, check=self._loops_running)
+        except OSError as exc:
+            logger.warning("steps cannot go through shared memory (%s): trying a compiled graph", exc)
+            return False
+        try:
+            attached = self.call_actor_with("attach_step_channel", channel.offer())
+        except BaseException:
+            channel.close()
+            raise
+        channel.attached()
+        if not all(attached):
+            logger.warning(
+                "steps cannot go through shared memory: rank(s) %s cannot map it (another host): trying a compiled graph",
+                [r for r, ok in enumerate(attached) if not ok],
+            )
+            self.call_actor("detach_step_channel")
+            channel.close()
+            return False
+        self.channel, self.step_dispatch = channel, "shared memory"
+        self.serving = [actor.serve_steps.remote() for actor in self.actors]
+        return True
+
+    def _loops_running(self) -> None:
+        """Raise, naming the rank, when a rank's step loop has ended (its actor died, or the loop failed)."""
+        done, _ = ray.wait(self.serving, num_returns=1, timeout=0)
+        if not done:
+            return
+        rank = self.serving.index(done[0])
+        try:
+            steps = ray.get(done[0])
+        except (RayTaskError, RayActorError) as exc:
+            raise worker_error(rank, "execute_model", exc) from exc
+        raise EngineDeadError(f"rank {rank}'s step loop ended after {steps} steps while the driver waited for it")
+
+    def _compile_step(self) -> None:
         """Build the compiled graph of `execute_step` over every rank: the driver writes each
         step's message once into shared-memory channels (one node) or Ray's transport (across
         nodes) that every rank reads. Where it cannot be built, steps stay plain calls and the
         reason is logged once."""
-        wanted, why = compiled_graph_wanted(device)
-        if not wanted:
-            logger.info("steps go to the ranks as plain Ray calls (%s)", why)
-            return
         if not logger.isEnabledFor(logging.DEBUG):
             logging.getLogger("ray.dag").setLevel(logging.WARNING)  # its INFO lines at teardown
         try:
@@ -199,15 +284,17 @@ class WorkerGroup:
 
     def submit_step(self, batch: Batch) -> PendingStep:
         """Send one step to every rank without waiting: its result comes from `PendingStep.result`.
-        Steps run on the ranks in the order they are sent (a compiled graph holds several in flight;
-        an actor runs plain calls in order), and their results must be taken in that order."""
+        Steps run on the ranks in the order they are sent (the channel and a compiled graph hold
+        two in flight; an actor runs plain calls in order), and their results must be taken in that order."""
+        if self.channel is not None:
+            return PendingStep(self, None, "shm", self.channel.send(STEP_ENCODER.encode(batch)))
         if self.step_graph is None:
-            return PendingStep(self, [actor.execute.remote("execute_model", batch) for actor in self.actors], compiled=False)
+            return PendingStep(self, [actor.execute.remote("execute_model", batch) for actor in self.actors], "plain")
         try:
             refs = self.step_graph.execute(STEP_ENCODER.encode(batch))
         except Exception as exc:  # noqa: BLE001  a closed channel: a rank died since the last step
             raise self._step_error(0, exc) from exc
-        return PendingStep(self, refs, compiled=True)
+        return PendingStep(self, refs, "compiled")
 
     def _step_error(self, rank: int, error: Exception) -> ShardLMError:
         """The error of a failed compiled step, naming the rank that died if one did (the channel
@@ -224,7 +311,13 @@ class WorkerGroup:
         return EngineDeadError(f"execute_model failed in the compiled graph (rank {rank}'s answer): {kind}: {error}")
 
     def teardown_step(self) -> None:
-        """End the compiled graph's loops on the ranks (before they are shut down or killed)."""
+        """End the step loops on the ranks, the channel's or the compiled graph's (before the ranks
+        are shut down or killed)."""
+        channel, self.channel = self.channel, None
+        if channel is not None:
+            channel.close()
+            serving, self.serving = self.serving, []
+            ray.wait(serving, num_returns=len(serving), timeout=5)  # loops end within a futex slice
         graph, self.step_graph = self.step_graph, None
         if graph is None:
             return
@@ -265,6 +358,10 @@ class WorkerGroup:
             for rank, actor in enumerate(self.actors)
         ]
         return gather(refs, method, timeout_s)
+
+    def call_actor_with(self, method: str, *args: Any, timeout_s: float | None = 120) -> list[Any]:
+        """Run a method of every actor itself with `args`."""
+        return gather([getattr(actor, method).remote(*args) for actor in self.actors], method, timeout_s)
 
     def call_actor(self, method: str, ranks: Sequence[int] | None = None, timeout_s: float | None = 120) -> list[Any]:
         """Run a method of the actor itself (not of its Worker) on `ranks` (all by default)."""

@@ -104,7 +104,7 @@ class Engine:
         self.processor, self.outputs = Processor(config, self.tokenizer), OutputProcessor(self.tokenizer)
         with self._phase(phases, "warmup"):
             graph_bytes = self._capture_cuda_graphs()
-            self.workers.compile_step(config.model.device)
+            self.workers.set_up_step_dispatch(config.model.device, TIMEOUTS_S["execute_model"])
             self._warm_up()
         self.phase = "ready"
         return LoadReport(

@@ -1,40 +1,65 @@
-"""Steps through a Ray Compiled Graph and through plain actor calls give the same tokens, at one
-and two ranks; a rank that fails or dies mid-step is named either way (tests/cluster/
-test_engine_lifecycle.py kills one under the default, the compiled graph)."""
+"""Steps through the shared-memory channel, a Ray Compiled Graph and plain actor calls give the
+same tokens and prompt logprobs, at one and two ranks, with messages and results too large for
+the channel's slots going through the object store; a rank that dies mid-step is named
+(tests/cluster/test_engine_lifecycle.py kills one under the default, the channel)."""
 
 from __future__ import annotations
 
-from cluster.worker_group import COMPILED_GRAPH_ENV, compiled_graph_wanted
+import pytest
+
+from cluster.step_channel import SLOT_BYTES_ENV
+from cluster.worker_group import STEP_DISPATCH_ENV, step_dispatch_wanted
 from driver import LLM, SamplingParams
 
 SMALL = dict(max_num_batched_tokens=256, kv_cache_memory_bytes=4 * 2**20, device="cpu", skip_tokenizer_init=True)
-PROMPTS = [[1, 2, 3], [7, 8, 9, 10, 11], [5] * 20]
+PROMPTS = [[1, 2, 3], [7, 8, 9, 10, 11], [5] * 20, list(range(3, 200))]
+DISPATCH_NAMES = {"shm": "shared memory", "compiled": "compiled graph", "plain": "plain calls"}
 
 
-def tokens(llm: LLM) -> list[list[int]]:
-    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+def tokens(llm: LLM) -> list:
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, prompt_logprobs=2)
     seeded = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=8, seed=11, ignore_eos=True)
     outs = llm.generate(PROMPTS, greedy, use_tqdm=False) + llm.generate(PROMPTS, seeded, use_tqdm=False)
-    return [o.outputs[0].token_ids for o in outs]
+    return [(o.outputs[0].token_ids, o.prompt_logprobs) for o in outs]
 
 
-def test_compiled_graph_and_plain_calls_give_the_same_tokens(ray_cluster, tiny_checkpoint, monkeypatch) -> None:
+def close(a: list, b: list) -> bool:
+    """The same tokens, and prompt logprobs of the same tokens and ranks within float32 rounding
+    (two ranks add their partial sums in another order than one)."""
+    for (tokens_a, prompt_a), (tokens_b, prompt_b) in zip(a, b, strict=True):
+        if tokens_a != tokens_b or (prompt_a is None) != (prompt_b is None):
+            return False
+        for pa, pb in zip(prompt_a or [], prompt_b or [], strict=True):
+            if (pa is None) != (pb is None) or (pa and pa.keys() != pb.keys()):
+                return False
+            if pa and any(pa[t].rank != pb[t].rank or abs(pa[t].logprob - pb[t].logprob) > 1e-5 for t in pa):
+                return False
+    return True
+
+
+def test_every_dispatch_gives_the_same_tokens(ray_cluster, tiny_checkpoint, monkeypatch) -> None:
     folder, _ = tiny_checkpoint("llama_8h4kv")
+    monkeypatch.setenv(SLOT_BYTES_ENV, "512")  # the long prompt's message and its prompt logprobs spill
     runs = {}
-    for tp, compiled in ((1, "0"), (1, "1"), (2, "1")):
-        monkeypatch.setenv(COMPILED_GRAPH_ENV, compiled)
+    for tp, dispatch in ((1, "plain"), (1, "shm"), (2, "compiled"), (2, "shm")):
+        monkeypatch.setenv(STEP_DISPATCH_ENV, dispatch)
         with LLM(str(folder), tensor_parallel_size=tp, **SMALL) as llm:
-            assert llm.load_report.step_dispatch == ("compiled graph" if compiled == "1" else "plain calls")
-            runs[tp, compiled] = tokens(llm)
-    assert runs[1, "0"] == runs[1, "1"] == runs[2, "1"]
+            assert llm.load_report.step_dispatch == DISPATCH_NAMES[dispatch]
+            runs[tp, dispatch] = tokens(llm)
+    assert runs[1, "plain"] == runs[1, "shm"]
+    assert runs[2, "compiled"] == runs[2, "shm"]
+    assert close(runs[1, "shm"], runs[2, "shm"])
 
 
 def test_the_default_dispatch(monkeypatch) -> None:
-    monkeypatch.delenv(COMPILED_GRAPH_ENV, raising=False)
-    assert compiled_graph_wanted("cpu")[0] is True
-    assert compiled_graph_wanted("cuda")[0] is False  # until it has run on a GPU
-    monkeypatch.setenv(COMPILED_GRAPH_ENV, "1")
-    assert compiled_graph_wanted("cuda") == (True, f"{COMPILED_GRAPH_ENV}=1")
+    monkeypatch.delenv(STEP_DISPATCH_ENV, raising=False)
+    assert step_dispatch_wanted("cpu")[0] == "shm"
+    assert step_dispatch_wanted("cuda")[0] == "plain"  # until the channel has run on a GPU
+    monkeypatch.setenv(STEP_DISPATCH_ENV, "compiled")
+    assert step_dispatch_wanted("cuda") == ("compiled", f"{STEP_DISPATCH_ENV}=compiled")
+    monkeypatch.setenv(STEP_DISPATCH_ENV, "fast")
+    with pytest.raises(Exception, match=r"SHARDLM_STEP_DISPATCH='fast' is not one of shm, compiled, plain"):
+        step_dispatch_wanted("cpu")
 
 
 def test_rank_errors_carry_no_colour_codes() -> None:

@@ -76,13 +76,14 @@ def main(out: Path, folder: str) -> None:
     eager = variant("eager", {}, enforce_eager=True, async_scheduling=False)
     graphs = variant("cuda_graphs", {"SHARDLM_CUDA_GRAPHS": "1"}, async_scheduling=False)
     overlapped = variant("async_scheduling", {}, enforce_eager=True, async_scheduling=True)
-    compiled = variant("compiled_graph", {"SHARDLM_COMPILED_GRAPH": "1"}, enforce_eager=True, async_scheduling=False)
+    compiled = variant("compiled_graph", {"SHARDLM_STEP_DISPATCH": "compiled"}, enforce_eager=True, async_scheduling=False)
+    channel = variant("step_channel", {"SHARDLM_STEP_DISPATCH": "shm"}, enforce_eager=True, async_scheduling=True)
     summary = {}
     if eager and graphs:
         summary["cuda_graphs_same_tokens"] = graphs["tokens"] == eager["tokens"]
         summary["cuda_graphs_max_logprob_gap"] = logprob_gap(graphs, eager)
         summary["cuda_graph_bytes"] = graphs["cuda_graph_bytes"]
-    for name, other in (("async_scheduling", overlapped), ("compiled_graph", compiled)):
+    for name, other in (("async_scheduling", overlapped), ("compiled_graph", compiled), ("step_channel", channel)):
         if eager and other:
             summary[f"{name}_same_tokens"] = other["tokens"] == eager["tokens"]
     results["summary"] = summary
