@@ -8,7 +8,8 @@ a run that generates one token (the prefill alone) is timed too, and
     ms per decode step = (seconds(output_len tokens) - seconds(1 token)) / decode steps * 1000
 
 where shardlm's decode steps are read from the engine's step counter (`llm.stats()["steps"]`)
-and transformers' are output_len - 1. Each figure is the best of `repeat` runs.
+and transformers' are output_len - 1. Each figure is the best of `repeat` runs; on CPU the two
+libraries' runs take turns, so that a machine whose speed drifts during the bench slows both alike.
 
 On CUDA, the memory-bandwidth roofline: a decode step reads every weight once, so it takes at
 least (weight bytes of one rank) / (the device's copy bandwidth). The ranks each read their own
@@ -77,43 +78,49 @@ def ratios(ours: dict[int, float], theirs: dict[int, float]) -> dict[int, float]
     return {b: ours[b] / theirs[b] for b in ours if b in theirs}
 
 
-def _best(runs: int, timed: Callable[[], Any]) -> Any:
-    return min((timed() for _ in range(runs)), key=lambda r: r[0])
+Timer = Callable[[int], tuple[float, int]]
+"""new tokens -> (seconds to generate them for a whole batch, decode steps + 1 it took)."""
 
 
-# -- shardlm -----------------------------------------------------------------------------------
-
-
-def run_shardlm_latency(
-    engine_args: dict[str, Any],
-    batch_sizes: list[int],
-    input_len: int,
-    output_len: int,
-    repeat: int,
-    seed: int,
-) -> tuple[dict[int, dict[str, float]], list[int], Any]:
-    """Per batch size: ms per decode step and the steps counted; each rank's weight bytes; the
-    engine's config."""
-    from driver.entrypoints.llm import LLM
-
-    rows: dict[int, dict[str, float]] = {}
-    with LLM(**engine_args) as llm:
-        vocab = llm.config.model.arch.vocab_size
-        draw = iter(range(seed * 1000, seed * 1000 + 1000))  # fresh prompts for every run: no prefix-cache hits
-        prompts = lambda batch: random_prompts(batch, (input_len, input_len), vocab, next(draw))  # noqa: E731
-        _timed_generate(llm, prompts(max(batch_sizes)), min(output_len, 4))  # warm: first calls, the largest batch
-        for batch in batch_sizes:
-            prefill_s, prefill_steps = _best(repeat, lambda: _timed_generate(llm, prompts(batch), 1))
-            full_s, full_steps = _best(repeat, lambda: _timed_generate(llm, prompts(batch), output_len))
+def measure(timers: dict[str, Callable[[int], Timer]], batch_sizes: list[int], output_len: int, repeat: int) -> dict[str, dict]:
+    """Per library (`timers`: name -> a batch size's timer) and batch size: ms per decode step, the
+    steps counted and the best prefill and full runs. Runs take turns (a prefill and a full run of
+    each library, `repeat` times), so that a machine whose speed drifts slows every library alike."""
+    rows: dict[str, dict[int, dict[str, float]]] = {name: {} for name in timers}
+    for batch in batch_sizes:
+        timed = {name: make(batch) for name, make in timers.items()}
+        runs: dict[str, list[tuple[tuple[float, int], tuple[float, int]]]] = {name: [] for name in timers}
+        for _ in range(repeat):
+            for name, timer in timed.items():
+                runs[name].append((timer(1), timer(output_len)))
+        for name, pairs in runs.items():
+            prefill_s, prefill_steps = min((p for p, _ in pairs), key=lambda r: r[0])
+            full_s, full_steps = min((f for _, f in pairs), key=lambda r: r[0])
             decode_steps = full_steps - prefill_steps
-            rows[batch] = {
+            rows[name][batch] = {
                 "ms_per_step": ms_per_step(full_s, prefill_s, decode_steps),
                 "decode_steps": decode_steps,
                 "prefill_s": prefill_s,
                 "full_s": full_s,
             }
-        weights = [r.weight_device_bytes for r in llm.load_report.ranks]
-    return rows, weights, llm.config
+    return rows
+
+
+# -- shardlm -----------------------------------------------------------------------------------
+
+
+def shardlm_timers(llm: Any, input_len: int, output_len: int, seed: int) -> Callable[[int], Timer]:
+    """A batch size's timer of `llm.generate` (fresh random prompts every run: no prefix-cache
+    hits), warmed at the largest batch first by the caller; steps from the engine's counter."""
+    vocab = llm.config.model.arch.vocab_size
+    draw = iter(range(seed * 1000, seed * 1000 + 100_000))
+
+    def make(batch: int) -> Timer:
+        return lambda new_tokens: _timed_generate(
+            llm, random_prompts(batch, (input_len, input_len), vocab, next(draw)), new_tokens
+        )
+
+    return make
 
 
 def _timed_generate(llm: Any, prompts: list[list[int]], max_tokens: int) -> tuple[float, int]:
@@ -146,20 +153,11 @@ def transformers_model(folder: str, dtype: str, dummy: bool, device: str) -> Any
     return model.to(device).eval()
 
 
-def run_transformers_latency(
-    model: Any,
-    batch_sizes: list[int],
-    input_len: int,
-    output_len: int,
-    vocab: int,
-    repeat: int,
-    seed: int,
-) -> dict[int, dict[str, float]]:
-    """Per batch size: ms per decode step of `generate` (greedy, exactly `output_len` new tokens)."""
+def transformers_timers(model: Any, input_len: int, output_len: int, vocab: int, seed: int) -> Callable[[int], Timer]:
+    """A batch size's timer of `generate` (greedy, exactly the new tokens asked for), warmed once."""
     import torch
 
     device = next(model.parameters()).device
-    rows: dict[int, dict[str, float]] = {}
 
     def timed(ids: torch.Tensor, new_tokens: int) -> tuple[float, int]:
         start = time.perf_counter()
@@ -176,18 +174,12 @@ def run_transformers_latency(
             torch.cuda.synchronize()
         return time.perf_counter() - start, new_tokens
 
-    for batch in batch_sizes:
+    def make(batch: int) -> Timer:
         ids = torch.tensor(random_prompts(batch, (input_len, input_len), vocab, seed), device=device)
         timed(ids, min(output_len, 4))  # warm
-        prefill_s, _ = _best(repeat, lambda: timed(ids, 1))
-        full_s, _ = _best(repeat, lambda: timed(ids, output_len))
-        rows[batch] = {
-            "ms_per_step": ms_per_step(full_s, prefill_s, output_len - 1),
-            "decode_steps": output_len - 1,
-            "prefill_s": prefill_s,
-            "full_s": full_s,
-        }
-    return rows
+        return lambda new_tokens: timed(ids, new_tokens)
+
+    return make
 
 
 # -- the device's bandwidth (CUDA) -------------------------------------------------------------
@@ -232,17 +224,29 @@ def bench_latency(
     repeat: int = 3,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """shardlm, then transformers (after the engine has let go of its devices), then on CUDA the
-    device's bandwidth: everything `format_latency` prints, JSON-ready."""
+    """shardlm and transformers taking turns on CPU (on CUDA transformers after the engine has let
+    go of the device), then on CUDA the device's bandwidth: everything `format_latency` prints,
+    JSON-ready."""
     import torch
 
-    ours, weights, config = run_shardlm_latency(engine_args, batch_sizes, input_len, output_len, repeat, seed)
-    dummy = config.load.load_format == "dummy"
-    device = "cuda" if config.model.device == "cuda" else "cpu"
-    weights_path = config.model.path if config.model.gguf_file is None else f"{config.model.path}/{config.model.gguf_file}"
-    hf = transformers_model(weights_path, config.model.dtype, dummy, device)
-    theirs = run_transformers_latency(hf, batch_sizes, input_len, output_len, config.model.arch.vocab_size, repeat, seed)
-    del hf
+    from driver.entrypoints.llm import LLM
+
+    with LLM(**engine_args) as llm:
+        config, weights = llm.config, [r.weight_device_bytes for r in llm.load_report.ranks]
+        ours = shardlm_timers(llm, input_len, output_len, seed)
+        ours(max(batch_sizes))(min(output_len, 4))  # warm: first calls, the largest batch
+        device = "cuda" if config.model.device == "cuda" else "cpu"
+        if device == "cpu":  # both fit in host memory: runs take turns
+            theirs = transformers_timers(_transformers_of(config), input_len, output_len, config.model.arch.vocab_size, seed)
+            rows = measure({"shardlm": ours, "transformers": theirs}, batch_sizes, output_len, repeat)
+        else:
+            rows = measure({"shardlm": ours}, batch_sizes, output_len, repeat)
+    if device == "cuda":  # transformers once the engine has let go of the device
+        hf = _transformers_of(config)
+        theirs = transformers_timers(hf, input_len, output_len, config.model.arch.vocab_size, seed)
+        rows.update(measure({"transformers": theirs}, batch_sizes, output_len, repeat))
+        del hf, theirs
+    ours, theirs = rows["shardlm"], rows["transformers"]
     result: dict[str, Any] = {
         "setup": {
             "model": config.model.model or "default",
@@ -261,6 +265,13 @@ def bench_latency(
     if device == "cuda" and torch.cuda.is_available():
         result["roofline"] = roofline(weights, device_copy_gb_per_s(), ours[1]["ms_per_step"] if 1 in ours else None)
     return result
+
+
+def _transformers_of(config: Any) -> Any:
+    dummy = config.load.load_format == "dummy"
+    device = "cuda" if config.model.device == "cuda" else "cpu"
+    path = config.model.path if config.model.gguf_file is None else f"{config.model.path}/{config.model.gguf_file}"
+    return transformers_model(path, config.model.dtype, dummy, device)
 
 
 def _ms(rows: dict[int, dict[str, float]]) -> dict[int, float]:
