@@ -177,7 +177,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         flags = [f"--{f.name.replace('_', '-')}"] + ([SHORT_FLAGS[f.name]] if f.name in SHORT_FLAGS else [])
         note = f" ({FLAG_TYPES[f.name][1]})" if f.name in FLAG_TYPES else ""
         help_text = f.doc + note + (f" (default: {f.default})" if f.default is not None else "")
-        if f.type == "bool":
+        if f.type == "bool" and f.default is True:  # on by default: --no-flag turns it off, as vLLM's
+            group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=True, help=help_text)
+        elif f.type == "bool":
             group.add_argument(*flags, dest=f.name, action="store_true", default=f.default, help=help_text)
         elif f.type == "bool | None":  # --flag / --no-flag, unset: the engine decides
             group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)

@@ -21,6 +21,7 @@ from driver.entrypoints.cli import (
     FlagSpelling,
     all_parsers,
     build_parser,
+    changed_engine_args,
     error_line,
     main,
     read_prompts,
@@ -124,6 +125,13 @@ def test_engine_flags_use_vllm_spellings() -> None:
     ns = build_parser().parse_args(["generate", "-tp", "2", "--max-model-len", "64", "--dtype", "float16", "--trust-remote-code"])
     assert (ns.tensor_parallel_size, ns.max_model_len, ns.dtype, ns.trust_remote_code) == (2, 64, "float16", True)
     assert ns.gpu_memory_utilization == 0.9 and ns.load_format == "auto"
+
+
+def test_a_setting_on_by_default_has_a_no_flag() -> None:
+    parse = build_parser().parse_args
+    assert parse(["generate"]).enable_prefix_caching is True
+    assert "enable_prefix_caching" not in changed_engine_args(parse(["generate"]))
+    assert changed_engine_args(parse(["generate", "--no-enable-prefix-caching"]))["enable_prefix_caching"] is False
 
 
 def test_bench_load_reports_both_libraries(tiny_checkpoint) -> None:
