@@ -41,14 +41,13 @@ def test_every_dispatch_gives_the_same_tokens(ray_cluster, tiny_checkpoint, monk
     folder, _ = tiny_checkpoint("llama_8h4kv")
     monkeypatch.setenv(SLOT_BYTES_ENV, "512")  # the long prompt's message and its prompt logprobs spill
     runs = {}
-    for tp, dispatch in ((1, "plain"), (1, "shm"), (2, "compiled"), (2, "shm")):
+    for tp, dispatch in ((1, "plain"), (2, "compiled"), (2, "shm")):  # tp 1 through the channel: every e2e test
         monkeypatch.setenv(STEP_DISPATCH_ENV, dispatch)
         with LLM(str(folder), tensor_parallel_size=tp, **SMALL) as llm:
             assert llm.load_report.step_dispatch == DISPATCH_NAMES[dispatch]
             runs[tp, dispatch] = tokens(llm)
-    assert runs[1, "plain"] == runs[1, "shm"]
     assert runs[2, "compiled"] == runs[2, "shm"]
-    assert close(runs[1, "shm"], runs[2, "shm"])
+    assert close(runs[1, "plain"], runs[2, "shm"])
 
 
 def test_the_default_dispatch(monkeypatch) -> None:
