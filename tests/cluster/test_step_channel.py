@@ -8,6 +8,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
+from typing import Any
 
 import pytest
 
@@ -61,13 +62,11 @@ def wait_attached(channel: StepChannel, size: int) -> None:
     channel.attached()
 
 
-def test_every_rank_runs_every_step_and_rank_0_answers_in_order() -> None:
-    channel = StepChannel(3, timeout_s=30, layout=Layout(3, **SMALL))
-    procs, answers = start_ranks(channel, 3)
-    wait_attached(channel, 3)
-    messages = [os.urandom(1 + i * 37 % 3000) for i in range(40)]
+def run_steps(channel: StepChannel, procs: list, answers: Any, messages: list[bytes]) -> tuple[list[bytes], list]:
+    """Send every message with two in flight (as async scheduling does), close the channel: rank
+    0's results in order, and each rank's (rank, steps run, messages seen)."""
     results, in_flight = [], []
-    for message in messages:  # two in flight, as async scheduling sends them
+    for message in messages:
         in_flight.append(channel.send(message))
         if len(in_flight) == 2:
             results.append(channel.result(in_flight.pop(0), bytes))
@@ -76,6 +75,15 @@ def test_every_rank_runs_every_step_and_rank_0_answers_in_order() -> None:
     got = sorted(answers.get(timeout=30) for _ in procs)
     for p in procs:
         p.join(timeout=10)
+    return results, got
+
+
+def test_every_rank_runs_every_step_and_rank_0_answers_in_order() -> None:
+    channel = StepChannel(3, timeout_s=30, layout=Layout(3, **SMALL))
+    procs, answers = start_ranks(channel, 3)
+    wait_attached(channel, 3)
+    messages = [os.urandom(1 + i * 37 % 3000) for i in range(40)]
+    results, got = run_steps(channel, procs, answers, messages)
     assert results == [m[::-1] for m in messages]
     assert [(rank, steps) for rank, steps, _ in got] == [(0, 40), (1, 40), (2, 40)]
     assert all(seen == messages for _, _, seen in got)
@@ -157,16 +165,7 @@ def test_payloads_over_a_slot_go_through_files_that_are_removed() -> None:
     folder = os.path.dirname(channel.path)
     before = {f for f in os.listdir(folder) if f.startswith("shardlm-spill")}
     messages = [os.urandom(n) for n in (10, 5000, 248, 249, 70000, 3, 4000)]
-    results, in_flight = [], []
-    for message in messages:
-        in_flight.append(channel.send(message))
-        if len(in_flight) == 2:
-            results.append(channel.result(in_flight.pop(0), bytes))
-    results.append(channel.result(in_flight.pop(0), bytes))
-    channel.close()
-    got = sorted(answers.get(timeout=30) for _ in procs)
-    for p in procs:
-        p.join(timeout=10)
+    results, got = run_steps(channel, procs, answers, messages)
     assert results == [m[::-1] for m in messages]
     assert all(seen == messages for _, _, seen in got)
     assert {f for f in os.listdir(folder) if f.startswith("shardlm-spill")} == before
