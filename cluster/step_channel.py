@@ -13,13 +13,17 @@ message slot and result slot g % 2.
 
 - The driver writes step g's message, then raises `sent` to g. It writes there only once every
   rank has raised `taken` to g - 2 (has decoded the last message in that slot).
-- Rank r decodes the message, raises `taken`, runs the step, and raises `done` to g (first
-  `failed` to g, its error pickled in its error slot, when the step raised).
+- Rank r decodes the message, raises `taken`, runs the step, and raises `done` to g. When the
+  step raises, it first sets `failed` to g, with its error pickled in its error slot; `failed`
+  keeps the first failed step, and the rank runs no later step (its state, and its place in the
+  ranks' collectives, are lost), only marks each taken and done so that nobody waits for it.
+- The driver's waits look at every rank's `failed`: a rank that failed is named at once, though
+  the others may be blocked in a collective with it.
 - Rank 0 writes step g's result before it raises `done`, once the driver has raised `consumed`
   to g - 2 (has read the last result in that slot).
 
 So two steps can be in flight at once, which is what async scheduling needs. A payload larger
-than its slot goes into a file of its own beside the segment (`Spills`). Memory order is as `parallel.shm` describes (x86-64 only).
+than its slot goes into a file of its own beside the segment (`Spills`), which its writer removes. Memory order is as `parallel.shm` describes (x86-64 only).
 
 Every wait spins for `SPIN_S`, then sleeps on the futex of the flag it waits for, in slices of
 `FUTEX_SLICE_S`, checking between slices that the processes it waits for still run: the driver
@@ -125,13 +129,13 @@ class _Segment:
         self.words[offset // 8] = length
         self.buffer[offset + 8 : offset + 8 + len(payload)] = payload
 
-    def read(self, where: tuple[int, int], remove_spilled: bool = False) -> memoryview | bytes:
+    def read(self, where: tuple[int, int]) -> memoryview | bytes:
         """A slot's payload: a view of the slot (copy it, or decode it, before the slot is reused),
         or the bytes of the file it was spilled to."""
         offset, _ = where
         length = self.words[offset // 8]
         if length < 0:
-            return Spills.read(bytes(self.buffer[offset + 8 : offset + 8 - length]), remove_spilled)
+            return Spills.read(bytes(self.buffer[offset + 8 : offset + 8 - length]))
         return memoryview(self.buffer)[offset + 8 : offset + 8 + length]
 
     def close(self) -> None:
@@ -146,8 +150,8 @@ class _Segment:
 class Spills:
     """Payloads too large for their slot, each in a file of its own beside the segment (every
     process that maps the segment can open it): the slot holds the file's path, with its length
-    negated. The writer of a message removes its file when the slot is reused (every rank has
-    read it by then) or at `close`; the driver removes a result's file once it has read it."""
+    negated. The writer removes a file when it reuses the slot (every reader has read it by then)
+    and at `close`."""
 
     def __init__(self, folder: str) -> None:
         self.folder = folder
@@ -164,18 +168,10 @@ class Spills:
 
         return write
 
-    def hand_over(self, step: int) -> None:
-        """The reader removes the file of `step`'s slot (a result)."""
-        self.held[step % 2] = None
-
     @staticmethod
-    def read(reference: bytes, remove: bool) -> bytes:
-        path = reference.decode()
-        with open(path, "rb") as f:
-            payload = f.read()
-        if remove:
-            os.unlink(path)
-        return payload
+    def read(reference: bytes) -> bytes:
+        with open(reference.decode(), "rb") as f:
+            return f.read()
 
     def _remove(self, slot: int) -> None:
         path, self.held[slot] = self.held[slot], None
@@ -225,10 +221,10 @@ class StepChannel:
         """Rank 0's result of `step`, decoded, once every rank has run it; an error naming the
         rank when one failed or ended."""
         self._wait_ranks("done", step, "run it", timeout_s)
-        for rank in range(self.layout.size):
-            if self.segment.get(rank, "failed") == step:
-                raise self._failure(rank)
-        decoded = decode(self.segment.read(self.layout.result(step), remove_spilled=True))
+        failed = self._first_failed(step)
+        if failed is not None:
+            raise self._failure(failed)
+        decoded = decode(self.segment.read(self.layout.result(step)))
         self.segment.set(None, "consumed", step)
         return decoded
 
@@ -250,7 +246,7 @@ class StepChannel:
         start = time.perf_counter()
         for rank in range(size):
             while (seen := segment.get(rank, flag)) < step:
-                if segment.get(rank, "failed") >= step:
+                if self._first_failed(step) is not None:
                     return
                 waited = time.perf_counter() - start
                 if waited < SPIN_S:
@@ -267,6 +263,11 @@ class StepChannel:
                         self.check()
                 segment.sleep(rank, flag, seen, min(FUTEX_SLICE_S, deadline_s - waited + 1e-3))
 
+    def _first_failed(self, step: int) -> int | None:
+        """The rank that failed first at or before `step` (None: none did)."""
+        failures = [(f, r) for r in range(self.layout.size) if 0 < (f := self.segment.get(r, "failed")) <= step]
+        return min(failures)[1] if failures else None
+
     def _check_ranks_alive(self, step: int) -> None:
         for rank in range(self.layout.size):
             pid = self.segment.get(rank, "pid")
@@ -279,7 +280,10 @@ class StepChannel:
         self._check_ranks_alive(self.segment.get(rank, "failed"))
         offset, _ = self.layout.error(rank)
         length = self.segment.words[offset // 8]
-        cause, text = pickle.loads(bytes(self.segment.buffer[offset + 8 : offset + 8 + length]))
+        try:
+            cause, text = pickle.loads(bytes(self.segment.buffer[offset + 8 : offset + 8 + length]))
+        except Exception as exc:  # noqa: BLE001  an exception pickled but not unpicklable here
+            cause, text = None, f"(its error could not be read back: {type(exc).__name__}: {exc})"
         return rank_step_error(rank, cause, text)
 
 
@@ -323,6 +327,10 @@ class StepReader:
         step = 0
         while self._next(step + 1):
             step += 1
+            if self.segment.get(self.rank, "failed"):  # failed before: run nothing more
+                self.segment.set(self.rank, "taken", step)
+                self.segment.set(self.rank, "done", step)
+                continue
             try:
                 message = decode(self.segment.read(self.layout.message(step)))
                 self.segment.set(self.rank, "taken", step)
@@ -333,7 +341,6 @@ class StepReader:
             if self.rank == 0 and result is not None:
                 self._wait_consumed(step - 2)
                 self.segment.write(self.layout.result(step), result, self.spills.spill(step))
-                self.spills.hand_over(step)
             self.segment.set(self.rank, "done", step)
         return step
 
@@ -367,7 +374,8 @@ class StepReader:
             payload = pickle.dumps((None, f"{type(exc).__name__}: {exc}\n{text}"))
         offset, capacity = self.layout.error(self.rank)
         if len(payload) > capacity - 8:
-            payload = pickle.dumps((None, text[-(capacity // 2) :]))
+            tail = text.encode()[-(capacity // 2) :].decode(errors="replace")
+            payload = pickle.dumps((None, tail))
         self.segment.words[offset // 8] = len(payload)
         self.segment.buffer[offset + 8 : offset + 8 + len(payload)] = payload
         self.segment.set(self.rank, "taken", step)
@@ -376,3 +384,4 @@ class StepReader:
 
     def close(self) -> None:
         self.segment.close()
+        self.spills.close()

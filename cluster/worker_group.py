@@ -226,7 +226,11 @@ class WorkerGroup:
 
     def _open_channel(self, timeout_s: float) -> bool:
         from cluster.step_channel import StepChannel
+        from parallel.shm import supported
 
+        if not supported():
+            logger.info("steps go through a compiled graph: the shared-memory step channel needs x86-64's store order")
+            return False
         try:
             channel = StepChannel(len(self.actors), timeout_s, check=self._loops_running)
         except OSError as exc:

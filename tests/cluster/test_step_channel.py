@@ -1,7 +1,8 @@
 """The shared-memory step channel between a driver and ranks in real processes: two steps in
-flight, every message to every rank, rank 0's results back in order; a rank that raises or whose
-process ends is named; a rank's loop ends with the channel or with the driver's process. Payloads
-over a slot go through Ray's object store: tests/cluster/test_step_dispatch.py runs that on Ray."""
+flight, every message to every rank, rank 0's results back in order, payloads over a slot through
+files that are removed; a rank that raises (while another waits in a collective, or failing
+again in the step already sent) or whose process ends is named; a rank's loop ends with the
+channel or with the driver's process."""
 
 from __future__ import annotations
 
@@ -22,33 +23,33 @@ SMALL = dict(message_bytes=4096, result_bytes=4096)
 
 
 def rank_main(rank: int, offer: tuple, fail_at: int, exit_at: int, answers: multiprocessing.Queue) -> None:
-    """A rank: rank 0 answers each message reversed; at step `fail_at` it raises, at `exit_at` its process ends."""
+    """A rank: rank 0 answers each message reversed; from step `fail_at` on it raises (a negative
+    `fail_at`: it blocks there, as in a collective whose peer failed), at `exit_at` its process ends."""
     reader = StepReader.attach(rank, offer)
     seen: list[bytes] = []
 
     def run(message: bytes) -> bytes | None:
         seen.append(message)
-        if len(seen) == fail_at:
-            raise ValueError(f"rank {rank} cannot run step {fail_at}")
+        if fail_at < 0 and len(seen) == -fail_at:
+            time.sleep(60)
+        if 0 < fail_at <= len(seen):
+            raise ValueError(f"rank {rank} cannot run step {len(seen)}")
         if len(seen) == exit_at:
             os._exit(3)
         time.sleep(0.001 * (rank + 1))  # the ranks finish in a different order from step to step
         return message[::-1] if rank == 0 else None
 
     steps = reader.serve(bytes, run)
+    reader.close()
     answers.put((rank, steps, seen))
 
 
-def start_ranks(channel: StepChannel, size: int, fail_at: int = 0, exit_at: int = 0, failing_rank: int = 1):
+def start_ranks(channel: StepChannel, size: int, fail_at: int = 0, exit_at: int = 0, block_at: int = 0):
+    """Rank 1 fails at `fail_at` or exits at `exit_at`; rank 0 blocks at `block_at`."""
     ctx = multiprocessing.get_context("spawn")
     answers = ctx.Queue()
-    procs = [
-        ctx.Process(
-            target=rank_main,
-            args=(r, channel.offer(), fail_at if r == failing_rank else 0, exit_at if r == failing_rank else 0, answers),
-        )
-        for r in range(size)
-    ]
+    plans = {0: (-block_at, 0), 1: (fail_at, exit_at)}
+    procs = [ctx.Process(target=rank_main, args=(r, channel.offer(), *plans.get(r, (0, 0)), answers)) for r in range(size)]
     for p in procs:
         p.start()
     return procs, answers
@@ -97,6 +98,34 @@ def test_a_rank_that_raises_is_named_with_its_error() -> None:
         assert channel.result(channel.send(b"step %d" % step), bytes) == (b"step %d" % step)[::-1]
     with pytest.raises(EngineDeadError, match=r"rank 1 failed in execute_model: ValueError: rank 1 cannot run step 3"):
         channel.result(channel.send(b"step 3"), bytes)
+    channel.close()
+    for p in procs:
+        p.join(timeout=10)
+        assert p.exitcode == 0
+
+
+def test_a_rank_that_raises_is_named_at_once_while_another_waits_for_it() -> None:
+    channel = StepChannel(2, timeout_s=60, layout=Layout(2, **SMALL))
+    procs, _ = start_ranks(channel, 2, fail_at=1, block_at=1)
+    wait_attached(channel, 2)
+    start = time.monotonic()
+    with pytest.raises(EngineDeadError, match=r"rank 1 failed in execute_model: ValueError: rank 1 cannot run step 1"):
+        channel.result(channel.send(b"step 1"), bytes)
+    assert time.monotonic() - start < 5
+    for p in procs:
+        p.kill()
+    channel.close()
+
+
+def test_a_failure_is_not_lost_when_the_step_already_sent_fails_too() -> None:
+    channel = StepChannel(2, timeout_s=30, layout=Layout(2, **SMALL))
+    procs, _ = start_ranks(channel, 2, fail_at=1)
+    wait_attached(channel, 2)
+    first, second = channel.send(b"one"), channel.send(b"two")  # async scheduling: both sent
+    time.sleep(0.2)  # rank 1 has failed both by now, had it run the second
+    for step in (first, second):
+        with pytest.raises(EngineDeadError, match=r"rank 1 failed in execute_model: ValueError: rank 1 cannot run step 1"):
+            channel.result(step, bytes)
     channel.close()
     for p in procs:
         p.join(timeout=10)
