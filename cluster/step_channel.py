@@ -278,13 +278,15 @@ class StepChannel:
         """The error a rank wrote, naming it; a rank that ended is named first (a survivor's
         collective with it fails too)."""
         self._check_ranks_alive(self.segment.get(rank, "failed"))
-        offset, _ = self.layout.error(rank)
-        length = self.segment.words[offset // 8]
         try:
-            cause, text = pickle.loads(bytes(self.segment.buffer[offset + 8 : offset + 8 + length]))
+            cause, text = pickle.loads(bytes(self.segment.read(self.layout.error(rank))))
         except Exception as exc:  # noqa: BLE001  an exception pickled but not unpicklable here
             cause, text = None, f"(its error could not be read back: {type(exc).__name__}: {exc})"
         return rank_step_error(rank, cause, text)
+
+
+def _no_spill(payload: bytes) -> bytes:
+    raise AssertionError(f"an error of {len(payload)} bytes was not cut to fit its slot")
 
 
 def rank_step_error(rank: int, cause: BaseException | None, text: str) -> ShardLMError:
@@ -325,7 +327,7 @@ class StepReader:
         """Each step's message through `decode`, then `run` (rank 0 writes what it returns as the
         step's result), until the driver closes the channel or its process ends; the steps run."""
         step = 0
-        while self._next(step + 1):
+        while self._wait_driver("sent", step + 1):
             step += 1
             if self.segment.get(self.rank, "failed"):  # failed before: run nothing more
                 self.segment.set(self.rank, "taken", step)
@@ -339,16 +341,17 @@ class StepReader:
                 self._fail(step, exc)
                 continue
             if self.rank == 0 and result is not None:
-                self._wait_consumed(step - 2)
+                self._wait_driver("consumed", step - 2)  # the driver has read the result in this slot
                 self.segment.write(self.layout.result(step), result, self.spills.spill(step))
             self.segment.set(self.rank, "done", step)
         return step
 
-    def _next(self, step: int) -> bool:
-        """Wait until step `step` is sent (True) or the channel is closed (False)."""
+    def _wait_driver(self, flag: str, step: int) -> bool:
+        """Wait until the driver's `flag` is at least `step` (True), or the channel is closed or
+        the driver's process has ended (False)."""
         segment = self.segment
         start = time.perf_counter()
-        while (seen := segment.get(None, "sent")) < step:
+        while (seen := segment.get(None, flag)) < step:
             if segment.get(None, "closed"):
                 return False
             waited = time.perf_counter() - start
@@ -356,15 +359,8 @@ class StepReader:
                 continue
             if waited > FUTEX_SLICE_S and not alive(segment.get(None, "pid")):
                 return False
-            segment.sleep(None, "sent", seen, FUTEX_SLICE_S)
+            segment.sleep(None, flag, seen, FUTEX_SLICE_S)
         return True
-
-    def _wait_consumed(self, step: int) -> None:
-        segment = self.segment
-        while step > 0 and (seen := segment.get(None, "consumed")) < step:
-            if segment.get(None, "closed") or not alive(segment.get(None, "pid")):
-                return
-            segment.sleep(None, "consumed", seen, FUTEX_SLICE_S)
 
     def _fail(self, step: int, exc: Exception) -> None:
         text = "".join(traceback.format_exception(exc))
@@ -372,12 +368,11 @@ class StepReader:
             payload = pickle.dumps((exc, text))
         except Exception:  # noqa: BLE001  an exception that cannot be pickled: its text
             payload = pickle.dumps((None, f"{type(exc).__name__}: {exc}\n{text}"))
-        offset, capacity = self.layout.error(self.rank)
-        if len(payload) > capacity - 8:
-            tail = text.encode()[-(capacity // 2) :].decode(errors="replace")
+        where = self.layout.error(self.rank)
+        if len(payload) > where[1] - 8:  # the error slot never spills: its text's tail fits
+            tail = text.encode()[-(where[1] // 2) :].decode(errors="replace")
             payload = pickle.dumps((None, tail))
-        self.segment.words[offset // 8] = len(payload)
-        self.segment.buffer[offset + 8 : offset + 8 + len(payload)] = payload
+        self.segment.write(where, payload, spill=_no_spill)
         self.segment.set(self.rank, "taken", step)
         self.segment.set(self.rank, "failed", step)
         self.segment.set(self.rank, "done", step)

@@ -69,8 +69,7 @@ class WorkerActor:
         if not self._step_thread_bound:
             self._bind_device_to_step_thread()
             self._step_thread_bound = True
-        result = self.worker.execute_model(STEP_DECODER.decode(message))
-        return None if result is None else STEP_ENCODER.encode(result)
+        return self._run_step(STEP_DECODER.decode(message))
 
     def attach_step_channel(self, offer: tuple[str, bytes, tuple[int, int, int]]) -> bool:
         """Map the driver's step channel (`cluster.step_channel`); False where this rank cannot."""
@@ -96,6 +95,7 @@ class WorkerActor:
             reader.close()
 
     def _run_step(self, batch: Batch) -> bytes | None:
+        """One engine step; rank 0's encoded `StepResult` (None on the other ranks)."""
         result = self.worker.execute_model(batch)
         return None if result is None else STEP_ENCODER.encode(result)
 
@@ -237,7 +237,7 @@ class WorkerGroup:
             logger.warning("steps cannot go through shared memory (%s): trying a compiled graph", exc)
             return False
         try:
-            attached = self.call_actor_with("attach_step_channel", channel.offer())
+            attached = self.call_actor("attach_step_channel", channel.offer())
         except BaseException:
             channel.close()
             raise
@@ -363,14 +363,10 @@ class WorkerGroup:
         ]
         return gather(refs, method, timeout_s)
 
-    def call_actor_with(self, method: str, *args: Any, timeout_s: float | None = 120) -> list[Any]:
-        """Run a method of every actor itself with `args`."""
-        return gather([getattr(actor, method).remote(*args) for actor in self.actors], method, timeout_s)
-
-    def call_actor(self, method: str, ranks: Sequence[int] | None = None, timeout_s: float | None = 120) -> list[Any]:
-        """Run a method of the actor itself (not of its Worker) on `ranks` (all by default)."""
+    def call_actor(self, method: str, *args: Any, ranks: Sequence[int] | None = None, timeout_s: float | None = 120) -> list[Any]:
+        """Run a method of the actor itself (not of its Worker) with `args` on `ranks` (all by default)."""
         chosen = list(range(len(self.actors))) if ranks is None else list(ranks)
-        return gather([getattr(self.actors[r], method).remote() for r in chosen], method, timeout_s)
+        return gather([getattr(self.actors[r], method).remote(*args) for r in chosen], method, timeout_s)
 
     def poll_progress(self, timeout_s: float = 1.0) -> list[RankProgress]:
         """The start-up progress of the ranks that answer within `timeout_s` (a rank still being
