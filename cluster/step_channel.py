@@ -198,6 +198,8 @@ class StepChannel:
         self.segment.set(None, "pid", os.getpid())
         self.timeout_s = timeout_s
         self.sent = 0
+        self.answered = 0
+        """The last step whose result has been taken (or has raised)."""
         self.spills = Spills(os.path.dirname(self.path))
 
     def offer(self) -> tuple[str, bytes, tuple[int, int, int]]:
@@ -221,12 +223,18 @@ class StepChannel:
         """Rank 0's result of `step`, decoded, once every rank has run it; an error naming the
         rank when one failed or ended."""
         self._wait_ranks("done", step, "run it", timeout_s)
+        self.answered = max(self.answered, step)
         failed = self._first_failed(step)
         if failed is not None:
             raise self._failure(failed)
         decoded = decode(self.segment.read(self.layout.result(step)))
         self.segment.set(None, "consumed", step)
         return decoded
+
+    @property
+    def unanswered(self) -> int:
+        """Steps sent whose results have not been taken."""
+        return self.sent - self.answered
 
     def close(self) -> None:
         """Tell every rank's loop to end (they return from `StepReader.serve`), and unmap."""

@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import socket
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -30,7 +31,16 @@ STEP_SUBMIT_TIMEOUT_S = 60.0
 
 
 class WorkerActor:
-    """The Ray actor around one rank's `workers.worker.Worker`."""
+    """The Ray actor around one rank's `workers.worker.Worker`.
+
+    Everything the rank computes (`execute`, `serve_steps`) runs on one thread, the "compute"
+    concurrency group's. On CPU this is what keeps torch's OpenMP threads at full speed: libgomp
+    gives each thread that starts parallel work a team of its own, and once its threads outnumber
+    the cores it throttles every team's spin-wait to almost nothing, so that a second thread's
+    matrix products keep the cores about 1.6 busy of 2 instead of 2 (a SmolLM2 step at batch 32
+    takes about 1.5 times as long). Only the compiled graph's `execute_step` runs on a thread of
+    its own (Ray's); it stays the fallback on CPU.
+    """
 
     def __init__(self, config: EngineConfig, rank: int, world_size: int) -> None:
         from workers.worker import Worker
@@ -40,6 +50,8 @@ class WorkerActor:
         self.worker = Worker(config, rank, world_size)
         self._step_thread_bound = False
         """Whether the compiled graph's thread has been given this rank's device (its first step)."""
+        self.compute_threads: set[int] = set()
+        """The threads that have run this rank's work (one, but for a compiled graph's)."""
 
     def _bind_device_to_step_thread(self) -> None:
         device = getattr(self.worker, "device", None)
@@ -60,7 +72,9 @@ class WorkerActor:
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
+    @ray.method(concurrency_group="compute")
     def execute(self, method: str, *args: Any) -> Any:
+        self.compute_threads.add(threading.get_ident())
         return getattr(self.worker, method)(*args)
 
     def execute_step(self, message: bytes) -> bytes | None:
@@ -69,6 +83,7 @@ class WorkerActor:
         if not self._step_thread_bound:
             self._bind_device_to_step_thread()
             self._step_thread_bound = True
+            self.compute_threads.add(threading.get_ident())
         return self._run_step(STEP_DECODER.decode(message))
 
     def attach_step_channel(self, offer: tuple[str, bytes, tuple[int, int, int]]) -> bool:
@@ -83,11 +98,12 @@ class WorkerActor:
         if reader is not None:
             reader.close()
 
-    @ray.method(concurrency_group="steps")
+    @ray.method(concurrency_group="compute")
     def serve_steps(self) -> int:
-        """Run every step the driver writes into the channel, on this call's own thread, until the
-        driver closes it; how many ran."""
+        """Run every step the driver writes into the channel, on the compute thread, until the
+        driver closes it; how many ran. A call to `execute` waits until the loop has ended."""
         self._bind_device_to_step_thread()
+        self.compute_threads.add(threading.get_ident())
         reader, self._reader = self._reader, None
         try:
             return reader.serve(STEP_DECODER.decode, self._run_step)
@@ -105,7 +121,7 @@ class WorkerActor:
         return self.worker.progress_snapshot()
 
 
-RemoteWorker = ray.remote(concurrency_groups={"progress": 1, "steps": 1})(WorkerActor)
+RemoteWorker = ray.remote(concurrency_groups={"progress": 1, "compute": 1})(WorkerActor)
 
 STEP_ENCODER = msgspec.msgpack.Encoder()
 STEP_DECODER = msgspec.msgpack.Decoder(Batch)
@@ -357,11 +373,42 @@ class WorkerGroup:
         self, method: str, *args: Any, timeout_s: float | None = None, rank_args: Sequence[tuple] | None = None
     ) -> list[Any]:
         """Run `Worker.<method>` on every rank at once (rank r with `rank_args[r]` when given)."""
-        refs = [
-            actor.execute.remote(method, *(rank_args[rank] if rank_args is not None else args))
-            for rank, actor in enumerate(self.actors)
-        ]
-        return gather(refs, method, timeout_s)
+        paused = self._pause_channel(method)
+        try:
+            refs = [
+                actor.execute.remote(method, *(rank_args[rank] if rank_args is not None else args))
+                for rank, actor in enumerate(self.actors)
+            ]
+            return gather(refs, method, timeout_s)
+        finally:
+            if paused is not None:
+                self._reopen_channel(paused)
+
+    def _pause_channel(self, method: str) -> float | None:
+        """End the ranks' step loops, which hold their compute threads, before a call to `method`
+        (the call waits on each rank until the loop has returned); the channel's timeout, to open
+        a new one after the call (None: no channel was open). Refused while a step is unanswered:
+        its result would be lost."""
+        channel = self.channel
+        if channel is None:
+            return None
+        if channel.unanswered:
+            raise ShardLMError(f"{method} while {channel.unanswered} step(s) are running on the ranks: take their results first")
+        self.channel, self.serving = None, []
+        channel.close()
+        return channel.timeout_s
+
+    def _reopen_channel(self, timeout_s: float) -> None:
+        """A new step channel after a call that paused the last one; plain calls where it cannot
+        be opened (a rank has died, say: the next step names it)."""
+        if not self.actors:
+            return
+        try:
+            if self._open_channel(timeout_s):
+                return
+        except ShardLMError as exc:
+            logger.warning("the step channel could not be opened again (%s): steps go as plain Ray calls", exc)
+        self.step_dispatch = "plain calls"
 
     def call_actor(self, method: str, *args: Any, ranks: Sequence[int] | None = None, timeout_s: float | None = 120) -> list[Any]:
         """Run a method of the actor itself (not of its Worker) with `args` on `ranks` (all by default)."""

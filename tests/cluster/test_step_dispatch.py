@@ -46,8 +46,41 @@ def test_every_dispatch_gives_the_same_tokens(ray_cluster, tiny_checkpoint, monk
         with LLM(str(folder), tensor_parallel_size=tp, **SMALL) as llm:
             assert llm.load_report.step_dispatch == DISPATCH_NAMES[dispatch]
             runs[tp, dispatch] = tokens(llm)
+            if dispatch == "shm":
+                assert_calls_pause_the_channel(llm, runs[tp, dispatch])
     assert runs[2, "compiled"] == runs[2, "shm"]
     assert close(runs[1, "plain"], runs[2, "shm"])
+
+
+def assert_calls_pause_the_channel(llm: LLM, first: list) -> None:
+    """A call to the ranks between steps (prompt logits) ends their step loops and opens a new
+    channel after it: the steps after it give the same tokens through shared memory, and each
+    rank has run all its work (load, profile, steps, the call) on one thread."""
+    import ray
+
+    llm.prompt_logits([[1, 2, 3]])
+    assert tokens(llm) == first
+
+    def ranks(engine):
+        workers = engine.workers
+        threads = [ray.get(a.__ray_call__.remote(lambda actor: actor.compute_threads)) for a in workers.actors]
+        return workers.step_dispatch, workers.channel is not None, threads
+
+    dispatch, channel_open, threads = ray.get(llm._engine.__ray_call__.remote(ranks))
+    assert dispatch == "shared memory" and channel_open
+    assert [len(t) for t in threads] == [1, 1]
+
+
+def test_a_call_is_refused_while_a_step_is_unanswered() -> None:
+    from types import SimpleNamespace
+
+    from cluster.worker_group import WorkerGroup
+    from parallel.errors import ShardLMError
+
+    group = WorkerGroup([])
+    group.channel = SimpleNamespace(unanswered=1)
+    with pytest.raises(ShardLMError, match=r"prompt_logits while 1 step\(s\) are running on the ranks"):
+        group.call("prompt_logits", [[1]])
 
 
 def test_the_default_dispatch(monkeypatch) -> None:
