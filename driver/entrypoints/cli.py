@@ -362,6 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--output-len-min default: output-len / 8); transformers runs one padded batch to the longest output, "
         "and only the requested tokens count",
     )
+    tput.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds, the libraries taking turns, fresh prompts each; the best is shown (default: 1)",
+    )
     tput.add_argument("--bench-seed", type=int, default=0, help="seed of the random prompts")
     tput.add_argument("--json", action="store_true", help="print machine-readable JSON")
     add_engine_args(tput)
@@ -683,14 +689,25 @@ def cmd_bench_throughput(ns: argparse.Namespace) -> int:
     out_lengths = (ns.output_len_min or (max(1, ns.output_len // 8) if ns.mixed else ns.output_len), ns.output_len)
     if not 1 <= out_lengths[0] <= out_lengths[1] or lengths[0] > lengths[1]:
         raise ValueError(f"no lengths to draw from: input {lengths[0]}-{lengths[1]}, output {out_lengths[0]}-{out_lengths[1]}")
-    prompts = bench.random_prompts(ns.num_prompts, lengths, config.model.arch.vocab_size, ns.bench_seed)
+    if ns.repeat < 1:
+        raise ValueError(f"--repeat {ns.repeat}: give at least 1")
+    input_lens = bench.random_lengths(ns.num_prompts, lengths, ns.bench_seed)
     output_lens = bench.random_lengths(ns.num_prompts, out_lengths, ns.bench_seed + 1)
-    ours = bench.run_shardlm_throughput({**changed_engine_args(ns), "show_progress": not ns.quiet}, prompts, output_lens)
     weights = config.model.path if config.model.gguf_file is None else f"{config.model.path}/{config.model.gguf_file}"
-    theirs = bench.run_transformers_throughput(weights, config.model.dtype, prompts, output_lens)
+    ours, theirs = bench.interleaved_throughput(
+        {**changed_engine_args(ns), "show_progress": not ns.quiet},
+        weights,
+        config.model.dtype,
+        input_lens,
+        output_lens,
+        config.model.arch.vocab_size,
+        ns.bench_seed,
+        ns.repeat,
+    )
     setup = (
         f"{config.model.model or 'default'} ({config.model.dtype}, {config.model.device}, tp={args.tensor_parallel_size}), "
-        f"{ns.num_prompts} prompts x {bench.span(lengths)} tokens, {bench.span(out_lengths)} new tokens each"
+        f"{ns.num_prompts} prompts x {bench.span(lengths)} tokens, {bench.span(out_lengths)} new tokens each, "
+        f"best of {ns.repeat}"
     )
     if ns.json:
         print(

@@ -57,32 +57,53 @@ def tokens_per_s(output_lens: list[int], seconds: float) -> dict[str, float]:
     return {"seconds": seconds, "output_tokens": tokens, "tokens_per_s": tokens / seconds}
 
 
+def prompts_of_lengths(lengths: list[int], vocab: int, seed: int) -> list[list[int]]:
+    """Prompts of the given lengths, of random token ids (past the first 100) drawn from `seed`."""
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.randrange(100, vocab) for _ in range(n)] for n in lengths]
+
+
 def run_shardlm_throughput(engine_args: dict, prompts: list[list[int]], output_lens: list[int]) -> dict[str, float]:
     """`LLM.generate` of every prompt at once, each with its own max_tokens (greedy, no early stop)."""
     from driver.entrypoints.llm import LLM
+
+    with LLM(**engine_args) as llm:
+        return tokens_per_s(output_lens, shardlm_seconds(llm, prompts, output_lens))
+
+
+def shardlm_seconds(llm: Any, prompts: list[list[int]], output_lens: list[int]) -> float:
+    """Seconds of one `llm.generate` of every prompt at once, each to its own max_tokens."""
     from workers.sampling_params import SamplingParams
 
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in output_lens]
-    with LLM(**engine_args) as llm:
-        start = time.perf_counter()
-        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    seconds = time.perf_counter() - start
     generated = [len(o.outputs[0].token_ids) for o in outputs]
     if generated != output_lens:
         raise RuntimeError(f"shardlm generated {sum(generated)} tokens where {sum(output_lens)} were asked for")
-    return tokens_per_s(output_lens, seconds)
+    return seconds
 
 
 def run_transformers_throughput(model: str, dtype: str, prompts: list[list[int]], output_lens: list[int]) -> dict[str, float]:
     """transformers' batched greedy `generate` of the same prompts as one batch (left-padded when
     lengths differ), run to the longest output: every row computes that many tokens, only each
     request's own count. On the GPU where there is one, as the engine runs."""
+    hf = load_transformers_model(model, dtype)
+    return {
+        **tokens_per_s(output_lens, transformers_seconds(hf, prompts, output_lens)),
+        "computed_tokens": max(output_lens) * len(prompts),
+    }
+
+
+def transformers_seconds(hf: Any, prompts: list[list[int]], output_lens: list[int]) -> float:
+    """Seconds of one batched greedy `generate` of `prompts`, padded, to the longest output."""
     import torch
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    hf = _load_transformers_model(model, dtype).to(device)
     pad = 0
-    ids, mask = (torch.tensor(rows, device=device) for rows in left_padded(prompts, pad))
+    ids, mask = (torch.tensor(rows, device=hf.device) for rows in left_padded(prompts, pad))
     longest = max(output_lens)
     start = time.perf_counter()
     with torch.no_grad():
@@ -94,9 +115,36 @@ def run_transformers_throughput(model: str, dtype: str, prompts: list[list[int]]
             do_sample=False,
             pad_token_id=pad,
         )
-    if device == "cuda":
+    if hf.device.type == "cuda":
         torch.cuda.synchronize()
-    return {**tokens_per_s(output_lens, time.perf_counter() - start), "computed_tokens": longest * len(prompts)}
+    return time.perf_counter() - start
+
+
+def interleaved_throughput(
+    engine_args: dict, model: str, dtype: str, input_lens: list[int], output_lens: list[int], vocab: int, seed: int, repeat: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Both libraries' best of `repeat` rounds, taking turns (a machine whose speed drifts slows
+    both alike). Every round has the same lengths and fresh token ids, so that shardlm's prefix
+    cache holds nothing of it; each library gets the round's prompts."""
+    from driver.entrypoints.llm import LLM
+
+    ours, theirs = [], []
+    with LLM(**engine_args) as llm:
+        hf = load_transformers_model(model, dtype)
+        for round_ in range(repeat):
+            prompts = prompts_of_lengths(input_lens, vocab, seed * 1000 + round_)
+            ours.append(shardlm_seconds(llm, prompts, output_lens))
+            theirs.append(transformers_seconds(hf, prompts, output_lens))
+    computed = max(output_lens) * len(input_lens)
+    return tokens_per_s(output_lens, min(ours)), {**tokens_per_s(output_lens, min(theirs)), "computed_tokens": computed}
+
+
+def load_transformers_model(model: str, dtype: str) -> Any:
+    """The checkpoint (a folder, or a .gguf file) in transformers, on the GPU where there is one."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return _load_transformers_model(model, dtype).to(device)
 
 
 def _load_transformers_model(model: str, dtype: str) -> Any:

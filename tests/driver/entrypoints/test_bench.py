@@ -74,6 +74,9 @@ def test_transformers_counts_only_the_requested_tokens_of_its_padded_batch(tiny_
 class FakeLLM:
     """`LLM` as `run_shardlm_throughput` uses it: each request gets its own max_tokens."""
 
+    seen: list[list[list[int]]] = []
+    """The prompts of every `generate` call, across instances."""
+
     def __init__(self, **engine_args) -> None:
         self.engine_args = engine_args
 
@@ -87,6 +90,7 @@ class FakeLLM:
         from driver.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 
         assert len(prompts) == len(params) and all(p.ignore_eos and p.temperature == 0 for p in params)
+        FakeLLM.seen.append([p["prompt_token_ids"] for p in prompts])
         return [
             RequestOutput(
                 request_id=str(i),
@@ -105,6 +109,22 @@ def test_shardlm_asks_each_request_for_its_own_output_length(monkeypatch) -> Non
     prompts = bench.random_prompts(4, (3, 20), TINY_LLAMA["vocab_size"], seed=0)
     result = bench.run_shardlm_throughput({}, prompts, [1, 7, 3, 12])
     assert result["output_tokens"] == 23 and result["tokens_per_s"] == pytest.approx(23 / result["seconds"])
+
+
+def test_interleaved_rounds_give_both_libraries_the_same_fresh_prompts(monkeypatch, tiny_checkpoint) -> None:
+    """Each round: new token ids of the same lengths (no prefix-cache hit across rounds), the same
+    prompts for transformers as for shardlm; the best round of each counts only requested tokens."""
+    folder, _ = tiny_checkpoint("llama")
+    monkeypatch.setattr("driver.entrypoints.llm.LLM", FakeLLM)
+    theirs_seen = []
+    real = bench.transformers_seconds
+    monkeypatch.setattr(bench, "transformers_seconds", lambda hf, p, o: theirs_seen.append(p) or real(hf, p, o))
+    FakeLLM.seen = []
+    ours, theirs = bench.interleaved_throughput({}, str(folder), "float32", [3, 6], [2, 4], vocab=200, seed=0, repeat=2)
+    assert FakeLLM.seen == theirs_seen and len(theirs_seen) == 2
+    first, second = theirs_seen
+    assert [len(p) for p in first] == [len(p) for p in second] == [3, 6] and first != second
+    assert ours["output_tokens"] == theirs["output_tokens"] == 6 and theirs["computed_tokens"] == 8
 
 
 def test_bench_latency_tiny_reports_both_sides_and_their_ratio(ray_cluster, capsys) -> None:
