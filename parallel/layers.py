@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import onednn_linear
 from parallel.errors import ConfigError
 from parallel.quantization import QuantConfig, linear_method
 from parallel.state import TensorParallelGroup, split_evenly
@@ -281,5 +282,10 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.weight = embedding.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        logits = self.tp.gather_last_dim(F.linear(hidden, self.weight))
+        packed = self.__dict__.get("packed_weight")  # a CPU rank's oneDNN copy (workers.packed_weights)
+        if packed is not None:
+            local = onednn_linear.linear(hidden, packed)
+        else:
+            local = F.linear(hidden, self.weight)
+        logits = self.tp.gather_last_dim(local)
         return None if logits is None else logits[..., : self.vocab_size]

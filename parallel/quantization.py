@@ -30,6 +30,7 @@ import msgspec
 import torch
 from torch import nn
 
+from kernels import onednn_linear
 from parallel.errors import ConfigError, WeightLoadError
 from parallel.weights import ShardId, WeightSource, attach_loader
 
@@ -159,6 +160,9 @@ class Unquantized(LinearMethod):
         layer.weight = attach_loader(nn.Parameter(weight, requires_grad=False), load, layer.weight_full_shapes())
 
     def apply(self, layer: ParallelLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        packed = layer.__dict__.get("packed_weight")  # a CPU rank's oneDNN copy (workers.packed_weights)
+        if packed is not None:
+            return onednn_linear.linear(x, packed, bias)
         return nn.functional.linear(x, layer.weight, bias)
 
 

@@ -28,6 +28,7 @@ from workers.checkpoint import ReadStats, checkpoint_tensor_bytes, iter_checkpoi
 from workers.config import EngineConfig
 from workers.load_pipeline import LoadPipeline, choose_for_files
 from workers.models import model_class
+from workers.packed_weights import pack_linear_weights
 from workers.param_memory import empty_like_all
 from workers.progress import ProgressTracker
 
@@ -52,6 +53,8 @@ class WeightLoadReport(msgspec.Struct, frozen=True, kw_only=True):
     """The process's peak resident memory so far (ru_maxrss), loading included."""
     weight_device_bytes: int
     """Memory the rank's parameters take on its device."""
+    packed_bytes: int = 0
+    """On CPU, the oneDNN copies of the larger linear weights, beside them (`workers.packed_weights`)."""
     load_strategy: str = ""
     """How the files were read: "page_cache" or "direct" ("" where nothing was read through the pipeline)."""
     load_strategy_reason: str = ""
@@ -159,6 +162,7 @@ def load_model(
                 restore_after_loading(model)
             else:
                 process_weights_after_loading(model)
+            packed = pack_linear_weights(model) if device.type == "cpu" else 0
     except BaseException:
         if pipeline is not None:
             pipeline.close()
@@ -176,6 +180,7 @@ def load_model(
         seconds=time.perf_counter() - start,
         peak_host_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         weight_device_bytes=parameter_bytes(model),
+        packed_bytes=packed,
         load_strategy=done.strategy if done else "",
         load_strategy_reason=done.reason if done else "",
         load_threads=done.threads if done else 0,

@@ -73,6 +73,9 @@ class LoadReport(msgspec.Struct, kw_only=True):
         commits = {r.commit for r in self.ranks if r.commit}
         if commits:
             lines.append(f"  Hub commit: {', '.join(sorted(commits))}" + ("" if len(commits) == 1 else "  (ranks differ!)"))
+        packed = sum(r.packed_bytes for r in self.ranks)
+        if packed:
+            lines.append(f"  linear weights packed for oneDNN: {packed / MIB:.1f} MiB beside the weights, all ranks")
         if self.step_dispatch:
             lines.append(f"  steps: {self.step_dispatch}")
         if self.generation_defaults is not None:
