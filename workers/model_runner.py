@@ -16,6 +16,7 @@ from workers.cuda_graphs import DecodeGraphs, cuda_graphs_wanted, decode_buckets
 from workers.kv_cache import KVCache
 from workers.models.layers import PagedMetadata
 from workers.sampler import Sampler
+from workers.step_threads import StepThreads
 
 
 class ModelRunner:
@@ -29,11 +30,16 @@ class ModelRunner:
         self.sampler = Sampler(device, config.model.seed) if tp.rank == 0 else None
         self.tables = BlockTables(-(-config.model.max_model_len // self.block_size))
         self.staging = StagingBuffer(device)
+        self.threads = StepThreads(model, device)
         self.graphs: DecodeGraphs | None = None
         """CUDA graphs of decode steps, once `capture_graphs` has captured them."""
 
     @torch.inference_mode()
     def execute(self, batch: Batch) -> StepResult | None:
+        with self.threads.for_tokens(len(batch.token_ids)):
+            return self._execute(batch)
+
+    def _execute(self, batch: Batch) -> StepResult | None:
         self.tables.apply(batch.table_updates, batch.finished_seq_ids)
         if self.sampler is not None:
             self.sampler.forget(batch.finished_seq_ids)

@@ -130,3 +130,33 @@ def test_paged_steps_match_the_model_without_a_cache(tiny_checkpoint) -> None:
             sampled[s.seq_id].append(s.token_id)
     for i, prompt in enumerate(prompts):
         assert sampled[i] == worker.greedy_continuation(prompt, len(sampled[i])), f"sequence {i}"
+
+
+def test_a_small_step_runs_on_one_thread_and_the_count_comes_back(tiny_checkpoint, monkeypatch) -> None:
+    """The tiny model's step is far below MIN_SPLIT_MACS: it runs on one torch thread, and the
+    rank's count is restored after it; a step above the bound keeps the rank's count."""
+    import workers.step_threads as step_threads
+
+    runner = tiny_worker(tiny_checkpoint).runner
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen = []
+    real = runner._execute
+    monkeypatch.setattr(runner, "_execute", lambda b: seen.append(torch.get_num_threads()) or real(b))
+    try:
+        runner.tables.apply([TableUpdate(1, 0, [3])], [])
+        step = batch(
+            [1],
+            [5, 6, 7],
+            [3],
+            [3],
+            0,
+            new_seqs=[NewSequence(seq_id=1, prompt_token_ids=[5, 6, 7], params=GREEDY, seed=None, stop_ids=[])],
+        )
+        runner.execute(step)
+        assert seen == [1] and torch.get_num_threads() == 2
+        monkeypatch.setattr(step_threads, "MIN_SPLIT_MACS", 1)
+        runner.execute(batch([1], [8], [1], [4], 1))
+        assert seen == [1, 2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
