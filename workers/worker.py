@@ -19,6 +19,7 @@ from parallel.state import TensorParallelGroup, destroy_tensor_parallel, init_te
 from workers import sharded_state
 from workers.batch import Batch, StepResult
 from workers.config import EngineConfig
+from workers.host_malloc import keep_freed_memory
 from workers.kv_cache import KVCache, MemoryProfile, profile_memory
 from workers.loader import WeightLoadReport, load_model
 from workers.model_files import find_model
@@ -54,6 +55,7 @@ class Worker:
     def init_device(self, address: str = "127.0.0.1", port: int = 0, cpu_threads: int | None = None) -> None:
         """Pick this rank's device (on CPU, with `cpu_threads` torch threads) and join the
         tensor-parallel process group."""
+        keep_freed_memory()
         if cpu_threads:
             torch.set_num_threads(cpu_threads)
         if self.config.model.device == "cuda":
