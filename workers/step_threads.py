@@ -26,8 +26,15 @@ issue 11's tiny Llama's batch of 64, 5.5e6)."""
 
 
 def linear_elements(model: nn.Module) -> int:
-    """The weight elements of the rank's linear layers and LM head: multiply-adds per token."""
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, ParallelLinear | ParallelLMHead))
+    """The weight elements of the rank's linear layers (their slices' rows x columns, whatever
+    holds them: quantized layers keep packed codes) and LM head: multiply-adds per token."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, ParallelLinear):
+            total += m.local_out * m.local_in
+        elif isinstance(m, ParallelLMHead):
+            total += m.weight.numel()
+    return total
 
 
 class StepThreads:
