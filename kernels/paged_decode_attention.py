@@ -111,6 +111,12 @@ class DecodeBlockPlan(NamedTuple):
     every context has length L (nothing to mask: adding 0 changes no score)."""
     length: int
     """L, the longest context."""
+    pair_rows: torch.Tensor | None = None
+    """[2 * B * nb] int64, for a [2, num_blocks, ...] pool pair: `blocks`, then `blocks` +
+    num_blocks (the same blocks of the value half), so that one gather along the pair's flattened
+    first two dimensions reads keys and values (1.5 times faster here than along its second)."""
+    pair_blocks: int = 0
+    """The num_blocks `pair_rows` was made for."""
 
 
 def decode_block_plan_np(
@@ -132,9 +138,11 @@ def decode_block_plan(
     context_lens: torch.Tensor | np.ndarray,
     block_size: int,
     mask_dtype: torch.dtype | None = None,
+    num_blocks: int = 0,
 ) -> DecodeBlockPlan:
     """The plan for CPU block_tables [B, max_blocks] and context_lens [B] (tensors or numpy arrays),
-    its mask additive in `mask_dtype` when one is given."""
+    its mask additive in `mask_dtype` when one is given, its `pair_rows` for a pool pair of
+    `num_blocks` blocks when one is given."""
     as_np = lambda t: t.numpy() if isinstance(t, torch.Tensor) else t  # noqa: E731
     blocks, tail, visible = decode_block_plan_np(as_np(block_tables), as_np(context_lens), block_size)
     mask = None
@@ -142,7 +150,8 @@ def decode_block_plan(
         mask = torch.from_numpy(np.ascontiguousarray(visible))
         if mask_dtype is not None:
             mask = torch.from_numpy(np.where(visible, np.float32(0), np.float32(-np.inf))).to(mask_dtype)
-    return DecodeBlockPlan(torch.from_numpy(blocks), torch.from_numpy(tail), mask, visible.shape[-1])
+    rows = torch.from_numpy(np.concatenate([blocks, blocks + num_blocks])) if num_blocks else None
+    return DecodeBlockPlan(torch.from_numpy(blocks), torch.from_numpy(tail), mask, visible.shape[-1], rows, num_blocks)
 
 
 def _gather_blocks(cache: torch.Tensor, plan: DecodeBlockPlan) -> torch.Tensor:
@@ -171,7 +180,10 @@ def paged_decode_attention_blocks(
     batch, heads, dim = q.shape
     kv_heads, length = key_cache.shape[2], plan.length
     if kv_pair is not None and not is_fp8(kv_pair):
-        kv = kv_pair.index_select(1, plan.blocks).view(2, -1, kv_heads, dim)
+        if plan.pair_rows is not None and plan.pair_blocks == kv_pair.shape[1] and kv_pair.is_contiguous():
+            kv = kv_pair.view(2 * plan.pair_blocks, -1).index_select(0, plan.pair_rows).view(2, -1, kv_heads, dim)
+        else:
+            kv = kv_pair.index_select(1, plan.blocks).view(2, -1, kv_heads, dim)
         if len(plan.tail):
             kv.index_fill_(1, plan.tail, 0)
         keys, values = kv[0].to(q.dtype), kv[1].to(q.dtype)

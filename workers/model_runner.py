@@ -27,6 +27,8 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.dtype = getattr(torch, config.model.dtype)
         model.bind_kv_cache(kv_cache.keys, kv_cache.values, kv_cache.pairs)
+        self.pair_blocks = kv_cache.pairs[0].shape[1] if kv_cache.pairs else 0
+        """Blocks of each layer's [2, ...] pool pair, for the decode plan's one gather of both (0: no pairs)."""
         self.sampler = Sampler(device, config.model.seed) if tp.rank == 0 else None
         self.tables = BlockTables(-(-config.model.max_model_len // self.block_size))
         self.staging = StagingBuffer(device)
@@ -123,7 +125,7 @@ class ModelRunner:
         return ids_t, positions_t, meta
 
     def decode_blocks(self, tables: np.ndarray, context: np.ndarray) -> DecodeBlockPlan:
-        return decode_block_plan(tables, context, self.block_size, self.dtype)
+        return decode_block_plan(tables, context, self.block_size, self.dtype, self.pair_blocks)
 
     @staticmethod
     def prefill_spans(batch: Batch) -> tuple[tuple[int, int, int], ...]:

@@ -262,10 +262,13 @@ def test_paged_decode_blocks_is_the_reference(block_size, heads, kv_heads, lengt
     plan = decode_block_plan(tables, lens, block_size)
     pair = torch.stack([key_cache, value_cache])
     additive = decode_block_plan(tables, lens, block_size, mask_dtype=dtype)
+    rows = decode_block_plan(tables, lens, block_size, mask_dtype=dtype, num_blocks=pair.shape[1])
     got = paged_decode_attention_blocks(q, key_cache, value_cache, plan, 0.25)
     paired = paged_decode_attention_blocks(q, pair[0], pair[1], additive, 0.25, kv_pair=pair)
+    by_rows = paged_decode_attention_blocks(q, pair[0], pair[1], rows, 0.25, kv_pair=pair)
+    assert rows.pair_rows.tolist() == plan.blocks.tolist() + (plan.blocks + pair.shape[1]).tolist()
     assert torch.isfinite(got).all()
-    assert torch.equal(got, expected) and torch.equal(paired, expected)
+    assert torch.equal(got, expected) and torch.equal(paired, expected) and torch.equal(by_rows, expected)
 
 
 def test_decode_block_plan_reads_only_each_context() -> None:
