@@ -23,6 +23,8 @@ import torch.nn.functional as F
 
 MIN_ELEMENTS = 1 << 19
 """Weights with fewer elements stay with `F.linear`: oneDNN's per-call cost outweighs what it saves."""
+PACKED_ATTR = "packed_weight"
+"""The attribute of a layer that holds its packed weight (a plain attribute, not a parameter)."""
 DTYPES = (torch.float32,)
 """Where packing has been measured faster (bfloat16 products already go through oneDNN)."""
 
@@ -51,6 +53,15 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x W^T (+ bias) with W as `pack` left it."""
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def module_linear(
+    module: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x W^T (+ bias) through the module's packed copy of `weight` where it has one
+    (`PACKED_ATTR`, set by `workers.packed_weights`), else `F.linear`."""
+    packed = module.__dict__.get(PACKED_ATTR)
+    return F.linear(x, weight, bias) if packed is None else linear(x, packed, bias)
 
 
 def packed_bytes(packed: torch.Tensor) -> int:

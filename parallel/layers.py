@@ -282,10 +282,5 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.weight = embedding.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        packed = self.__dict__.get("packed_weight")  # a CPU rank's oneDNN copy (workers.packed_weights)
-        if packed is not None:
-            local = onednn_linear.linear(hidden, packed)
-        else:
-            local = F.linear(hidden, self.weight)
-        logits = self.tp.gather_last_dim(local)
+        logits = self.tp.gather_last_dim(onednn_linear.module_linear(self, hidden, self.weight))
         return None if logits is None else logits[..., : self.vocab_size]

@@ -160,10 +160,7 @@ class Unquantized(LinearMethod):
         layer.weight = attach_loader(nn.Parameter(weight, requires_grad=False), load, layer.weight_full_shapes())
 
     def apply(self, layer: ParallelLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        packed = layer.__dict__.get("packed_weight")  # a CPU rank's oneDNN copy (workers.packed_weights)
-        if packed is not None:
-            return onednn_linear.linear(x, packed, bias)
-        return nn.functional.linear(x, layer.weight, bias)
+        return onednn_linear.module_linear(layer, x, layer.weight, bias)
 
 
 class OnlineQuantized(LinearMethod):

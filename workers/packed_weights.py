@@ -35,12 +35,13 @@ def pack_linear_weights(model: nn.Module, min_elements: int = onednn_linear.MIN_
             isinstance(module, ParallelLinear) and isinstance(module.method, Unquantized)
         )
         if plain and onednn_linear.worth_packing(module.weight, min_elements):
-            module.packed_weight = onednn_linear.pack(module.weight)
-            total += onednn_linear.packed_bytes(module.packed_weight)
+            packed = onednn_linear.pack(module.weight)
+            setattr(module, onednn_linear.PACKED_ATTR, packed)
+            total += onednn_linear.packed_bytes(packed)
     return total
 
 
 def unpack_linear_weights(model: nn.Module) -> None:
     """Every layer back to `F.linear` on its parameter (the packed copies freed)."""
     for module in model.modules():
-        module.__dict__.pop("packed_weight", None)
+        module.__dict__.pop(onednn_linear.PACKED_ATTR, None)

@@ -57,10 +57,11 @@ def test_every_tensor_byte_is_read_once(loaded) -> None:
 def test_packed_linears_give_the_tokens_of_f_linear(loaded) -> None:
     """The oneDNN-packed weights against the path they replace, `F.linear` on the parameters:
     the same greedy tokens, logits within float32 rounding."""
+    from kernels.onednn_linear import PACKED_ATTR
     from workers.packed_weights import pack_linear_weights, unpack_linear_weights
 
     worker = loaded.worker
-    assert worker.model.lm_head.__dict__.get("packed_weight") is not None  # the default packs on CPU
+    assert worker.model.lm_head.__dict__.get(PACKED_ATTR) is not None  # the default packs on CPU
     prompts = [loaded.tokenizer(p)["input_ids"] for p in PROMPTS]
     packed_logits = worker.prompt_logits(prompts)
     packed_tokens = [worker.greedy_continuation(ids, 12) for ids in prompts[:2]]
