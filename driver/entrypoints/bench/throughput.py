@@ -65,16 +65,9 @@ def prompts_of_lengths(lengths: list[int], vocab: int, seed: int) -> list[list[i
     return [[rng.randrange(100, vocab) for _ in range(n)] for n in lengths]
 
 
-def run_shardlm_throughput(engine_args: dict, prompts: list[list[int]], output_lens: list[int]) -> dict[str, float]:
-    """`LLM.generate` of every prompt at once, each with its own max_tokens (greedy, no early stop)."""
-    from driver.entrypoints.llm import LLM
-
-    with LLM(**engine_args) as llm:
-        return tokens_per_s(output_lens, shardlm_seconds(llm, prompts, output_lens))
-
-
 def shardlm_seconds(llm: Any, prompts: list[list[int]], output_lens: list[int]) -> float:
-    """Seconds of one `llm.generate` of every prompt at once, each to its own max_tokens."""
+    """Seconds of one `llm.generate` of every prompt at once, each to its own max_tokens (greedy,
+    no early stop)."""
     from workers.sampling_params import SamplingParams
 
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in output_lens]
@@ -87,19 +80,10 @@ def shardlm_seconds(llm: Any, prompts: list[list[int]], output_lens: list[int]) 
     return seconds
 
 
-def run_transformers_throughput(model: str, dtype: str, prompts: list[list[int]], output_lens: list[int]) -> dict[str, float]:
-    """transformers' batched greedy `generate` of the same prompts as one batch (left-padded when
-    lengths differ), run to the longest output: every row computes that many tokens, only each
-    request's own count. On the GPU where there is one, as the engine runs."""
-    hf = load_transformers_model(model, dtype)
-    return {
-        **tokens_per_s(output_lens, transformers_seconds(hf, prompts, output_lens)),
-        "computed_tokens": max(output_lens) * len(prompts),
-    }
-
-
 def transformers_seconds(hf: Any, prompts: list[list[int]], output_lens: list[int]) -> float:
-    """Seconds of one batched greedy `generate` of `prompts`, padded, to the longest output."""
+    """Seconds of transformers' batched greedy `generate` of the prompts as one batch (left-padded
+    when lengths differ), run to the longest output: every row computes that many tokens, though
+    only each request's own count (`interleaved_throughput`)."""
     import torch
 
     pad = 0

@@ -63,16 +63,16 @@ def test_left_padding_and_mask() -> None:
     assert mask == [[1, 1, 1], [0, 0, 1]]
 
 
-def test_transformers_counts_only_the_requested_tokens_of_its_padded_batch(tiny_checkpoint) -> None:
+def test_transformers_counts_only_the_requested_tokens_of_its_padded_batch(tiny_checkpoint, monkeypatch) -> None:
     folder, _ = tiny_checkpoint("llama")
-    prompts = bench.random_prompts(3, (4, 9), vocab=200, seed=0)
-    result = bench.run_transformers_throughput(str(folder), "float32", prompts, [2, 5, 3])
+    monkeypatch.setattr("driver.entrypoints.llm.LLM", FakeLLM)
+    _, result = bench.interleaved_throughput({}, str(folder), "float32", [4, 9, 6], [2, 5, 3], vocab=200, seed=0, repeat=1)
     assert result["output_tokens"] == 10 and result["computed_tokens"] == 15
     assert result["tokens_per_s"] == pytest.approx(10 / result["seconds"])
 
 
 class FakeLLM:
-    """`LLM` as `run_shardlm_throughput` uses it: each request gets its own max_tokens."""
+    """`LLM` as `shardlm_seconds` uses it: each request gets its own max_tokens."""
 
     seen: list[list[list[int]]] = []
     """The prompts of every `generate` call, across instances."""
@@ -104,10 +104,9 @@ class FakeLLM:
         ]
 
 
-def test_shardlm_asks_each_request_for_its_own_output_length(monkeypatch) -> None:
-    monkeypatch.setattr("driver.entrypoints.llm.LLM", FakeLLM)
+def test_shardlm_asks_each_request_for_its_own_output_length() -> None:
     prompts = bench.random_prompts(4, (3, 20), TINY_LLAMA["vocab_size"], seed=0)
-    result = bench.run_shardlm_throughput({}, prompts, [1, 7, 3, 12])
+    result = bench.tokens_per_s([1, 7, 3, 12], bench.shardlm_seconds(FakeLLM(), prompts, [1, 7, 3, 12]))
     assert result["output_tokens"] == 23 and result["tokens_per_s"] == pytest.approx(23 / result["seconds"])
 
 
