@@ -20,6 +20,8 @@ class BlockTables:
         self.width = max_blocks_per_seq
         self.table = torch.zeros(rows, max_blocks_per_seq, dtype=torch.int32)
         self.length: list[int] = [0] * rows
+        self.lists: list[list[int]] = [[] for _ in range(rows)]
+        """Row r's block ids, `table[r, :length[r]]`, as a list."""
         self.row_of: dict[int, int] = {}
         self.free_rows = list(range(rows - 1, -1, -1))
 
@@ -45,6 +47,10 @@ class BlockTables:
                 )
             self.table[row, update.start : stop] = torch.tensor(update.blocks, dtype=torch.int32)
             self.length[row] = stop
+            if update.start == 0:
+                self.lists[row] = list(update.blocks)
+            else:
+                self.lists[row].extend(update.blocks)
 
     def gather(self, seq_ids: list[int]) -> torch.Tensor:
         """[len(seq_ids), the longest of their tables] int32, 0 past each table's end."""
@@ -52,13 +58,19 @@ class BlockTables:
         width = max((self.length[r] for r in rows), default=0)
         return self.table[:, :width].index_select(0, torch.tensor(rows, dtype=torch.long))
 
+    def blocks_of(self, seq_id: int) -> list[int]:
+        """A sequence's block ids (the list itself: read, do not change it)."""
+        return self.lists[self.row_of[seq_id]]
+
     def _take_row(self) -> int:
         if not self.free_rows:
             old = self.table.shape[0]
             self.table = torch.cat([self.table, torch.zeros_like(self.table)])
             self.length += [0] * old
+            self.lists += [[] for _ in range(old)]
             self.free_rows = list(range(2 * old - 1, old - 1, -1))
         row = self.free_rows.pop()
         self.table[row].zero_()
         self.length[row] = 0
+        self.lists[row] = []
         return row

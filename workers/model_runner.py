@@ -18,6 +18,11 @@ from workers.models.layers import PagedMetadata
 from workers.sampler import Sampler
 from workers.step_threads import StepThreads
 
+FEW_DECODES = 8
+"""Up to this many sequences, a CPU step of decodes alone builds its inputs from Python lists
+(`ModelRunner.prepare_few_decodes`): numpy's cost per call, paid some forty times by the
+general build, was a fifth of a tiny model's batch-1 step."""
+
 
 class ModelRunner:
     def __init__(
@@ -73,6 +78,13 @@ class ModelRunner:
         return nbytes
 
     def prepare(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, PagedMetadata]:
+        """Token ids, positions and the attention metadata of a step (`prepare_any`; a CPU step of
+        a few decodes alone through `prepare_few_decodes`, which gives the same tensors)."""
+        if self.device.type == "cpu" and batch.num_decodes == len(batch.seq_ids) <= FEW_DECODES:
+            return self.prepare_few_decodes(batch)
+        return self.prepare_any(batch)
+
+    def prepare_any(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, PagedMetadata]:
         """Token ids, positions and the attention metadata, built with numpy in one host buffer and
         copied to the device at once (`StagingBuffer`; on CPU the tensors are views of it).
 
@@ -124,6 +136,48 @@ class ModelRunner:
         )
         return ids_t, positions_t, meta
 
+    def prepare_few_decodes(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, PagedMetadata]:
+        """`prepare_any`'s tensors for a CPU step of at most FEW_DECODES decodes, from the
+        tables' lists: decode i (context length L_i) writes position L_i - 1, and its gathered
+        context is its first ceil(L_i / block_size) blocks padded with the null block to the
+        longest's (`DecodeBlockPlan`)."""
+        bs, lens, pair = self.block_size, batch.context_lens, self.pair_blocks
+        longest = max(lens)
+        width = -(-longest // bs)
+        rows = [self.tables.blocks_of(s) for s in batch.seq_ids]
+        table_width = max(map(len, rows))
+        slots, blocks, tail, ints = [], [], [], []
+        for i, (table, length) in enumerate(zip(rows, lens)):
+            used, last = -(-length // bs), length - 1
+            slots.append(table[last // bs] * bs + last % bs)
+            blocks += table[:used] + [0] * (width - used)
+            start = i * width * bs
+            tail += range(start + length, start + min(used * bs, longest))
+            ints.append([length, *table[:table_width]] + [0] * (table_width - len(table)))
+        ids_t, positions_t, slots_t = torch.tensor([batch.token_ids, [n - 1 for n in lens], slots])
+        ints_t = torch.tensor(ints, dtype=torch.int32)
+        context_t, tables_t = ints_t[:, 0], ints_t[:, 1:]
+        rows_t = torch.tensor(blocks + [b + pair for b in blocks] if pair else blocks)
+        mask = None
+        if min(lens) < longest:
+            visible = np.arange(longest) < np.asarray(lens)[:, None, None, None]
+            mask = torch.from_numpy(np.where(visible, np.float32(0), np.float32(-np.inf))).to(self.dtype)
+        plan = DecodeBlockPlan(
+            rows_t[: len(blocks)], torch.tensor(tail, dtype=torch.int64), mask, longest, rows_t if pair else None, pair
+        )
+        meta = PagedMetadata(
+            slot_mapping=slots_t,
+            num_decodes=len(lens),
+            decode_block_tables=tables_t,
+            decode_context_lens=context_t,
+            prefill_block_tables=tables_t[:0],
+            prefill_query_start=torch.zeros(1, dtype=torch.int32),
+            prefill_context_lens=context_t[:0],
+            max_prefill_query_len=0,
+            decode_blocks=plan,
+        )
+        return ids_t, positions_t, meta
+
     def decode_blocks(self, tables: np.ndarray, context: np.ndarray) -> DecodeBlockPlan:
         return decode_block_plan(tables, context, self.block_size, self.dtype, self.pair_blocks)
 
@@ -153,7 +207,10 @@ class ModelRunner:
 
     def results(self, batch: Batch, logits: torch.Tensor | None, sample_rows: list[int], prompt_rows: list) -> StepResult:
         sampled_ids = [s for s, sample in zip(batch.seq_ids, batch.sample) if sample]
-        sampled = self.sampler.sample(logits[sample_rows].float(), sampled_ids) if sampled_ids else []
+        sampled = []
+        if sampled_ids:
+            rows = logits if len(sample_rows) == len(logits) else logits[sample_rows]  # sample_rows ascend
+            sampled = self.sampler.sample(rows.float(), sampled_ids)
         prompt = []
         for i, first, count in prompt_rows:
             position = batch.context_lens[i] - batch.query_lens[i]

@@ -61,6 +61,43 @@ def test_prepare_builds_positions_slots_and_tables(tiny_checkpoint) -> None:
     assert meta.decode_blocks.blocks.tolist() == [7, 3, 9, 0]
 
 
+def test_few_decodes_build_what_the_general_build_does(tiny_checkpoint) -> None:
+    """A CPU step of up to FEW_DECODES decodes builds its inputs from lists: the very tensors of
+    the numpy build, for one and several decodes, equal and unequal lengths, tables longer than
+    their contexts, with and without a pool pair."""
+    from workers.model_runner import FEW_DECODES
+
+    runner = tiny_worker(tiny_checkpoint).runner
+    bs, rng = runner.block_size, random.Random(3)
+    for case in range(40):
+        runner.pair_blocks = 0 if case % 4 == 3 else 64
+        count = rng.randint(1, FEW_DECODES)
+        lens = [rng.randint(1, 5 * bs) for _ in range(count)] if case % 3 else [rng.randint(1, 5 * bs)] * count
+        tables = [[rng.randrange(1, 64) for _ in range(-(-n // bs) + rng.randint(0, 2))] for n in lens]
+        seq_ids = [100 * case + i for i in range(count)]
+        runner.tables.apply([TableUpdate(s, 0, t) for s, t in zip(seq_ids, tables)], [])
+        step = batch(seq_ids, [rng.randrange(256) for _ in lens], [1] * count, lens, count)
+        fast, general = runner.prepare_few_decodes(step), runner.prepare_any(step)
+        for a, b in zip(fast[:2], general[:2]):
+            assert torch.equal(a, b)
+        m, g = fast[2], general[2]
+        for name in (
+            "slot_mapping",
+            "decode_block_tables",
+            "decode_context_lens",
+            "prefill_block_tables",
+            "prefill_context_lens",
+        ):
+            assert torch.equal(getattr(m, name), getattr(g, name)), (case, name)
+        assert m.num_decodes == g.num_decodes and m.max_prefill_query_len == g.max_prefill_query_len == 0
+        p, q = m.decode_blocks, g.decode_blocks
+        assert torch.equal(p.blocks, q.blocks) and torch.equal(p.tail, q.tail) and p.length == q.length, case
+        assert (p.visible is None) == (q.visible is None) and (p.visible is None or torch.equal(p.visible, q.visible))
+        assert (p.pair_rows is None) == (q.pair_rows is None) and p.pair_blocks == q.pair_blocks
+        assert p.pair_rows is None or torch.equal(p.pair_rows, q.pair_rows)
+        runner.tables.apply([], seq_ids)
+
+
 def test_rotary_in_place_is_rotate_half() -> None:
     """x cos + rotate_half(x) sin, as transformers computes it, bit for bit, on a strided view."""
     rope = RotaryEmbedding(16, 10000.0, RopeScaling(), 64)
