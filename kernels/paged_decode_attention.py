@@ -172,27 +172,32 @@ def paged_decode_attention_blocks(
     scale: float,
     *,
     kv_pair: torch.Tensor | None = None,
+    kv_rows: torch.Tensor | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
 ) -> torch.Tensor:
     """The reference's maths over contexts gathered by block (`DecodeBlockPlan`); `kv_pair`
-    [2, num_blocks, block_size, H_kv, D], when the two pools are its halves, lets one gather read both."""
+    [2, num_blocks, block_size, H_kv, D], when the two pools are its halves, lets one gather read
+    both (`kv_rows`: the pair viewed as [2 * num_blocks, block elements], where the caller keeps
+    that view). A small step's time is mostly the ops' own cost, so this path makes few."""
     batch, heads, dim = q.shape
     kv_heads, length = key_cache.shape[2], plan.length
     if kv_pair is not None and not is_fp8(kv_pair):
         if plan.pair_rows is not None and plan.pair_blocks == kv_pair.shape[1] and kv_pair.is_contiguous():
-            kv = kv_pair.view(2 * plan.pair_blocks, -1).index_select(0, plan.pair_rows).view(2, -1, kv_heads, dim)
+            rows = kv_rows if kv_rows is not None else kv_pair.view(2 * plan.pair_blocks, -1)
+            kv = rows.index_select(0, plan.pair_rows).view(2, -1, kv_heads, dim)
         else:
             kv = kv_pair.index_select(1, plan.blocks).view(2, -1, kv_heads, dim)
         if len(plan.tail):
             kv.index_fill_(1, plan.tail, 0)
-        keys, values = kv[0].to(q.dtype), kv[1].to(q.dtype)
+        kv = kv.view(2, batch, -1, kv_heads, dim).narrow(2, 0, length).transpose(2, 3)  # [2, B, H_kv, L, D]
+        keys, values = (kv if kv.dtype == q.dtype else kv.to(q.dtype)).unbind(0)
     else:
         keys = dequantize_fp8(_gather_blocks(key_cache, plan), k_scale, q.dtype)
         values = dequantize_fp8(_gather_blocks(value_cache, plan), v_scale, q.dtype)
-    keys = keys.view(batch, -1, kv_heads, dim)[:, :length].transpose(1, 2)  # [B, H_kv, L, D]
-    values = values.view(batch, -1, kv_heads, dim)[:, :length].transpose(1, 2)
-    out = F.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=plan.visible, scale=scale, enable_gqa=True)
+        keys = keys.view(batch, -1, kv_heads, dim)[:, :length].transpose(1, 2)  # [B, H_kv, L, D]
+        values = values.view(batch, -1, kv_heads, dim)[:, :length].transpose(1, 2)
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=plan.visible, scale=scale, enable_gqa=True)
     return out.view(batch, heads, dim)
 
 

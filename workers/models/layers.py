@@ -29,10 +29,13 @@ class RMSNorm(nn.Module):
         self.weight = replicated(nn.Parameter(torch.empty(size), requires_grad=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """torch's rms_norm does these very operations in one call (in float32, the weight's product too)."""
+        """In float32, transformers' very operations, in place where they may be: torch's own
+        rms_norm makes the same ones (bit for bit) but costs more at a decode's few tokens, and
+        allocates a tensor for each at a prompt's many."""
         weight = self.weight
         if x.dtype is torch.float32 and weight.dtype is torch.float32:
-            return torch.rms_norm(x, self.shape, weight, self.eps)
+            inverse_rms = x.square().mean(-1, keepdim=True).add_(self.eps).rsqrt_()
+            return (x * inverse_rms).mul_(weight)
         return weight * torch.rms_norm(x.float(), self.shape, None, self.eps).to(x.dtype)
 
 
@@ -75,7 +78,7 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, theta: float, scaling: RopeScaling, max_positions: int) -> None:
         super().__init__()
         self.head_dim, self.theta, self.scaling, self.max_positions = head_dim, theta, scaling, max_positions
-        self.register_buffer("cos_sin", torch.empty(max_positions, 2, head_dim), persistent=False)
+        self.register_buffer("cos_sin", torch.empty(max_positions, 2, 1, head_dim), persistent=False)
 
     def init_buffers(self) -> None:
         inv_freq = rope_inv_freq(self.head_dim, self.theta, self.scaling)
@@ -83,13 +86,13 @@ class RotaryEmbedding(nn.Module):
         angles = torch.cat([freqs, freqs], dim=-1)
         sin = angles.sin()
         sin[:, : self.head_dim // 2].neg_()
-        table = torch.stack([angles.cos(), sin], dim=1)
+        table = torch.stack([angles.cos(), sin], dim=1)[:, :, None, :]  # [positions, 2, 1, d]
         self.cos_sin = table.to(self.cos_sin.device)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, signed sin) [T, 1, d] for the tokens' positions [T]: looked up once per step, used by every layer."""
-        cos_sin = self.cos_sin.index_select(0, positions).to(dtype)
-        return cos_sin[:, 0, None, :], cos_sin[:, 1, None, :]
+        cos_sin = self.cos_sin.index_select(0, positions)
+        return (cos_sin if cos_sin.dtype == dtype else cos_sin.to(dtype)).unbind(1)
 
 
 def apply_rotary_(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -155,9 +158,23 @@ class Attention(nn.Module):
         super().__init__()
         self.scale = scale
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.kv_pair: torch.Tensor | None = None
-        """[2, num_blocks, block_size, kv_heads, head_dim] whose halves are kv_cache's pools, or None."""
+        self.kv_pair = None
         self.k_scale = self.v_scale = 1.0
+
+    @property
+    def kv_pair(self) -> torch.Tensor | None:
+        """[2, num_blocks, block_size, kv_heads, head_dim] whose halves are kv_cache's pools, or None."""
+        return self._kv_pair
+
+    @kv_pair.setter
+    def kv_pair(self, pair: torch.Tensor | None) -> None:
+        """Bind the pair, and the views of it a CPU step uses (made once, not in every layer of
+        every step): `pair_slots` [2, slots, kv_heads, head_dim], `pair_rows` [2 * num_blocks,
+        block elements] (None where the pair is not contiguous)."""
+        self._kv_pair = pair
+        contiguous = pair is not None and pair.is_contiguous()
+        self.pair_slots = pair.view(2, -1, *pair.shape[3:]) if contiguous else None
+        self.pair_rows = pair.view(2 * pair.shape[1], -1) if contiguous else None
 
     def forward(
         self,
@@ -223,11 +240,10 @@ class Attention(nn.Module):
 
         key_cache, value_cache = self.kv_cache
         scales = self.scales()
-        if not scales:
+        if not scales and k.dtype != key_cache.dtype:
             k, v = k.to(key_cache.dtype), v.to(value_cache.dtype)
-        if self.kv_pair is not None and kv is not None and not scales and kv.dtype == key_cache.dtype:
-            _, _, _, heads, dim = self.kv_pair.shape
-            self.kv_pair.view(2, -1, heads, dim).index_copy_(1, meta.slot_mapping, kv.transpose(0, 1))
+        if self.pair_slots is not None and kv is not None and not scales and kv.dtype == key_cache.dtype:
+            self.pair_slots.index_copy_(1, meta.slot_mapping, kv.transpose(0, 1))
         else:
             from kernels.reshape_and_cache import reshape_and_cache_ref
 
@@ -236,7 +252,14 @@ class Attention(nn.Module):
         decoded = prefilled = None
         if n:
             decoded = paged_decode_attention_blocks(
-                q[:n], key_cache, value_cache, meta.decode_blocks, self.scale, kv_pair=self.kv_pair, **scales
+                q if n == tokens else q[:n],
+                key_cache,
+                value_cache,
+                meta.decode_blocks,
+                self.scale,
+                kv_pair=self.kv_pair,
+                kv_rows=self.pair_rows,
+                **scales,
             )
         if tokens > n:
             prefilled = prefill_attention_cpu(
