@@ -283,4 +283,6 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
         logits = self.tp.gather_last_dim(onednn_linear.module_linear(self, hidden, self.weight))
-        return None if logits is None else logits[..., : self.vocab_size]
+        if logits is None or logits.shape[-1] == self.vocab_size:
+            return logits
+        return logits[..., : self.vocab_size]

@@ -42,9 +42,10 @@ class LlamaAttention(nn.Module):
     def forward(self, rope: Rope, hidden: torch.Tensor, meta: Metadata) -> torch.Tensor:
         heads = self.qkv_proj.heads(self.qkv_proj.forward(hidden))  # [T, q heads + 2 kv heads, d]
         q_heads, kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
-        apply_rotary_(heads[:, : q_heads + kv_heads], rope)  # q and k at once, in place
-        kv = heads[:, q_heads:].unflatten(1, (2, kv_heads))  # [T, 2, kv heads, d]: k and v side by side
-        out = self.attn.forward(heads[:, :q_heads], kv[:, 0], kv[:, 1], meta, kv=kv)
+        apply_rotary_(heads.narrow(1, 0, q_heads + kv_heads), rope)  # q and k at once, in place
+        q, k, v = heads.split((q_heads, kv_heads, kv_heads), 1)
+        kv = heads.narrow(1, q_heads, 2 * kv_heads).unflatten(1, (2, kv_heads))  # [T, 2, kv heads, d]: k and v side by side
+        out = self.attn.forward(q, k, v, meta, kv=kv)
         return self.o_proj.forward(out.reshape(hidden.shape[0], -1))
 
 
@@ -58,9 +59,8 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(size, arch.hidden_size, arch.mlp_bias, tp, quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj.forward(x)
-        size = gate_up.shape[-1] // 2
-        return self.down_proj.forward(nn.functional.silu(gate_up[..., :size]) * gate_up[..., size:])
+        gate, up = self.gate_up_proj.forward(x).chunk(2, -1)
+        return self.down_proj.forward(torch.nn.functional.silu(gate).mul_(up))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -87,11 +87,11 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: Metadata) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
-        rope = self.rotary_emb(positions, hidden.dtype)
+        hidden = self.embed_tokens.forward(input_ids)
+        rope = self.rotary_emb.forward(positions, hidden.dtype)
         for layer in self.layers:
             hidden = layer.forward(rope, hidden, meta)
-        return self.norm(hidden)
+        return self.norm.forward(hidden)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -138,7 +138,7 @@ class LlamaForCausalLM(nn.Module):
         return extras
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: Metadata) -> torch.Tensor:
-        return self.model(input_ids, positions, meta)
+        return self.model.forward(input_ids, positions, meta)
 
     def bind_kv_cache(
         self, keys: list[torch.Tensor], values: list[torch.Tensor], pairs: list[torch.Tensor] | None = None
@@ -151,4 +151,4 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Logits over the whole vocabulary on rank 0; None on the other ranks."""
-        return self.lm_head(hidden)
+        return self.lm_head.forward(hidden)
