@@ -23,6 +23,10 @@ FEW_DECODES = 8
 (`ModelRunner.prepare_few_decodes`): numpy's cost per call, paid some forty times by the
 general build, was a fifth of a tiny model's batch-1 step."""
 
+NO_ROWS = torch.zeros(0, dtype=torch.int64)
+NO_PROMPTS = torch.zeros(1, dtype=torch.int32)
+"""Shared read-only inputs of a few-decodes step: no tail rows to zero, no prompt chunks' query starts."""
+
 
 class ModelRunner:
     def __init__(
@@ -43,8 +47,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: Batch) -> StepResult | None:
-        with self.threads.for_tokens(len(batch.token_ids)):
+        threads = self.threads.narrow(len(batch.token_ids))  # not `for_tokens`: its generator costs a few us a step
+        try:
             return self._execute(batch)
+        finally:
+            self.threads.restore(threads)
 
     def _execute(self, batch: Batch) -> StepResult | None:
         self.tables.apply(batch.table_updates, batch.finished_seq_ids)
@@ -58,7 +65,7 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.can_run(meta, len(batch.token_ids)):
             hidden = self.graphs.run(ids, positions, meta)
         else:
-            hidden = self.model(ids, positions, meta)
+            hidden = self.model.forward(ids, positions, meta)  # no hooks: __call__'s checks cost a few us
         rows, sample_rows, prompt_rows = self.logit_rows(batch)
         if rows and rows != list(range(len(ids))):
             hidden = hidden[rows]
@@ -144,34 +151,36 @@ class ModelRunner:
         bs, lens, pair = self.block_size, batch.context_lens, self.pair_blocks
         longest = max(lens)
         width = -(-longest // bs)
-        rows = [self.tables.blocks_of(s) for s in batch.seq_ids]
-        table_width = max(map(len, rows))
+        tables = [self.tables.blocks_of(s) for s in batch.seq_ids]
+        table_width = max(map(len, tables))
         slots, blocks, tail, ints = [], [], [], []
-        for i, (table, length) in enumerate(zip(rows, lens)):
+        for i, (table, length) in enumerate(zip(tables, lens)):
             used, last = -(-length // bs), length - 1
             slots.append(table[last // bs] * bs + last % bs)
             blocks += table[:used] + [0] * (width - used)
             start = i * width * bs
             tail += range(start + length, start + min(used * bs, longest))
             ints.append([length, *table[:table_width]] + [0] * (table_width - len(table)))
-        ids_t, positions_t, slots_t = torch.tensor([batch.token_ids, [n - 1 for n in lens], slots])
+        count = len(lens)
+        rows = blocks + [b + pair for b in blocks] if pair else blocks  # keys' rows, then values'
+        ids_t, positions_t, slots_t, rows_t = torch.tensor([*batch.token_ids, *(n - 1 for n in lens), *slots, *rows]).split(
+            (count, count, count, len(rows))
+        )
         ints_t = torch.tensor(ints, dtype=torch.int32)
         context_t, tables_t = ints_t[:, 0], ints_t[:, 1:]
-        rows_t = torch.tensor(blocks + [b + pair for b in blocks] if pair else blocks)
         mask = None
         if min(lens) < longest:
             visible = np.arange(longest) < np.asarray(lens)[:, None, None, None]
             mask = torch.from_numpy(np.where(visible, np.float32(0), np.float32(-np.inf))).to(self.dtype)
-        plan = DecodeBlockPlan(
-            rows_t[: len(blocks)], torch.tensor(tail, dtype=torch.int64), mask, longest, rows_t if pair else None, pair
-        )
+        tail_t = torch.tensor(tail, dtype=torch.int64) if tail else NO_ROWS
+        plan = DecodeBlockPlan(rows_t[: len(blocks)], tail_t, mask, longest, rows_t if pair else None, pair)
         meta = PagedMetadata(
             slot_mapping=slots_t,
             num_decodes=len(lens),
             decode_block_tables=tables_t,
             decode_context_lens=context_t,
             prefill_block_tables=tables_t[:0],
-            prefill_query_start=torch.zeros(1, dtype=torch.int32),
+            prefill_query_start=NO_PROMPTS,
             prefill_context_lens=context_t[:0],
             max_prefill_query_len=0,
             decode_blocks=plan,

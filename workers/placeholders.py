@@ -27,19 +27,20 @@ class LastTokens:
         """`batch` with its placeholders replaced by the tokens they stand for. A placeholder is
         always a one-token row's token (a completion's next decode), and those rows come first,
         so the placeholder at token index i is row i's, sequence `seq_ids[i]`'s."""
-        holes = [i for i, token in enumerate(batch.token_ids[: batch.num_decodes]) if token == PLACEHOLDER]
-        if not holes:
+        ids = batch.token_ids
+        if PLACEHOLDER not in ids:
             return batch
-        values = torch.zeros(len(holes), dtype=torch.float32)  # token ids below 2**24 are exact
+        holes = [i for i, token in enumerate(ids[: batch.num_decodes]) if token == PLACEHOLDER]
+        values = [0] * len(holes)
         if self.tp.rank == 0:
             try:
-                values = torch.tensor([self.last[batch.seq_ids[i]] for i in holes], dtype=torch.float32)
+                values = [self.last[batch.seq_ids[i]] for i in holes]
             except KeyError as exc:
                 raise RuntimeError(f"a placeholder token for sequence {exc.args[0]}, which has sampled nothing yet") from None
-        if self.tp.size > 1:
-            values = self.tp.all_reduce(values.to(self.device)).cpu()
-        ids = list(batch.token_ids)
-        for i, value in zip(holes, values.tolist()):
+        if self.tp.size > 1:  # token ids below 2**24 are exact in float32
+            values = self.tp.all_reduce(torch.tensor(values, dtype=torch.float32, device=self.device)).cpu().tolist()
+        ids = list(ids)
+        for i, value in zip(holes, values):
             ids[i] = int(value)
         return msgspec.structs.replace(batch, token_ids=ids)
 

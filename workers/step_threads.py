@@ -12,9 +12,6 @@ everything else (profiling, prompt logits) runs as before.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 from torch import nn
 
@@ -42,15 +39,18 @@ class StepThreads:
         self.per_token = linear_elements(model) if device.type == "cpu" else 0
         """Multiply-adds per token (0: not a CPU rank, threads left alone)."""
 
-    @contextlib.contextmanager
-    def for_tokens(self, tokens: int) -> Iterator[None]:
-        """Run the block on one thread when `tokens` x the per-token multiply-adds is small."""
+    def narrow(self, tokens: int) -> int:
+        """Go down to one thread when `tokens` x the per-token multiply-adds is small: the count to
+        put back after the step (`restore`), or 0 when it was left as it was."""
+        if not self.per_token or tokens * self.per_token >= MIN_SPLIT_MACS:
+            return 0
         threads = torch.get_num_threads()
-        if not self.per_token or threads == 1 or tokens * self.per_token >= MIN_SPLIT_MACS:
-            yield
-            return
+        if threads == 1:
+            return 0
         torch.set_num_threads(1)
-        try:
-            yield
-        finally:
+        return threads
+
+    @staticmethod
+    def restore(threads: int) -> None:
+        if threads:
             torch.set_num_threads(threads)
