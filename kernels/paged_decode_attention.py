@@ -185,11 +185,11 @@ def paged_decode_attention_blocks(
     if kv_pair is not None and not is_fp8(kv_pair):
         if plan.pair_rows is not None and plan.pair_blocks == kv_pair.shape[1] and kv_pair.is_contiguous():
             rows = kv_rows if kv_rows is not None else kv_pair.view(2 * plan.pair_blocks, -1)
-            kv = rows.index_select(0, plan.pair_rows).view(2, -1, kv_heads, dim)
+            kv = rows.index_select(0, plan.pair_rows)
         else:
-            kv = kv_pair.index_select(1, plan.blocks).view(2, -1, kv_heads, dim)
+            kv = kv_pair.index_select(1, plan.blocks)
         if len(plan.tail):
-            kv.index_fill_(1, plan.tail, 0)
+            kv.view(2, -1, kv_heads, dim).index_fill_(1, plan.tail, 0)
         kv = kv.view(2, batch, -1, kv_heads, dim).narrow(2, 0, length).transpose(2, 3)  # [2, B, H_kv, L, D]
         keys, values = (kv if kv.dtype == q.dtype else kv.to(q.dtype)).unbind(0)
     else:

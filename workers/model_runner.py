@@ -24,8 +24,7 @@ FEW_DECODES = 8
 general build, was a fifth of a tiny model's batch-1 step."""
 
 NO_ROWS = torch.zeros(0, dtype=torch.int64)
-NO_PROMPTS = torch.zeros(1, dtype=torch.int32)
-"""Shared read-only inputs of a few-decodes step: no tail rows to zero, no prompt chunks' query starts."""
+"""A few-decodes step's tail rows when it has none to zero (shared, read-only)."""
 
 
 class ModelRunner:
@@ -145,47 +144,33 @@ class ModelRunner:
 
     def prepare_few_decodes(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, PagedMetadata]:
         """`prepare_any`'s tensors for a CPU step of at most FEW_DECODES decodes, from the
-        tables' lists: decode i (context length L_i) writes position L_i - 1, and its gathered
-        context is its first ceil(L_i / block_size) blocks padded with the null block to the
-        longest's (`DecodeBlockPlan`)."""
+        tables' lists, less the kernels' int32 inputs (its torch path does not read them):
+        decode i (context length L_i) writes position L_i - 1, and its gathered context is its
+        first ceil(L_i / block_size) blocks padded with the null block to the longest's
+        (`DecodeBlockPlan`)."""
         bs, lens, pair = self.block_size, batch.context_lens, self.pair_blocks
         longest = max(lens)
         width = -(-longest // bs)
         tables = [self.tables.blocks_of(s) for s in batch.seq_ids]
-        table_width = max(map(len, tables))
-        slots, blocks, tail, ints = [], [], [], []
+        slots, blocks, tail = [], [], []
         for i, (table, length) in enumerate(zip(tables, lens)):
             used, last = -(-length // bs), length - 1
             slots.append(table[last // bs] * bs + last % bs)
             blocks += table[:used] + [0] * (width - used)
             start = i * width * bs
             tail += range(start + length, start + min(used * bs, longest))
-            ints.append([length, *table[:table_width]] + [0] * (table_width - len(table)))
         count = len(lens)
         rows = blocks + [b + pair for b in blocks] if pair else blocks  # keys' rows, then values'
         ids_t, positions_t, slots_t, rows_t = torch.tensor([*batch.token_ids, *(n - 1 for n in lens), *slots, *rows]).split(
             (count, count, count, len(rows))
         )
-        ints_t = torch.tensor(ints, dtype=torch.int32)
-        context_t, tables_t = ints_t[:, 0], ints_t[:, 1:]
         mask = None
         if min(lens) < longest:
             visible = np.arange(longest) < np.asarray(lens)[:, None, None, None]
             mask = torch.from_numpy(np.where(visible, np.float32(0), np.float32(-np.inf))).to(self.dtype)
         tail_t = torch.tensor(tail, dtype=torch.int64) if tail else NO_ROWS
         plan = DecodeBlockPlan(rows_t[: len(blocks)], tail_t, mask, longest, rows_t if pair else None, pair)
-        meta = PagedMetadata(
-            slot_mapping=slots_t,
-            num_decodes=len(lens),
-            decode_block_tables=tables_t,
-            decode_context_lens=context_t,
-            prefill_block_tables=tables_t[:0],
-            prefill_query_start=NO_PROMPTS,
-            prefill_context_lens=context_t[:0],
-            max_prefill_query_len=0,
-            decode_blocks=plan,
-        )
-        return ids_t, positions_t, meta
+        return ids_t, positions_t, PagedMetadata(slot_mapping=slots_t, num_decodes=count, decode_blocks=plan)
 
     def decode_blocks(self, tables: np.ndarray, context: np.ndarray) -> DecodeBlockPlan:
         return decode_block_plan(tables, context, self.block_size, self.dtype, self.pair_blocks)

@@ -113,16 +113,20 @@ class AttentionMetadata:
 @dataclass(frozen=True)
 class PagedMetadata:
     """One engine step over the paged KV cache: the first `num_decodes` tokens are one-token
-    decodes, the rest are chunks of prompts (see kernels/ for the layouts)."""
+    decodes, the rest are chunks of prompts (see kernels/ for the layouts).
+
+    The int32 tables, lengths and query starts are the Triton kernels' inputs: a CPU step of
+    decodes alone leaves them None (`ModelRunner.prepare_few_decodes`), as its torch path reads
+    `decode_blocks` only."""
 
     slot_mapping: torch.Tensor
     num_decodes: int
-    decode_block_tables: torch.Tensor
-    decode_context_lens: torch.Tensor
-    prefill_block_tables: torch.Tensor
-    prefill_query_start: torch.Tensor
-    prefill_context_lens: torch.Tensor
-    max_prefill_query_len: int
+    decode_block_tables: torch.Tensor | None = None
+    decode_context_lens: torch.Tensor | None = None
+    prefill_block_tables: torch.Tensor | None = None
+    prefill_query_start: torch.Tensor | None = None
+    prefill_context_lens: torch.Tensor | None = None
+    max_prefill_query_len: int = 0
     decode_blocks: DecodeBlockPlan | None = None
     """The CPU path's gather plan for the decodes (kernels.paged_decode_attention), made once per step."""
     prefill_spans: tuple[tuple[int, int, int], ...] = ()
