@@ -90,6 +90,23 @@ def test_every_rank_runs_every_step_and_rank_0_answers_in_order() -> None:
     assert all(seen == messages for _, _, seen in got)
 
 
+@pytest.mark.parametrize("spin_ahead", [True, False])
+def test_spinning_ahead_finds_steady_results_awake(spin_ahead: bool) -> None:
+    """Steps of a steady 1 ms, two in flight: with spin_ahead the driver is awake (spinning) when
+    most results come, so the rank's wake finds nobody asleep; without it, it sleeps through every
+    one (1 ms is far past SPIN_S). The results are the same either way."""
+    channel = StepChannel(1, timeout_s=30, layout=Layout(1, **SMALL), spin_ahead=spin_ahead)
+    procs, answers = start_ranks(channel, 1)
+    wait_attached(channel, 1)
+    messages = [b"%d" % i for i in range(60)]
+    results, _ = run_steps(channel, procs, answers, messages)
+    assert results == [m[::-1] for m in messages]
+    if spin_ahead:
+        assert channel.awake_results >= 20 and 0.9e-3 < channel.period_s < 5e-3
+    else:
+        assert channel.awake_results <= 2
+
+
 def test_a_rank_that_raises_is_named_with_its_error() -> None:
     channel = StepChannel(2, timeout_s=30, layout=Layout(2, **SMALL))
     procs, _ = start_ranks(channel, 2, fail_at=3)
