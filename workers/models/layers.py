@@ -29,13 +29,11 @@ class RMSNorm(nn.Module):
         self.weight = replicated(nn.Parameter(torch.empty(size), requires_grad=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """In float32, transformers' very operations, in place where they may be: torch's own
-        rms_norm makes the same ones (bit for bit) but costs more at a decode's few tokens, and
-        allocates a tensor for each at a prompt's many."""
+        """torch's rms_norm does these very operations in one call (in float32, the weight's product
+        too); written out as in-place ops they cost the same at 1 - 2,048 tokens here, not less."""
         weight = self.weight
         if x.dtype is torch.float32 and weight.dtype is torch.float32:
-            inverse_rms = x.square().mean(-1, keepdim=True).add_(self.eps).rsqrt_()
-            return (x * inverse_rms).mul_(weight)
+            return torch.rms_norm(x, self.shape, weight, self.eps)
         return weight * torch.rms_norm(x.float(), self.shape, None, self.eps).to(x.dtype)
 
 
