@@ -284,8 +284,8 @@ class StepChannel:
         """Fold the time since the last result into the period. A gap of more than ten periods
         (an idle engine, or steps of another pace) makes it unknown, and the next gap measures it."""
         now = time.perf_counter()
-        gap, self.last_result_s = now - self.last_result_s, now
-        if gap == now:  # the first result
+        first, gap, self.last_result_s = not self.last_result_s, now - self.last_result_s, now
+        if first:
             return
         if self.period_s and gap <= 10 * self.period_s:
             self.period_s += 0.25 * (gap - self.period_s)

@@ -133,6 +133,11 @@ def decode_block_plan_np(
     return blocks, tail, visible[:, None, None, :longest]
 
 
+def additive_mask(visible: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """SDPA's additive form of a bool mask: 0 where visible, -inf elsewhere, in `dtype`."""
+    return torch.from_numpy(np.where(visible, np.float32(0), np.float32(-np.inf))).to(dtype)
+
+
 def decode_block_plan(
     block_tables: torch.Tensor | np.ndarray,
     context_lens: torch.Tensor | np.ndarray,
@@ -149,7 +154,7 @@ def decode_block_plan(
     if not visible.all():
         mask = torch.from_numpy(np.ascontiguousarray(visible))
         if mask_dtype is not None:
-            mask = torch.from_numpy(np.where(visible, np.float32(0), np.float32(-np.inf))).to(mask_dtype)
+            mask = additive_mask(visible, mask_dtype)
     rows = torch.from_numpy(np.concatenate([blocks, blocks + num_blocks])) if num_blocks else None
     return DecodeBlockPlan(torch.from_numpy(blocks), torch.from_numpy(tail), mask, visible.shape[-1], rows, num_blocks)
 

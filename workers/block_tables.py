@@ -19,9 +19,8 @@ class BlockTables:
     def __init__(self, max_blocks_per_seq: int, rows: int = 64) -> None:
         self.width = max_blocks_per_seq
         self.table = torch.zeros(rows, max_blocks_per_seq, dtype=torch.int32)
-        self.length: list[int] = [0] * rows
         self.lists: list[list[int]] = [[] for _ in range(rows)]
-        """Row r's block ids, `table[r, :length[r]]`, as a list."""
+        """Row r's block ids as a list: `table[r, :len(lists[r])]`."""
         self.row_of: dict[int, int] = {}
         self.free_rows = list(range(rows - 1, -1, -1))
 
@@ -41,12 +40,11 @@ class BlockTables:
                 raise ValueError(f"sequence {update.seq_id}: {stop} blocks, more than the {self.width} a sequence may hold")
             if update.start == 0:
                 self.table[row].zero_()
-            elif update.start != self.length[row]:
+            elif update.start != len(self.lists[row]):
                 raise ValueError(
-                    f"sequence {update.seq_id}: blocks from {update.start} sent, but this rank holds {self.length[row]}"
+                    f"sequence {update.seq_id}: blocks from {update.start} sent, but this rank holds {len(self.lists[row])}"
                 )
             self.table[row, update.start : stop] = torch.tensor(update.blocks, dtype=torch.int32)
-            self.length[row] = stop
             if update.start == 0:
                 self.lists[row] = list(update.blocks)
             else:
@@ -55,7 +53,7 @@ class BlockTables:
     def gather(self, seq_ids: list[int]) -> torch.Tensor:
         """[len(seq_ids), the longest of their tables] int32, 0 past each table's end."""
         rows = [self.row_of[s] for s in seq_ids]
-        width = max((self.length[r] for r in rows), default=0)
+        width = max((len(self.lists[r]) for r in rows), default=0)
         return self.table[:, :width].index_select(0, torch.tensor(rows, dtype=torch.long))
 
     def blocks_of(self, seq_id: int) -> list[int]:
@@ -66,11 +64,9 @@ class BlockTables:
         if not self.free_rows:
             old = self.table.shape[0]
             self.table = torch.cat([self.table, torch.zeros_like(self.table)])
-            self.length += [0] * old
             self.lists += [[] for _ in range(old)]
             self.free_rows = list(range(2 * old - 1, old - 1, -1))
         row = self.free_rows.pop()
         self.table[row].zero_()
-        self.length[row] = 0
         self.lists[row] = []
         return row

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kernels.paged_decode_attention import DecodeBlockPlan, decode_block_plan
+from kernels.paged_decode_attention import DecodeBlockPlan, additive_mask, decode_block_plan
 from parallel.state import TensorParallelGroup
 from workers.batch import Batch, StepResult
 from workers.block_tables import BlockTables
@@ -46,7 +46,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: Batch) -> StepResult | None:
-        threads = self.threads.narrow(len(batch.token_ids))  # not `for_tokens`: its generator costs a few us a step
+        threads = self.threads.narrow(len(batch.token_ids))  # no context manager: its generator costs a few us a step
         try:
             return self._execute(batch)
         finally:
@@ -85,7 +85,8 @@ class ModelRunner:
 
     def prepare(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, PagedMetadata]:
         """Token ids, positions and the attention metadata of a step (`prepare_any`; a CPU step of
-        a few decodes alone through `prepare_few_decodes`, which gives the same tensors)."""
+        a few decodes alone through `prepare_few_decodes`, which gives the same tensors that the
+        CPU path reads)."""
         if self.device.type == "cpu" and batch.num_decodes == len(batch.seq_ids) <= FEW_DECODES:
             return self.prepare_few_decodes(batch)
         return self.prepare_any(batch)
@@ -166,8 +167,7 @@ class ModelRunner:
         )
         mask = None
         if min(lens) < longest:
-            visible = np.arange(longest) < np.asarray(lens)[:, None, None, None]
-            mask = torch.from_numpy(np.where(visible, np.float32(0), np.float32(-np.inf))).to(self.dtype)
+            mask = additive_mask(np.arange(longest) < np.asarray(lens)[:, None, None, None], self.dtype)
         tail_t = torch.tensor(tail, dtype=torch.int64) if tail else NO_ROWS
         plan = DecodeBlockPlan(rows_t[: len(blocks)], tail_t, mask, longest, rows_t if pair else None, pair)
         return ids_t, positions_t, PagedMetadata(slot_mapping=slots_t, num_decodes=count, decode_blocks=plan)

@@ -102,7 +102,7 @@ def test_spinning_ahead_finds_steady_results_awake(spin_ahead: bool) -> None:
     results, _ = run_steps(channel, procs, answers, messages)
     assert results == [m[::-1] for m in messages]
     if spin_ahead:
-        assert channel.awake_results >= 20 and 0.9e-3 < channel.period_s < 5e-3
+        assert channel.awake_results >= 20 and channel.period_s >= 1e-3  # each step sleeps 1 ms
     else:
         assert channel.awake_results <= 2
 

@@ -63,8 +63,8 @@ def test_prepare_builds_positions_slots_and_tables(tiny_checkpoint) -> None:
 
 def test_few_decodes_build_what_the_general_build_does(tiny_checkpoint) -> None:
     """A CPU step of up to FEW_DECODES decodes builds its inputs from lists: the very tensors of
-    the numpy build that its torch path reads, for one and several decodes, equal and unequal lengths, tables longer than
-    their contexts, with and without a pool pair."""
+    the numpy build that its torch path reads, for one and several decodes, equal and unequal
+    lengths, tables longer than their contexts, with and without a pool pair."""
     from workers.model_runner import FEW_DECODES
 
     runner = tiny_worker(tiny_checkpoint).runner
