@@ -47,3 +47,8 @@ class ClusterError(ShardLMError, RuntimeError):
 
 class EngineAsleepError(ShardLMError, RuntimeError):
     """A request reached an engine put to sleep (`llm.sleep()`): wake it up first."""
+
+
+class SchedulingStalled(ShardLMError, RuntimeError):
+    """Requests are unfinished, and none of them can be scheduled: the message says what blocks
+    them. The engine waits rather than spin; an abort (or, when serving, a new request) moves it."""

@@ -77,6 +77,17 @@ class PromptLogprobs(msgspec.Struct, frozen=True, kw_only=True):
     top: list[list[tuple[int, float]]]
 
 
+class FailedSample(msgspec.Struct, frozen=True, array_like=True):
+    """A sequence whose sampling failed in a step (its own parameters, its own rows): the
+    request ends with this error, and the others in the step go on."""
+
+    seq_id: int
+    error: str
+
+
 class StepResult(msgspec.Struct, frozen=True, kw_only=True):
     sampled: list[SampledToken] = []
+    """One token per sampling sequence; a failed one's is a stand-in (0) that fills its
+    placeholder in a step already sent, and which the driver drops."""
     prompt_logprobs: list[PromptLogprobs] = []
+    failed: list[FailedSample] = []

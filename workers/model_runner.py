@@ -9,10 +9,11 @@ from torch import nn
 
 from kernels.paged_decode_attention import DecodeBlockPlan, additive_mask, decode_block_plan
 from parallel.state import TensorParallelGroup
-from workers.batch import Batch, StepResult
+from workers.batch import Batch, FailedSample, SampledToken, StepResult
 from workers.block_tables import BlockTables
 from workers.config import EngineConfig
 from workers.cuda_graphs import DecodeGraphs, cuda_graphs_wanted, decode_buckets
+from workers.faults import InjectedFault, faults_enabled, wants_fault
 from workers.kv_cache import KVCache
 from workers.models.layers import PagedMetadata
 from workers.sampler import Sampler
@@ -38,6 +39,9 @@ class ModelRunner:
         self.pair_blocks = kv_cache.pairs[0].shape[1] if kv_cache.pairs else 0
         """Blocks of each layer's [2, ...] pool pair, for the decode plan's one gather of both (0: no pairs)."""
         self.sampler = Sampler(device, config.model.seed) if tp.rank == 0 else None
+        self.faulty: set[int] = set()
+        """Sequences that asked to fail while sampling (`workers.faults`; empty unless tests turn faults on)."""
+        self.faults = faults_enabled()
         self.tables = BlockTables(-(-config.model.max_model_len // self.block_size))
         self.staging = StagingBuffer(device)
         self.threads = StepThreads(model, device)
@@ -58,6 +62,8 @@ class ModelRunner:
             self.sampler.forget(batch.finished_seq_ids)
             for seq in batch.new_seqs:
                 self.sampler.add(seq)
+            if self.faults:
+                self._note_faults(batch)
         if not batch.seq_ids:
             return StepResult() if self.sampler is not None else None
         ids, positions, meta = self.prepare(batch)
@@ -201,15 +207,43 @@ class ModelRunner:
 
     def results(self, batch: Batch, logits: torch.Tensor | None, sample_rows: list[int], prompt_rows: list) -> StepResult:
         sampled_ids = [s for s, sample in zip(batch.seq_ids, batch.sample) if sample]
-        sampled = []
+        sampled, failed = [], []
         if sampled_ids:
             rows = logits if len(sample_rows) == len(logits) else logits[sample_rows]  # sample_rows ascend
-            sampled = self.sampler.sample(rows.float(), sampled_ids)
+            try:
+                if self.faulty and not self.faulty.isdisjoint(sampled_ids):
+                    raise InjectedFault("a test asked this step's sampling to fail")
+                sampled = self.sampler.sample(rows.float(), sampled_ids)
+            except Exception:  # find the rows at fault; the others keep their tokens
+                sampled, failed = self._sample_each(rows.float(), sampled_ids)
         prompt = []
         for i, first, count in prompt_rows:
             position = batch.context_lens[i] - batch.query_lens[i]
-            prompt.append(self.sampler.prompt_logprobs(logits[first : first + count].float(), batch.seq_ids[i], position + 1))
-        return StepResult(sampled=sampled, prompt_logprobs=prompt)
+            try:
+                prompt.append(self.sampler.prompt_logprobs(logits[first : first + count].float(), batch.seq_ids[i], position + 1))
+            except Exception as exc:
+                failed.append(FailedSample(batch.seq_ids[i], f"its prompt logprobs failed: {type(exc).__name__}: {exc}"))
+        return StepResult(sampled=sampled, prompt_logprobs=prompt, failed=failed)
+
+    def _sample_each(self, logits: torch.Tensor, seq_ids: list[int]) -> tuple[list[SampledToken], list[FailedSample]]:
+        """Sample row by row after a batch failed: the rows that fail alone are the step's failed
+        sequences (with a stand-in token, 0, for the placeholders of a step already sent); every
+        other row gets the token it gets alone. A seeded row's generator may have moved in the
+        failed attempt, so its draw in this one step can differ from an undisturbed run."""
+        sampled, failed = [], []
+        for row, seq_id in enumerate(seq_ids):
+            try:
+                if seq_id in self.faulty:
+                    raise InjectedFault("a test asked this request's sampling to fail")
+                sampled.extend(self.sampler.sample(logits[row : row + 1], [seq_id]))
+            except Exception as exc:
+                failed.append(FailedSample(seq_id, f"sampling failed: {type(exc).__name__}: {exc}"))
+                sampled.append(SampledToken(seq_id=seq_id, token_id=0))
+        return sampled, failed
+
+    def _note_faults(self, batch: Batch) -> None:
+        self.faulty.difference_update(batch.finished_seq_ids)
+        self.faulty.update(seq.seq_id for seq in batch.new_seqs if wants_fault(seq.params, "sample"))
 
 
 class StagingBuffer:

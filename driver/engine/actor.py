@@ -17,17 +17,19 @@ import ray
 from cluster.logs import configure_actor_logging
 from cluster.placement import Placement, acquire_placement, release_placement
 from cluster.worker_group import WorkerGroup
-from driver.engine.core import EngineCore
+from driver.engine.core import CoreRequest, EngineCore
+from driver.engine.metrics import EngineMetrics, Metric
 from driver.engine.output_processor import OutputProcessor
 from driver.engine.outputs import RequestOutput
 from driver.engine.processor import Processor, PromptRequest
 from driver.engine.progress import StartProgress
 from driver.engine.report import LoadReport
-from parallel.errors import EngineAsleepError, EngineDeadError
+from parallel.errors import EngineAsleepError, EngineDeadError, SchedulingStalled
 from workers.batch import Batch, StepResult
 from workers.config import EngineConfig
 from workers.cuda_graphs import cuda_graphs_wanted, decode_buckets
 from workers.kv_cache import choose_num_blocks
+from workers.model_files import DEFAULT_MODEL_NAME
 from workers.sampling_params import SamplingParams
 
 logger = logging.getLogger(f"shardlm.{__name__}")
@@ -61,6 +63,10 @@ class Engine:
         self.dead: EngineDeadError | None = None
         self.sleep_level = 0
         """0 awake; 1 or 2 while asleep (`sleep`)."""
+        self.blocked: str | None = None
+        self.metrics: EngineMetrics | None = None
+        """The engine's figures (`driver.engine.metrics`), from the end of the warm-up on."""
+        """After a step that scheduled nothing although requests are unfinished: what blocks them."""
         self.phase = ""
         """The start-up phase running ("placement", "workers", "weights", ...), "ready" after."""
 
@@ -106,6 +112,7 @@ class Engine:
             graph_bytes = self._capture_cuda_graphs()
             self.workers.set_up_step_dispatch(config.model.device, TIMEOUTS_S["execute_model"])
             self._warm_up()
+        self.metrics = EngineMetrics(config.model.model or DEFAULT_MODEL_NAME, self.core.metric_counts)
         self.phase = "ready"
         return LoadReport(
             model=config.model.model or f"default ({config.model.gguf_file})",
@@ -148,7 +155,9 @@ class Engine:
         self.add_requests([("shardlm-warmup", None, prompt, params)])
         while self.has_unfinished():
             self.step()
-        self.core.steps = 0
+        core = self.core
+        core.steps = core.preemptions = core.prompt_tokens = core.generation_tokens = 0
+        core.scheduler.blocks.queried_tokens = core.scheduler.blocks.hit_tokens = 0
 
     @contextlib.contextmanager
     def _phase(self, phases: dict[str, float], name: str) -> Iterator[None]:
@@ -193,14 +202,19 @@ class Engine:
         if self.dead is not None:
             raise EngineDeadError(f"{self.dead}; every request in flight is lost: create a new LLM")
 
-    def add_requests(self, requests: list[PromptRequest]) -> None:
-        """Queue requests (id, text, token ids, params), tokenizing text; none is queued unless all are valid."""
+    def add_requests(self, requests: list[PromptRequest], length_field: str | None = None) -> None:
+        """Queue requests (id, text, token ids, params), tokenizing text; none is queued unless all
+        are valid. `length_field` (what the caller calls the prompt: "prompt", "messages"): also
+        refuse a prompt whose max_tokens would run past max_model_len, as vLLM's server does."""
         self._check_alive()
         if self.sleep_level:
             raise EngineAsleepError(
                 f"the engine is asleep (sleep level {self.sleep_level}): call wake_up() before sending requests"
             )
         core_requests = self.processor.process(requests, time.time())
+        if length_field is not None:
+            for core in core_requests:
+                check_requested_length(core, self.config.model.max_model_len, length_field)
         self.core.add_requests(core_requests)
         for (_, text, _, _), core in zip(requests, core_requests):
             self.outputs.add(core.request_id, text, core.prompt_token_ids, core.params, core.arrival_time)
@@ -222,10 +236,28 @@ class Engine:
         With async scheduling the ranks are running the next step meanwhile: the outputs are
         processed while they do, and a completion that reached a stop string has one more token
         computed there, which the core drops."""
-        outputs, hits = self.outputs.process(self.core.step(), finished_only)
+        outputs, hits, failures = self.outputs.process(self.core.step(), finished_only)
         for request_id, index, stop in hits:
             self.core.finish(request_id, index, "stop", stop)
+        for request_id, error in failures:
+            self.core.fail(request_id, error)
+        for out in outputs:
+            if out.finished:
+                self._finished(out)
+        self.blocked = None if outputs else self.core.blocked()
+        if self.metrics is not None:
+            self.metrics.maybe_flush()
         return outputs
+
+    def _finished(self, out: RequestOutput) -> None:
+        if out.error is not None:
+            logger.warning("request %s failed, the others go on: %s", out.request_id, out.error)
+        if self.metrics is not None:
+            self.metrics.finished(out)
+
+    def get_metrics(self) -> list[Metric]:
+        """vLLM's engine metrics under shardlm: names (`driver.engine.metrics`), now."""
+        return self.metrics.snapshot() if self.metrics is not None else []
 
     def _submit(self, batch: Batch) -> Callable[[], StepResult]:
         """Send a step to every rank; what waits for rank 0's result."""
@@ -258,11 +290,16 @@ class Engine:
             for out in self.step(finished_only=not stream):
                 if stream or out.finished:
                     changed[out.request_id] = out
+            if self.blocked is not None:  # nothing here can change that: say so rather than spin
+                raise SchedulingStalled(f"the engine cannot schedule anything: {self.blocked}; abort those requests")
             if time.monotonic() >= deadline or (stream and changed):
                 break
         return list(changed.values())
 
     def abort(self, request_ids: list[str]) -> None:
+        if self.metrics is not None:
+            for _ in range(sum(1 for r in request_ids if r in self.core.requests)):
+                self.metrics.aborted()
         self.core.abort(request_ids)
         self.outputs.abort(request_ids)
 
@@ -328,6 +365,18 @@ class Engine:
             self.workers = None
         release_placement(self.placement)
         self.placement = None
+
+
+def check_requested_length(request: CoreRequest, max_model_len: int, field: str) -> None:
+    """A ValueError, in vLLM's words and with both numbers, when the prompt plus max_tokens runs
+    past max_model_len (max_tokens None: up to max_model_len, which always fits)."""
+    prompt, wanted = len(request.prompt_token_ids), request.params.max_tokens
+    if wanted is not None and prompt + wanted > max_model_len:
+        raise ValueError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{prompt + wanted} tokens ({prompt} in the {field}, {wanted} in the completion). "
+            f"Please reduce the length of the {field} or completion."
+        )
 
 
 EngineActor = ray.remote(num_cpus=0, concurrency_groups={"progress": 1})(Engine)

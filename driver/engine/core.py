@@ -62,6 +62,8 @@ class CoreOutput:
     prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
     metrics: RequestMetrics | None = None
     """A copy of the request's timings after this step."""
+    error: str | None = None
+    """Why the request failed in this step (its completions then end with "error")."""
 
 
 @dataclass
@@ -89,6 +91,8 @@ class EngineCore:
         self.next_seq_id = 0
         self.to_forget: list[int] = []
         self.steps = self.preemptions = 0
+        self.prompt_tokens = self.generation_tokens = 0
+        """Prompt tokens of requests that have had their first token, and tokens generated."""
         self.async_scheduling = sched.async_scheduling
         self.in_flight: InFlight | None = None
         """With async scheduling: the step the ranks are running."""
@@ -146,8 +150,53 @@ class EngineCore:
         if request.finished:
             self._drop(request)
 
+    def fail(self, request_id: str, error: str) -> None:
+        """End every completion of a request with "error" (a failure that is this request's
+        alone, found in the driver: its detokenization); unknown ids are ignored."""
+        request = self.requests.get(request_id)
+        if request is not None:
+            self._fail(request, error)
+            self._drop(request)
+
+    def _fail(self, request: Request, error: str) -> None:
+        request.error = error
+        for seq in request.seqs:
+            if not seq.finished:
+                self._finish(seq, "error")
+
     def has_unfinished(self) -> bool:
         return bool(self.requests) or self.in_flight is not None
+
+    def blocked(self) -> str | None:
+        """Why nothing can be scheduled although requests are unfinished (None: something can,
+        or nothing is left). The step that finds this returns no output; the engine then waits
+        for a new request or an abort instead of stepping again."""
+        if self.in_flight is not None or not self.requests or self.scheduler.running:
+            return None
+        if not self.scheduler.waiting:
+            return f"{len(self.requests)} request(s) hold no running or waiting completion"
+        seq = self.scheduler.waiting[0]
+        blocks = self.scheduler.blocks
+        return (
+            f"request {seq.request.request_id!r} waits for KV blocks for {seq.num_tokens} tokens, and "
+            f"{blocks.num_free} of the pool's blocks are free"
+        )
+
+    def metric_counts(self) -> dict[str, float]:
+        """The figures `driver.engine.metrics` reads: totals since start, and the queues now."""
+        blocks = self.scheduler.blocks
+        running = {seq.request.request_id for seq in self.scheduler.running}
+        waiting = {seq.request.request_id for seq in self.scheduler.waiting} - running
+        return {
+            "num_requests_running": len(running),
+            "num_requests_waiting": len(waiting),
+            "kv_cache_usage_perc": 1.0 - blocks.num_free / blocks.num_blocks if blocks.num_blocks else 0.0,
+            "prefix_cache_queries": blocks.queried_tokens,
+            "prefix_cache_hits": blocks.hit_tokens,
+            "prompt_tokens": self.prompt_tokens,
+            "generation_tokens": self.generation_tokens,
+            "num_preemptions": self.preemptions,
+        }
 
     def stats(self) -> dict[str, int | float]:
         """Counters since start: steps run, sequences preempted, prompt tokens looked up in the
@@ -203,6 +252,11 @@ class EngineCore:
             if seq.status is Status.RUNNING:  # not preempted since
                 self.scheduler.blocks.computed(seq, start, stop)
             touched.setdefault(seq.request.request_id, CoreOutput(seq.request.request_id))
+        for failure in result.failed:  # before the tokens: a failed completion's token is a stand-in
+            seq = self.seqs.get(failure.seq_id)
+            if seq is not None and not seq.finished:
+                self._fail(seq.request, failure.error)
+                touched.setdefault(seq.request.request_id, CoreOutput(seq.request.request_id)).error = failure.error
         for entry in result.prompt_logprobs:
             seq = self.seqs.get(entry.seq_id)
             if seq is not None and seq.request.request_id in touched:
@@ -259,7 +313,10 @@ class EngineCore:
 
     def _append(self, seq: Sequence, token: SampledToken, now: float) -> SeqDelta:
         metrics = seq.request.metrics
-        metrics.first_token_time = metrics.first_token_time or now
+        if metrics.first_token_time is None:
+            metrics.first_token_time = now
+            self.prompt_tokens += len(seq.request.prompt_token_ids)
+        self.generation_tokens += 1
         metrics.last_token_time = now
         seq.output_token_ids[len(seq.output_token_ids) - seq.pending] = token.token_id
         seq.pending -= 1

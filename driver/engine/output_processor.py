@@ -17,10 +17,13 @@ from driver.engine.core import CoreOutput, SeqDelta
 from driver.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from driver.engine.tokenizer import IncrementalDetokenizer
 from workers.batch import PromptLogprobs
+from workers.faults import InjectedFault, wants_fault
 from workers.sampling_params import SamplingParams
 
 StopStringHit = tuple[str, int, str]
 """(request id, completion index, the stop string): a completion the core must end."""
+RequestFailure = tuple[str, str]
+"""(request id, what failed): a request whose own output failed here; the core must end it."""
 
 
 @dataclass(eq=False)
@@ -44,6 +47,7 @@ class RequestState:
     completions: list[CompletionState]
     metrics: RequestMetrics
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    error: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -63,6 +67,8 @@ class OutputProcessor:
             detokenizer = None
             if self.tokenizer is not None:
                 detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
+                if wants_fault(params, "detokenize"):
+                    detokenizer = _FailingDetokenizer()
             state = CompletionState(index, detokenizer)
             if params.logprobs is not None:
                 state.logprobs, state.cumulative_logprob = [], 0.0
@@ -82,27 +88,51 @@ class OutputProcessor:
         for request_id in request_ids:
             self.requests.pop(request_id, None)
 
-    def process(self, outputs: list[CoreOutput], finished_only: bool = False) -> tuple[list[RequestOutput], list[StopStringHit]]:
+    def process(
+        self, outputs: list[CoreOutput], finished_only: bool = False
+    ) -> tuple[list[RequestOutput], list[StopStringHit], list[RequestFailure]]:
         """The touched requests' outputs (only the finished ones with `finished_only`: nobody
-        streams them), and the completions that reached a stop string in this step."""
-        results, hits = [], []
+        streams them), the completions that reached a stop string in this step, and the
+        requests whose output failed here (detokenizing, logprobs): those end with "error", the
+        others go on."""
+        results, hits, failures = [], [], []
         for out in outputs:
             request = self.requests.get(out.request_id)
             if request is None:
                 continue
-            for entry in out.prompt_logprobs:
-                self._add_prompt_logprobs(request, entry)
-            for delta in out.seqs:
-                hit = self._append(request, request.completions[delta.index], delta)
-                if hit is not None:
-                    hits.append((request.request_id, delta.index, hit))
+            try:
+                hits.extend(self._apply(request, out))
+            except Exception as exc:
+                failures.append((request.request_id, f"its output failed: {type(exc).__name__}: {exc}"))
+                self._fail(request, failures[-1][1])
             request.metrics = out.metrics or request.metrics
             if request.finished:
                 request.metrics.finished_time = request.metrics.finished_time or time.time()
                 del self.requests[request.request_id]
             if request.finished or not finished_only:
                 results.append(self.output(request))
-        return results, hits
+        return results, hits, failures
+
+    def _apply(self, request: RequestState, out: CoreOutput) -> list[StopStringHit]:
+        """One step's changes to a request; the stop strings its completions reached."""
+        hits = []
+        if out.error is not None:
+            self._fail(request, out.error)
+            return hits
+        for entry in out.prompt_logprobs:
+            self._add_prompt_logprobs(request, entry)
+        for delta in out.seqs:
+            hit = self._append(request, request.completions[delta.index], delta)
+            if hit is not None:
+                hits.append((request.request_id, delta.index, hit))
+        return hits
+
+    @staticmethod
+    def _fail(request: RequestState, error: str) -> None:
+        request.error = error
+        for state in request.completions:
+            if state.finish_reason is None:
+                state.finish_reason = "error"
 
     def _append(self, request: RequestState, state: CompletionState, delta: SeqDelta) -> str | None:
         """Add the sampled token; the stop string it completed, if one."""
@@ -178,7 +208,18 @@ class OutputProcessor:
             outputs=completions,
             finished=request.finished,
             metrics=request.metrics,
+            error=request.error,
         )
+
+
+class _FailingDetokenizer:
+    """A detokenizer that fails (`workers.faults`: a test asked for it)."""
+
+    def add(self, token_id: int) -> str:
+        raise InjectedFault("a test asked this request's detokenization to fail")
+
+    def finish(self) -> str:
+        return ""
 
 
 def _visible_text(state: CompletionState, params: SamplingParams) -> str:

@@ -22,7 +22,8 @@ class CompletionOutput(msgspec.Struct, kw_only=True):
     logprobs: list[dict[int, Logprob]] | None = None
     """Per generated token: the top tokens and the chosen one (with SamplingParams.logprobs)."""
     finish_reason: str | None = None
-    """"stop" (end of sequence, a stop string or stop token), "length" (max_tokens or max_model_len), "abort"."""
+    """"stop" (end of sequence, a stop string or stop token), "length" (max_tokens or max_model_len),
+    "abort", or "error" (a failure of this request alone ended it: `RequestOutput.error` says which)."""
     stop_reason: int | str | None = None
     """The stop string or stop token id that ended it, if one did."""
 
@@ -46,3 +47,6 @@ class RequestOutput(msgspec.Struct, kw_only=True):
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics
+    error: str | None = None
+    """Why the request failed, when a failure of its own (its sampling on the device, its
+    detokenization) ended it; the engine and the other requests go on."""

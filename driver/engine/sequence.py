@@ -72,6 +72,8 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)
     prompt_logprobs_scored: int = 0
     """With prompt logprobs: how many prompt tokens have theirs (the first has none: 1 at the start)."""
+    error: str | None = None
+    """Why the request failed, when a failure of its own ended it."""
 
     @property
     def finished(self) -> bool:

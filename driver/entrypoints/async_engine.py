@@ -54,6 +54,7 @@ class AsyncEngine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # put() is safe from __del__
         self._sinks: dict[str, _Sink] = {}  # request id -> where its outputs go; engine thread only
         self._ids = itertools.count()
+        self._blocked_logged: str | None = None
         self._prefix = uuid.uuid4().hex[:8]
         self._thread = threading.Thread(target=self._run, name="shardlm-engine-loop", daemon=True)
         self._thread.start()
@@ -73,9 +74,12 @@ class AsyncEngine:
         self._inbox.put((fn, args, future))
         return await asyncio.wrap_future(future)
 
-    async def submit(self, prompts: list[Prompt], params: SamplingParams, request_id: str | None = None) -> RequestStream:
+    async def submit(
+        self, prompts: list[Prompt], params: SamplingParams, request_id: str | None = None, length_field: str | None = None
+    ) -> RequestStream:
         """Queue one request per prompt, `<request_id>-<i>`; all or none (a ValueError names the
-        bad prompt). `request_id` must be unique (default: one made here)."""
+        bad prompt). `request_id` must be unique (default: one made here). `length_field`: refuse a
+        prompt whose max_tokens would run past max_model_len, naming the prompt as this field."""
         if self.dead is not None:
             raise EngineDeadError(str(self.dead))
         base = request_id or f"{self._prefix}-{next(self._ids)}"
@@ -84,7 +88,7 @@ class AsyncEngine:
         stream = RequestStream(self, request_ids)
         sink = _Sink(asyncio.get_running_loop(), stream.queue)
         try:
-            await self.call(self._add, requests, sink)
+            await self.call(self._add, requests, sink, length_field)
         except asyncio.CancelledError:
             stream.close()  # the add may have run all the same: take back what it queued
             raise
@@ -124,7 +128,7 @@ class AsyncEngine:
 
     def _run(self) -> None:
         while True:
-            idle = self.dead is not None or not self.engine.has_unfinished()
+            idle = self.dead is not None or not self.engine.has_unfinished() or self._blocked()
             try:
                 command = self._inbox.get(block=idle)
             except queue.Empty:
@@ -140,6 +144,16 @@ class AsyncEngine:
                     command = None
             if self.dead is None and self.engine.has_unfinished():
                 self._step()
+
+    def _blocked(self) -> bool:
+        """Whether the last step found nothing it could schedule: then the thread waits for the
+        next command (a request, an abort) instead of stepping again, and says once why."""
+        blocked = getattr(self.engine, "blocked", None)
+        if blocked != self._blocked_logged:
+            self._blocked_logged = blocked
+            if blocked is not None:
+                logger.warning("the engine waits for a request or an abort: %s", blocked)
+        return blocked is not None
 
     def _do(self, fn: Callable[..., Any], args: tuple, future: concurrent.futures.Future | None) -> None:
         if future is not None and not future.set_running_or_notify_cancel():
@@ -172,10 +186,15 @@ class AsyncEngine:
             if sink is not None and not sink.put(out):
                 self._abort([out.request_id])
 
-    def _add(self, requests: list[tuple[str, str | None, list[int] | None, SamplingParams]], sink: _Sink) -> None:
+    def _add(
+        self, requests: list[tuple[str, str | None, list[int] | None, SamplingParams]], sink: _Sink, length_field: str | None
+    ) -> None:
         if self.dead is not None:
             raise EngineDeadError(str(self.dead))
-        self.engine.add_requests(requests)
+        if length_field is None:
+            self.engine.add_requests(requests)
+        else:
+            self.engine.add_requests(requests, length_field=length_field)
         for request_id, *_ in requests:
             self._sinks[request_id] = sink
 

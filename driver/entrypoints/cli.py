@@ -284,6 +284,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="the name clients give as `model` (default: --model as given, or the default model's name)",
     )
     srv.add_argument("--num-replicas", type=int, default=1, help="engines serving it, each with its own ranks (default: 1)")
+    srv.add_argument(
+        "--api-key",
+        default=None,
+        help="requests to /v1 must carry `Authorization: Bearer KEY` (default: SHARDLM_API_KEY, else no key)",
+    )
+    srv.add_argument(
+        "--max-ongoing-requests",
+        type=int,
+        default=None,
+        help="requests each replica holds at once; more queue (default: --max-num-seqs)",
+    )
+    srv.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=-1,
+        help="requests queued beyond those; a full queue answers 503 with Retry-After (default: -1, no limit)",
+    )
+    srv.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds requests in flight may take to finish after SIGTERM or Ctrl-C (default: 30)",
+    )
     add_engine_args(srv)
 
     plan = sub.add_parser(
@@ -591,7 +614,20 @@ def stream_reply(llm: LLM, messages: list[dict], params: SamplingParams) -> str:
 def cmd_serve(ns: argparse.Namespace) -> int:
     from driver.entrypoints.serve import run_server
 
-    run_server(engine_args_from(ns), ns.host, ns.port, num_replicas=ns.num_replicas, model_id=ns.served_model_name)
+    for flag, value in (("--max-ongoing-requests", ns.max_ongoing_requests), ("--shutdown-timeout", ns.shutdown_timeout)):
+        if value is not None and value < (1 if flag == "--max-ongoing-requests" else 0):
+            raise ConfigError(f"{flag} {value} must be {'at least 1' if flag == '--max-ongoing-requests' else 'non-negative'}")
+    run_server(
+        engine_args_from(ns),
+        ns.host,
+        ns.port,
+        num_replicas=ns.num_replicas,
+        model_id=ns.served_model_name,
+        max_ongoing_requests=ns.max_ongoing_requests,
+        max_queued_requests=ns.max_queued_requests,
+        api_key=ns.api_key,
+        shutdown_timeout_s=ns.shutdown_timeout,
+    )
     return 0
 
 

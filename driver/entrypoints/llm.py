@@ -28,6 +28,7 @@ from workers.sampling_params import SamplingParams
 if TYPE_CHECKING:
     from driver.config.args import EngineArgs
     from driver.engine.actor import StartedRanks
+    from driver.engine.metrics import Metric
     from driver.engine.report import LoadReport
     from workers.model_files import ModelFiles
 
@@ -222,6 +223,11 @@ class LLM:
     def stats(self) -> dict[str, int]:
         """The engine's counters: steps, preemptions, running and waiting sequences, free blocks."""
         return _result(self._live_engine().stats.remote())
+
+    def get_metrics(self) -> list[Metric]:
+        """vLLM's engine metrics under `shardlm:` names, now (`driver.engine.metrics`: gauges,
+        counters and histograms, each with its labels); the same figures go to Ray's metrics."""
+        return _result(self._live_engine().get_metrics.remote())
 
     def get_tokenizer(self) -> Any:
         """The model's tokenizer, loaded in this process on first use."""

@@ -13,7 +13,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 import msgspec
@@ -73,6 +73,11 @@ class _Request(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    logit_bias: dict[str, float] | None = None
+    """Token id (a string of digits, as JSON keys are) -> a bias in [-100, 100] added to its logit."""
+    vllm_xargs: dict[str, str | int | float | bool] | None = None
+    """vLLM's extra arguments for custom sampling (`SamplingParams.extra_args`)."""
 
 
 SAMPLING_FIELDS = (
@@ -91,6 +96,8 @@ SAMPLING_FIELDS = (
     "stop_token_ids",
     "skip_special_tokens",
     "include_stop_str_in_output",
+    "spaces_between_special_tokens",
+    "logit_bias",
 )
 """Request fields that are SamplingParams fields of the same name and meaning (None: not set, the
 model's default or else SamplingParams' own)."""
@@ -103,6 +110,11 @@ class CompletionRequest(_Request, kw_only=True, forbid_unknown_fields=True):
     """None: the model's max_new_tokens, else 16, as OpenAI's default."""
     logprobs: int | None = None
     """Return the log-probabilities of this many most likely tokens at each step."""
+    echo: bool = False
+    """Put the prompt before each completion's text (and, with logprobs, its tokens' logprobs)."""
+    best_of: int | None = None
+    """Generate this many completions per prompt and return the n with the highest cumulative
+    logprob (vLLM's ranking); not with stream. None: n."""
 
 
 class ContentPart(msgspec.Struct, forbid_unknown_fields=True):
@@ -150,6 +162,8 @@ def sampling_params(
     """SamplingParams from the request's fields and `fields` (None: not set), else the model's
     `defaults`, else `fallback`, else SamplingParams' own; its own checks give a 400."""
     given = {name: getattr(request, name) for name in SAMPLING_FIELDS}
+    if request.vllm_xargs is not None:
+        given["extra_args"] = dict(request.vllm_xargs)
     try:
         return sampling_params_with_defaults({**given, **fields}, defaults or GenerationDefaults(), fallback)
     except ValueError as exc:
@@ -204,6 +218,11 @@ class OpenAIServing:
         self.engine, self.model_id, self.max_model_len, self.vocab_size = engine, model_id, max_model_len, vocab_size
         self.defaults = defaults or GenerationDefaults()
         self.created = int(time.time())
+        self.tokenizer = getattr(getattr(engine, "engine", None), "tokenizer", None)
+
+    def _decode(self, token_ids: list[int]) -> str:
+        """Token ids as text (a prompt given as ids, echoed back); "" without a tokenizer."""
+        return self.tokenizer.decode(token_ids) if self.tokenizer is not None else ""
 
     def models(self) -> dict[str, Any]:
         card = {
@@ -219,10 +238,18 @@ class OpenAIServing:
         request = decode(body, CompletionRequest)
         self._check_model(request.model)
         prompts = completion_prompts(request.prompt)
-        params = self._sampling_params(request, max_tokens=request.max_tokens, logprobs=request.logprobs)
+        best_of = _best_of(request)
+        fields: dict[str, Any] = {"max_tokens": request.max_tokens, "logprobs": request.logprobs}
+        if best_of is not None:  # every completion's cumulative logprob ranks it
+            fields.update(n=best_of, logprobs=request.logprobs or 0)
+        if request.echo and request.logprobs is not None:
+            fields["prompt_logprobs"] = request.logprobs
+        params = self._sampling_params(request, **fields)
         reply_id = _reply_id("cmpl")
         stream = await self._submit(prompts, params, reply_id, "prompt")
-        reply = _Reply(reply_id, "text_completion", self.model_id, stream, params.n, request.logprobs)
+        n = (request.n or 1) if best_of is not None else params.n
+        echo = self._decode if request.echo else None
+        reply = _Reply(reply_id, "text_completion", self.model_id, stream, n, request.logprobs, echo=echo, best_of=best_of)
         if request.stream:
             return reply.chunks(_completion_choice, _include_usage(request))
         return await reply.whole(_completion_choice)
@@ -257,7 +284,7 @@ class OpenAIServing:
         """The engine's requests, `<reply id>-<prompt index>`; a prompt it refuses (too long,
         empty, token ids outside the vocabulary) is a 400, with the engine's message."""
         try:
-            return await self.engine.submit(prompts, params, reply_id)
+            return await self.engine.submit(prompts, params, reply_id, length_field=field)
         except ValueError as exc:
             raise OpenAIError(400, str(exc), param=field) from None
 
@@ -282,6 +309,18 @@ class OpenAIServing:
             )
 
 
+def _best_of(request: CompletionRequest) -> int | None:
+    """The request's best_of where it asks for more completions than it returns, else None."""
+    n = request.n or 1
+    if request.best_of is None or request.best_of == n:
+        return None
+    if request.best_of < n:
+        raise OpenAIError(400, f"best_of ({request.best_of}) must be at least n ({n})", param="best_of")
+    if request.stream:
+        raise OpenAIError(400, "best_of cannot be used with stream: true", param="best_of")
+    return request.best_of
+
+
 def _reply_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
@@ -292,11 +331,25 @@ def _include_usage(request: _Request) -> bool:
 
 class _Reply:
     """One response's outputs, whole or as chunks: choice `p * n + i` is completion i of prompt p.
-    `top`: how many of the most likely tokens to give with each token's logprob; None: no logprobs."""
+    `top`: how many of the most likely tokens to give with each token's logprob; None: no logprobs.
+    `echo`: put the prompt (as this function decodes a prompt given as ids) before each text.
+    `best_of`: each request generated this many completions, of which the n with the highest
+    cumulative logprob are given."""
 
-    def __init__(self, reply_id: str, kind: str, model: str, stream: RequestStream, n: int, top: int | None) -> None:
+    def __init__(
+        self,
+        reply_id: str,
+        kind: str,
+        model: str,
+        stream: RequestStream,
+        n: int,
+        top: int | None,
+        echo: Callable[[list[int]], str] | None = None,
+        best_of: int | None = None,
+    ) -> None:
         self.id, self.kind, self.model = reply_id, kind, model
         self.stream, self.n, self.top = stream, n, top
+        self.echo, self.best_of = echo, best_of
         self.created = int(time.time())
         self.prompt_index = {rid: p for p, rid in enumerate(stream.request_ids)}
 
@@ -317,12 +370,35 @@ class _Reply:
         finally:
             self.stream.close()
         outputs = [final[rid] for rid in self.stream.request_ids]
-        choices = [
-            choice(self._index(out, c), c.text, c.finish_reason, self._logprobs(c, 0, 0), False)
-            for out in outputs
-            for c in out.outputs
-        ]
+        for out in outputs:
+            _raise_failed(out)
+        choices = []
+        for out in outputs:
+            prefix = self._echoed(out)
+            for rank, c in enumerate(self._best(out)):
+                logprobs = self._logprobs(c, 0, len(prefix), self._prompt_steps(out))
+                choices.append(
+                    choice(self.prompt_index[out.request_id] * self.n + rank, prefix + c.text, c.finish_reason, logprobs, False)
+                )
         return self._envelope(self.kind, choices, _usage(outputs))
+
+    def _best(self, out: RequestOutput) -> list[CompletionOutput]:
+        """The completions to give: all of them, or with best_of the n best by cumulative logprob."""
+        if self.best_of is None:
+            return out.outputs
+        return sorted(out.outputs, key=lambda c: c.cumulative_logprob or 0.0, reverse=True)[: self.n]
+
+    def _echoed(self, out: RequestOutput) -> str:
+        """The prompt's text where the request echoes it, else ""."""
+        if self.echo is None:
+            return ""
+        return out.prompt if out.prompt is not None else self.echo(out.prompt_token_ids)
+
+    def _prompt_steps(self, out: RequestOutput) -> list[tuple[int, dict[int, Logprob] | None]]:
+        """The prompt's (token, logprobs) where the request echoes it with logprobs, else []."""
+        if self.echo is None or out.prompt_logprobs is None:
+            return []
+        return list(zip(out.prompt_token_ids, out.prompt_logprobs))
 
     async def chunks(self, choice: Any, include_usage: bool) -> AsyncIterator[bytes]:
         chunk_kind = self.kind + (".chunk" if self.kind == "chat.completion" else "")
@@ -333,6 +409,7 @@ class _Reply:
                 roles = [_chat_role(i) for i in range(len(self.stream.request_ids) * self.n)]
                 yield _sse(self._envelope(chunk_kind, roles))
             async for out in self.stream:
+                _raise_failed(out)
                 choices = [choice(*delta) for delta in self._deltas(out, sent)]
                 if choices:
                     yield _sse(self._envelope(chunk_kind, choices))
@@ -355,20 +432,27 @@ class _Reply:
             index = self._index(out, c)
             if index in sent and sent[index] is None:
                 continue
+            first = index not in sent
             chars, tokens = sent.get(index) or (0, 0)
-            if len(c.text) == chars and len(c.token_ids) == tokens and c.finish_reason is None:
+            if len(c.text) == chars and len(c.token_ids) == tokens and c.finish_reason is None and not (first and self.echo):
                 continue
             sent[index] = None if c.finish_reason is not None else (len(c.text), len(c.token_ids))
-            deltas.append((index, c.text[chars:], c.finish_reason, self._logprobs(c, tokens, chars), True))
+            prefix = self._echoed(out) if first else ""
+            prompt_steps = self._prompt_steps(out) if first else []
+            logprobs = self._logprobs(c, tokens, len(prefix) + chars, prompt_steps)
+            deltas.append((index, prefix + c.text[chars:], c.finish_reason, logprobs, True))
         return deltas
 
-    def _logprobs(self, c: CompletionOutput, start: int, offset: int) -> Any:
-        """Logprobs of the tokens from `start` on (the text before them is `offset` characters)."""
+    def _logprobs(self, c: CompletionOutput, start: int, offset: int, prompt_steps: list | None = None) -> Any:
+        """Logprobs of the tokens from `start` on (the text before them is `offset` characters),
+        after those of the echoed prompt's tokens (`prompt_steps`, the first without one)."""
         if self.top is None or c.logprobs is None:
             return None
         steps = list(zip(c.token_ids[start:], c.logprobs[start:]))
         if self.kind == "chat.completion":
             return {"content": [_chat_logprob(token, entry, self.top) for token, entry in steps]}
+        if prompt_steps:  # the echoed prompt comes first: the text starts with it
+            return _completion_logprobs(prompt_steps + steps, self.top, 0, self.echo)
         return _completion_logprobs(steps, self.top, offset)
 
 
@@ -385,18 +469,36 @@ def _chat_role(index: int) -> dict[str, Any]:
     return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
 
 
-def _completion_logprobs(steps: list[tuple[int, dict[int, Logprob]]], top: int, offset: int) -> dict[str, Any]:
-    """The legacy completions shape: parallel lists of tokens, their logprobs, the top ones, offsets."""
+def _completion_logprobs(
+    steps: list[tuple[int, dict[int, Logprob] | None]],
+    top: int,
+    offset: int,
+    decode: Callable[[list[int]], str] | None = None,
+) -> dict[str, Any]:
+    """The legacy completions shape: parallel lists of tokens, their logprobs, the top ones,
+    offsets. An entry of None (an echoed prompt's first token, which nothing predicts) has no
+    logprob and no top ones, as vLLM gives it."""
     tokens, token_logprobs, tops, offsets = [], [], [], []
     for token, entry in steps:
-        chosen = entry[token]
-        text = chosen.decoded_token or ""
+        text = _token_text(token, entry, decode)
         tokens.append(text)
-        token_logprobs.append(chosen.logprob)
-        tops.append({(e.decoded_token or ""): e.logprob for e in _ranked(entry, top)})
+        token_logprobs.append(entry[token].logprob if entry is not None else None)
+        tops.append({(e.decoded_token or ""): e.logprob for e in _ranked(entry, top)} if entry is not None else None)
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _token_text(token: int, entry: dict[int, Logprob] | None, decode: Callable[[list[int]], str] | None) -> str:
+    if entry is not None:
+        return entry[token].decoded_token or ""
+    return decode([token]) if decode is not None else ""
+
+
+def _raise_failed(out: RequestOutput) -> None:
+    """A request that a failure of its own ended is a 500 (the engine and the others go on)."""
+    if out.error is not None:
+        raise OpenAIError(500, f"the request failed: {out.error}", kind="server_error", code="request_failed")
 
 
 def _chat_logprob(token: int, entry: dict[int, Logprob], top: int) -> dict[str, Any]:

@@ -17,9 +17,12 @@ Retry-After, and /health answers 503 {"status": "starting"}. `run_server` follow
 
 import asyncio
 import difflib
+import hmac
 import logging
 import os
+import threading
 import time
+from collections.abc import AsyncIterator
 from dataclasses import fields
 from typing import Annotated, Any
 
@@ -40,6 +43,7 @@ from cluster.logs import ROOT, quiet_ray_loggers, ray_level
 from cluster.placement import STRATEGIES, rank_bundle
 from driver.config.args import EngineArgs
 from driver.config.generation_defaults import load_generation_defaults
+from driver.engine.metrics import prometheus_text
 from driver.engine.progress import StartProgress
 from driver.engine.report import LoadReport
 from driver.entrypoints.async_engine import AsyncEngine, StartingEngine
@@ -52,12 +56,20 @@ logger = logging.getLogger(f"shardlm.{__name__}")
 APP_NAME = "shardlm"
 REPLICA_BUNDLE = {"CPU": 1.0}
 """Bundle 0 of each replica's placement group: the replica's own process."""
-DEFAULT_MAX_ONGOING_REQUESTS = 128
-"""Requests a replica holds at once; its engine batches them (up to max_num_seqs per step)."""
 START_WAIT_S = 5.0
 """How long a request sent while the engine starts waits for it before it is answered 503."""
 RETRY_AFTER_S = 5
 """The Retry-After of that 503, in seconds."""
+MAX_BODY_BYTES = 16 * 2**20
+"""The largest request body a replica reads (a larger one is a 413)."""
+DRAIN_BODY_BYTES = 64 * 2**20
+"""How much of a body past the limit is read (and dropped) before the connection is let go."""
+API_KEY_ENV = "SHARDLM_API_KEY"
+"""Where the API key is taken from when none is given: requests to /v1 must then carry it."""
+DRAIN_POLL_S = 0.2
+"""How often a replica looks whether its app is draining (`drain_app`)."""
+SHUTDOWN_TIMEOUT_S = 30.0
+"""How long `shardlm serve` lets requests in flight finish after SIGTERM or Ctrl-C."""
 QUEUE_PROBE_ENV = "RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S"
 QUEUE_PROBE_S = "1.0"
 """How long Serve's routers wait for a replica to say how busy it is (Serve's default, 0.1 s, is
@@ -80,12 +92,14 @@ class DeploymentConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown
 
     name: str | None = None
     num_replicas: Positive = 1
-    max_ongoing_requests: Positive = DEFAULT_MAX_ONGOING_REQUESTS
+    max_ongoing_requests: Positive | None = None
+    """Requests a replica holds at once; None: the engine's max_num_seqs (one batch), and
+    requests beyond it queue at the caller (the HTTP proxy)."""
     max_queued_requests: int = -1
-    """Requests each caller (the HTTP proxy) queues before answering 503; -1: no limit."""
+    """Requests each caller (the HTTP proxy) queues before answering 503 with Retry-After; -1: no limit."""
     health_check_period_s: float = 10.0
     health_check_timeout_s: float = 30.0
-    graceful_shutdown_timeout_s: float = 20.0
+    graceful_shutdown_timeout_s: float = SHUTDOWN_TIMEOUT_S + 10.0
     max_constructor_retry_count: int = 2
     """Engine starts to try per replica before the deployment fails (Serve's default, 20, is long for an engine)."""
 
@@ -103,6 +117,14 @@ class LLMConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields
     """`EngineArgs` fields (not model or tokenizer: those are model_loading_config's)."""
     deployment_config: DeploymentConfig = msgspec.field(default_factory=DeploymentConfig)
     placement_group_config: PlacementGroupConfig = msgspec.field(default_factory=PlacementGroupConfig)
+    api_key: str | None = None
+    """Requests to /v1 must carry `Authorization: Bearer <api_key>`; None: SHARDLM_API_KEY in the
+    replica's environment, else no key is asked for. /health and /metrics stay open."""
+    max_request_body_bytes: Positive = MAX_BODY_BYTES
+
+    def __repr__(self) -> str:  # the key stays out of logs and tracebacks
+        shown = msgspec.structs.replace(self, api_key="***" if self.api_key else None)
+        return f"LLMConfig({msgspec.structs.asdict(shown)})"
 
     def engine_args(self) -> EngineArgs:
         """The engine's arguments, checked (no files read); values may be strings, as `serve run` gives them."""
@@ -157,6 +179,43 @@ def _error(exc: Exception) -> Response:
     return _json(*error_response(exc))
 
 
+def _draining() -> Response:
+    message = "the server is shutting down and takes no new requests; retry on another replica"
+    body = OpenAIError(503, message, kind="server_error", code="server_draining").body()
+    return _json(503, body, {"Retry-After": str(RETRY_AFTER_S)})
+
+
+def _unauthorized() -> Response:
+    message = "Incorrect or missing API key: send it as `Authorization: Bearer <key>`"
+    return _json(401, OpenAIError(401, message, code="invalid_api_key").body())
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request's body, or a 413 when it is longer than `limit` bytes. What lies past the
+    limit is read and dropped (up to DRAIN_BODY_BYTES more), so that the client, still sending,
+    reads the 413 rather than a reset connection; nothing past the limit is kept."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size <= limit:
+            chunks.append(chunk)
+        elif size > limit + DRAIN_BODY_BYTES:
+            break
+    if size > limit:
+        raise OpenAIError(413, f"the request body is longer than this server takes ({limit} bytes)")
+    return b"".join(chunks)
+
+
+def drain_key(app_name: str) -> bytes:
+    """Ray's internal key that tells an app's replicas to drain."""
+    return f"shardlm:drain:{app_name}".encode()
+
+
+def in_flight_key(app_name: str, replica: str) -> bytes:
+    """Ray's internal key where a draining replica says how many requests it still holds."""
+    return f"shardlm:in_flight:{app_name}:{replica}".encode()
+
+
 def dev_mode() -> bool:
     """Whether the dev-mode routes (/sleep, /wake_up, /is_sleeping) are on: SHARDLM_SERVER_DEV_MODE=1."""
     return os.environ.get("SHARDLM_SERVER_DEV_MODE", "0") == "1"
@@ -188,8 +247,49 @@ class OpenAIServer:
         self.model_id = config.served_model_id()
         self.engine: AsyncEngine | None = None
         self.openai: OpenAIServing | None = None
+        self.api_key = config.api_key or os.environ.get(API_KEY_ENV) or None
+        self.max_body = config.max_request_body_bytes
+        self.in_flight = 0
+        self.draining = threading.Event()
         self.starting = StartingEngine(args, config.placement_group_config.strategy)
         self.generation_config = args.generation_config
+        threading.Thread(target=self._watch_drain, name="shardlm-drain-watch", daemon=True).start()
+
+    def _watch_drain(self) -> None:
+        """Wait for `drain_app` to mark this replica's app as draining; from then on, new
+        requests get 503 and the replica says how many it still holds."""
+        from ray.experimental import internal_kv
+
+        try:
+            context = serve.get_replica_context()
+            app, replica = context.app_name, context.replica_id.unique_id
+        except Exception:  # not in a replica (made directly, in a test): nothing drains it
+            return
+        while not self.draining.is_set():
+            try:
+                if internal_kv._internal_kv_get(drain_key(app)) is not None:
+                    self.draining.set()
+            except Exception:  # the cluster is going away
+                return
+            time.sleep(DRAIN_POLL_S)
+        logger.info("draining: %d request(s) in flight, no new ones taken", self.in_flight)
+        while True:
+            try:
+                internal_kv._internal_kv_put(in_flight_key(app, replica), str(self.in_flight).encode())
+            except Exception:
+                return
+            time.sleep(DRAIN_POLL_S)
+
+    def _refused(self, request: Request) -> Response | None:
+        """What to answer instead of serving `request`: 503 while draining, 401 without the key."""
+        if self.draining.is_set():
+            return _draining()
+        if self.api_key is not None:
+            given = request.headers.get("authorization", "")
+            scheme, _, token = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+                return _unauthorized()
+        return None
 
     async def _serving(self) -> OpenAIServing:
         """The OpenAI front, once the engine is up (waiting up to START_WAIT_S for it)."""
@@ -200,19 +300,46 @@ class OpenAIServer:
                 raise _Starting(f"the engine is starting ({phase}); retry in {RETRY_AFTER_S} s")
             model = engine.config.model
             self.engine = engine
+            if getattr(engine.engine, "metrics", None) is not None:
+                engine.engine.metrics.labels["model_name"] = self.model_id
             defaults = load_generation_defaults(self.generation_config, model)
             self.openai = OpenAIServing(engine, self.model_id, model.max_model_len, model.arch.vocab_size, defaults=defaults)
         return self.openai
 
     async def _answer(self, route: str, request: Request) -> Response:
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
+        self.in_flight += 1
         try:
+            body = await read_body(request, self.max_body)
             serving = await self._serving()
-            result = await getattr(serving, route)(await request.body())
-        except Exception as exc:
+            result = await getattr(serving, route)(body)
+        except BaseException as exc:
+            self.in_flight -= 1
+            if isinstance(exc, asyncio.CancelledError):  # the client left before its answer began
+                logger.info("a client left before its answer began; its request is aborted")
+                raise
+            if not isinstance(exc, Exception):
+                raise
             return _error(exc)
         if isinstance(result, dict):
+            self.in_flight -= 1
             return _json(200, result)
-        return StreamingResponse(result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(self._counted(result), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def _counted(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """A streamed answer, counted in flight until it ends; a client that drops it aborts its
+        request (the stream closes), with one INFO line and no traceback."""
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except (asyncio.CancelledError, GeneratorExit):
+            logger.info("a client dropped its stream; its request is aborted")
+            raise
+        finally:
+            self.in_flight -= 1
+            await chunks.aclose()
 
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
@@ -223,11 +350,22 @@ class OpenAIServer:
         return await self._answer("chat", request)
 
     @api.get("/v1/models")
-    async def models(self) -> Response:
+    async def models(self, request: Request) -> Response:
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
         try:
             return _json(200, (await self._serving()).models())
         except Exception as exc:
             return _error(exc)
+
+    @api.get("/metrics")
+    async def metrics(self) -> Response:
+        """This replica's engine metrics in Prometheus' text format (every replica's also reach
+        Ray's Prometheus endpoint, through `ray.util.metrics`)."""
+        engine = self.starting.engine
+        figures = [] if engine is None else await engine.call(engine.engine.get_metrics)
+        return Response(content=prometheus_text(figures), media_type="text/plain; version=0.0.4")
 
     @api.get("/health")
     async def health(self) -> Response:
@@ -248,6 +386,8 @@ class OpenAIServer:
         SHARDLM_SERVER_DEV_MODE=1."""
         if not dev_mode():
             return _json(404, _not_enabled("/sleep"))
+        if (refused := self._refused(request)) is not None:
+            return refused
         try:
             level = int(request.query_params.get("level", "1"))
             engine = (await self._serving()).engine
@@ -259,9 +399,11 @@ class OpenAIServer:
         return Response(status_code=200)
 
     @api.post("/wake_up")
-    async def wake_up(self) -> Response:
+    async def wake_up(self, request: Request) -> Response:
         if not dev_mode():
             return _json(404, _not_enabled("/wake_up"))
+        if (refused := self._refused(request)) is not None:
+            return refused
         try:
             engine = (await self._serving()).engine
             await engine.call(engine.engine.wake_up)
@@ -278,6 +420,10 @@ class OpenAIServer:
         except Exception as exc:
             return _error(exc)
         return _json(200, {"is_sleeping": engine.engine.sleep_level > 0})
+
+    async def drain_state(self) -> tuple[bool, int]:
+        """(draining, requests in flight), through a DeploymentHandle."""
+        return self.draining.is_set(), self.in_flight
 
     async def stats(self) -> dict[str, int]:
         """The engine's counters (through a DeploymentHandle): running and waiting sequences, free blocks."""
@@ -369,6 +515,9 @@ def bind(config: LLMConfig, args: EngineArgs) -> serve.Application:
     options = {f: getattr(deployment, f) for f in deployment.__struct_fields__ if f != "name"}
     if deployment.name is not None:
         options["name"] = deployment.name
+    if deployment.max_ongoing_requests is None:  # one batch's worth: the rest queue at the proxy
+        options["max_ongoing_requests"] = args.max_num_seqs
+    options["backpressure_config"] = {"status_code": 503, "retry_after_s": RETRY_AFTER_S}
     return OpenAIServer.options(
         **options,
         logging_config=serve_logging(),
@@ -399,10 +548,13 @@ def run_server(
     port: int = 8000,
     *,
     num_replicas: int = 1,
-    max_ongoing_requests: int = DEFAULT_MAX_ONGOING_REQUESTS,
+    max_ongoing_requests: int | None = None,
     blocking: bool = True,
     model_id: str | None = None,
     show_progress: bool | None = None,
+    max_queued_requests: int = -1,
+    api_key: str | None = None,
+    shutdown_timeout_s: float = SHUTDOWN_TIMEOUT_S,
 ) -> "serve.handle.DeploymentHandle | None":
     """Serve the model at http://host:port/v1 (OpenAI's API) until Ctrl-C or SIGTERM, then shut
     Serve down (and the local cluster, if this call started it).
@@ -412,7 +564,11 @@ def run_server(
     the URL; with `blocking=False` it returns the app's handle instead, and `serve.shutdown()`
     stops it. `model_id`: the name clients give (default: the model as given, or the default
     model's name). `show_progress`: the engine's start-up bars and load report (default: unless
-    shardlm logs above INFO, as under -q).
+    shardlm logs above INFO, as under -q). `max_ongoing_requests`: per replica (default: the
+    engine's max_num_seqs); beyond it requests queue, up to `max_queued_requests` (-1: no
+    limit; a full queue is 503 with Retry-After). `api_key`: what /v1 requests must carry
+    (default: SHARDLM_API_KEY, else none). On SIGTERM or Ctrl-C the app drains: new requests get
+    503, those in flight may finish for up to `shutdown_timeout_s`, then it ends.
     """
     kwargs = engine_args.non_default_kwargs()
     loading = ModelLoadingConfig(
@@ -421,7 +577,13 @@ def run_server(
     config = LLMConfig(
         model_loading_config=loading,
         engine_kwargs=kwargs,
-        deployment_config=DeploymentConfig(num_replicas=num_replicas, max_ongoing_requests=max_ongoing_requests),
+        deployment_config=DeploymentConfig(
+            num_replicas=num_replicas,
+            max_ongoing_requests=max_ongoing_requests,
+            max_queued_requests=max_queued_requests,
+            graceful_shutdown_timeout_s=shutdown_timeout_s + 10.0,
+        ),
+        api_key=api_key or os.environ.get(API_KEY_ENV) or None,
     )
     if show_progress is None:
         show_progress = logging.getLogger(ROOT).getEffectiveLevel() <= logging.INFO
@@ -445,13 +607,54 @@ def run_server(
         print(report.format() + "\n", flush=True)
     print(f"shardlm: serving {config.served_model_id()!r} at http://{host}:{port}/v1 (Ctrl-C to stop)", flush=True)
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (cluster.connect.Terminated)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (cluster.connect.Terminated)
+            drain_app(handle, shutdown_timeout_s)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now
         pass
     finally:
         stop_serving()
     return None
+
+
+def drain_app(handle: "serve.handle.DeploymentHandle", timeout_s: float, app_name: str = APP_NAME) -> bool:
+    """Tell the app's replicas to take no new request (503) and wait up to `timeout_s` for
+    those in flight to finish; whether they all did."""
+    from ray.experimental import internal_kv
+
+    print(f"shardlm: draining: waiting up to {timeout_s:g} s for requests in flight", flush=True)
+    replicas = _replica_ids(app_name)
+    internal_kv._internal_kv_put(drain_key(app_name), b"1")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            counts = [internal_kv._internal_kv_get(in_flight_key(app_name, r)) for r in replicas]
+            if all(c is not None and int(c) == 0 for c in counts):
+                return True
+            time.sleep(DRAIN_POLL_S)
+        logger.warning("requests still in flight after %g s: ending them", timeout_s)
+        return False
+    finally:
+        internal_kv._internal_kv_del(drain_key(app_name))
+        for replica in replicas:
+            internal_kv._internal_kv_del(in_flight_key(app_name, replica))
+
+
+def _replica_ids(app_name: str) -> list[str]:
+    """The ids of the app's running replicas."""
+    status = serve.status().applications.get(app_name)
+    if status is None:
+        return []
+    from ray.util.state import list_actors
+
+    prefix = f"SERVE_REPLICA::{app_name}#"
+    return [
+        a.name.rsplit("#", 1)[-1]
+        for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
+        if a.name and a.name.startswith(prefix)
+    ]
 
 
 def wait_until_started(handle: "serve.handle.DeploymentHandle", num_replicas: int, show_progress: bool) -> LoadReport:
@@ -503,8 +706,8 @@ def stop_serving() -> None:
     if started_local_cluster():
         shutdown_local_cluster()
         return
-    with worker_logs_muted():
-        serve.shutdown()
+    with worker_logs_muted():  # only this app: others on the cluster keep serving
+        serve.delete(APP_NAME)
 
 
 app = bind(LLMConfig(), EngineArgs())

@@ -208,7 +208,7 @@ def test_prompt_logprobs_cover_the_prompt_once() -> None:
     outputs.add("p", None, list(range(1, 11)), SamplingParams(prompt_logprobs=0, max_tokens=2), 0.0)
     final = None
     while core.has_unfinished():
-        results, _ = outputs.process(core.step())
+        results, _, _ = outputs.process(core.step())
         final = results[-1] if results else final
     assert final.finished and len(final.prompt_logprobs) == 10 and final.prompt_logprobs[0] is None
     assert all(entry[token].logprob == -0.5 for entry, token in zip(final.prompt_logprobs[1:], range(2, 11)))
@@ -263,7 +263,7 @@ def test_async_scheduling_never_shows_a_token_past_a_stop_string() -> None:
     outputs.add("r", None, [0], params, 0.0)
     seen = []
     while core.has_unfinished():
-        results, hits = outputs.process(core.step())
+        results, hits, _ = outputs.process(core.step())
         seen.extend(results)
         for request_id, index, stop in hits:
             core.finish(request_id, index, "stop", stop)

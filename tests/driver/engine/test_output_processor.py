@@ -49,13 +49,13 @@ def test_stop_strings_end_a_completion_and_are_reported_for_the_core() -> None:
     params = SamplingParams(stop=["cd"], n=2, max_tokens=10)
     outputs.add("r", "prompt", [0], params, 0.0)
     outputs.process([step("r", 1)])
-    results, hits = outputs.process([step("r", 2)])
+    results, hits, _ = outputs.process([step("r", 2)])
     assert hits == [] and results[0].outputs[0].text == "b"  # "bc": "c" held back, it may begin "cd"
-    results, hits = outputs.process([step("r", 3)])
+    results, hits, _ = outputs.process([step("r", 3)])
     assert hits == [("r", 0, "cd")]
     first = results[0].outputs[0]
     assert (first.text, first.finish_reason, first.stop_reason) == ("b", "stop", "cd") and not results[0].finished
-    results, hits = outputs.process([step("r", 5, index=1, reason="length")])
+    results, hits, _ = outputs.process([step("r", 5, index=1, reason="length")])
     assert hits == [] and results[0].finished and results[0].outputs[1].text == "f"
     assert "r" not in outputs.requests
 
@@ -64,7 +64,7 @@ def test_a_stop_string_wins_over_length_but_not_over_a_stop_token() -> None:
     outputs = OutputProcessor(LetterTokenizer())
     outputs.add("len", None, [0], SamplingParams(stop=["b"], max_tokens=1), 0.0)
     outputs.add("eos", None, [0], SamplingParams(stop=["b"], max_tokens=5), 0.0)
-    results, hits = outputs.process([step("len", 1, reason="length"), step("eos", 1, reason="stop")])
+    results, hits, _ = outputs.process([step("len", 1, reason="length"), step("eos", 1, reason="stop")])
     assert hits == [("len", 0, "b")]
     assert [(o.outputs[0].finish_reason, o.outputs[0].stop_reason, o.outputs[0].text) for o in results] == [
         ("stop", "b", ""),
@@ -76,6 +76,6 @@ def test_finished_only_leaves_out_running_requests() -> None:
     outputs = OutputProcessor(None)
     outputs.add("a", None, [0], SamplingParams(max_tokens=2), 0.0)
     outputs.add("b", None, [0], SamplingParams(max_tokens=1), 0.0)
-    results, _ = outputs.process([step("a", 1), step("b", 1, reason="length")], finished_only=True)
+    results, _, _ = outputs.process([step("a", 1), step("b", 1, reason="length")], finished_only=True)
     assert [r.request_id for r in results] == ["b"] and results[0].metrics.finished_time is not None
     assert SimpleNamespace(ids=list(outputs.requests)).ids == ["a"]

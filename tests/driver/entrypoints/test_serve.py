@@ -28,8 +28,10 @@ from driver.entrypoints.async_engine import AsyncEngine
 from driver.entrypoints.openai_api import OpenAIServing, error_response
 from parallel.errors import ConfigError, EngineAsleepError, EngineDeadError
 from tests.helpers import hf_config
+from workers.faults import FAULTS_ENV
 
 MODEL_ID = "tiny-chat"
+API_KEY = "test-key"
 MAX_MODEL_LEN = 1024
 ENGINE = dict(
     tensor_parallel_size=2, device="cpu", max_model_len=MAX_MODEL_LEN, max_num_batched_tokens=256, kv_cache_memory_bytes=2**22
@@ -72,10 +74,20 @@ def server(ray_cluster, chat_checkpoint: Path) -> Any:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     groups_before = set(_live_groups())
-    handle = run_server(EngineArgs(model=str(chat_checkpoint), **ENGINE), "127.0.0.1", port, blocking=False, model_id=MODEL_ID)
+    faults = pytest.MonkeyPatch()
+    faults.setenv(FAULTS_ENV, "1")  # forwarded to the replica and its ranks: requests may ask to fail
     try:
+        handle = run_server(
+            EngineArgs(model=str(chat_checkpoint), **ENGINE),
+            "127.0.0.1",
+            port,
+            blocking=False,
+            model_id=MODEL_ID,
+            api_key=API_KEY,
+        )
         yield f"http://127.0.0.1:{port}", handle, groups_before
     finally:
+        faults.undo()
         serve.shutdown()
 
 
@@ -90,11 +102,12 @@ def _live_groups() -> dict[str, list[dict]]:
 
 @pytest.fixture(scope="module")
 def client(server: Any) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server[0]}/v1", api_key="none", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=f"{server[0]}/v1", api_key=API_KEY, max_retries=0, timeout=120)
 
 
-def post(url: str, body: bytes) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+def post(url: str, body: bytes, key: str | None = API_KEY) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    request = urllib.request.Request(url, data=body, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, json.loads(response.read())
@@ -192,8 +205,8 @@ def test_errors(client: openai.OpenAI, server: Any) -> None:
     assert caught.value.body["param"] == "max_tokens"
     with pytest.raises(openai.BadRequestError, match="got `str` - at `\\$.temperature`"):
         client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, temperature="hot")
-    with pytest.raises(openai.BadRequestError, match="unknown field `best_of`"):
-        client.completions.create(model=MODEL_ID, prompt=PROMPT, extra_body={"best_of": 2})
+    with pytest.raises(openai.BadRequestError, match="unknown field `beam_width`"):
+        client.completions.create(model=MODEL_ID, prompt=PROMPT, extra_body={"beam_width": 2})
     with pytest.raises(openai.NotFoundError, match=f"The model `gpt-4` does not exist; this server serves `{MODEL_ID}`"):
         client.chat.completions.create(model="gpt-4", messages=MESSAGES)
     with pytest.raises(openai.BadRequestError, match="stop_token_ids must be below the vocabulary size, 49152"):
@@ -249,6 +262,145 @@ def test_serve_command_flags() -> None:
     assert (ns.host, ns.port, ns.tensor_parallel_size, ns.served_model_name) == ("0.0.0.0", 9000, 2, "m")
 
 
+def test_a_prompt_and_max_tokens_past_max_model_len_is_a_400(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=MODEL_ID, prompt=[1] * 1000, max_tokens=100)
+    message = caught.value.body["message"]
+    assert f"maximum context length is {MAX_MODEL_LEN} tokens" in message and "you requested 1100 tokens" in message
+    assert "(1000 in the prompt, 100 in the completion)" in message
+    with pytest.raises(openai.BadRequestError, match="in the messages"):
+        client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, max_tokens=MAX_MODEL_LEN)
+    assert client.completions.create(model=MODEL_ID, prompt=[1] * 1000, max_tokens=24).usage.completion_tokens == 24
+
+
+def test_the_api_key_is_asked_for_on_v1_only(server: Any) -> None:
+    body = json.dumps({"model": MODEL_ID, "prompt": PROMPT, "max_tokens": 1}).encode()
+    for key in (None, "wrong"):
+        status, reply = post(f"{server[0]}/v1/completions", body, key=key)
+        assert status == 401 and reply["error"]["code"] == "invalid_api_key"
+    bare = openai.OpenAI(base_url=f"{server[0]}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bare.models.list()
+    assert post(f"{server[0]}/v1/completions", body)[0] == 200
+    with urllib.request.urlopen(f"{server[0]}/health", timeout=30) as response:
+        assert response.status == 200
+
+
+def test_a_body_past_the_limit_is_a_413(server: Any) -> None:
+    from driver.entrypoints.serve import MAX_BODY_BYTES
+
+    body = json.dumps({"model": MODEL_ID, "prompt": "x" * (MAX_BODY_BYTES + 1)}).encode()
+    status, reply = post(f"{server[0]}/v1/completions", body)
+    assert status == 413 and "longer than this server takes" in reply["error"]["message"]
+
+
+def test_vllm_request_fields_have_their_effects(client: openai.OpenAI, tokenizer: Any) -> None:
+    eos, forced = tokenizer.eos_token_id, 300
+
+    def complete(**extra: Any) -> Any:
+        max_tokens = extra.pop("max_tokens", 6)
+        return client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=max_tokens, temperature=0, extra_body=extra)
+
+    ends = complete(logit_bias={str(eos): 100}).choices[0]  # the end of sequence, at once
+    assert ends.finish_reason == "stop" and ends.text == ""
+    assert complete(logit_bias={str(eos): 100}, skip_special_tokens=False).choices[0].text == tokenizer.eos_token
+    kept = complete(logit_bias={str(eos): 100}, ignore_eos=True)
+    assert kept.choices[0].finish_reason == "length" and kept.usage.completion_tokens == 6
+    late = complete(logit_bias={str(eos): 100}, min_tokens=3)
+    assert late.choices[0].finish_reason == "stop" and late.usage.completion_tokens == 4
+    stopped = complete(logit_bias={str(forced): 100}, stop_token_ids=[forced], min_tokens=2)
+    assert stopped.choices[0].finish_reason == "stop" and stopped.usage.completion_tokens == 2
+    piece = tokenizer.decode([forced])
+    with_stop = complete(logit_bias={str(forced): 100}, stop=[piece], include_stop_str_in_output=True).choices[0]
+    assert with_stop.finish_reason == "stop" and with_stop.text == piece
+    assert complete(logit_bias={str(forced): 100}, stop=[piece]).choices[0].text == ""
+    assert complete(spaces_between_special_tokens=False).choices[0].text == complete().choices[0].text
+
+    plain = complete(max_tokens=16).choices[0].text
+    penalized = complete(max_tokens=16, repetition_penalty=1.8).choices[0].text
+    assert penalized != plain
+
+    echoed = client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=3, temperature=0, echo=True, logprobs=1)
+    choice = echoed.choices[0]
+    assert choice.text.startswith(PROMPT) and choice.text[len(PROMPT) :] == complete(max_tokens=3).choices[0].text
+    prompt_tokens = len(tokenizer(PROMPT)["input_ids"])
+    assert len(choice.logprobs.tokens) == prompt_tokens + 3 and choice.logprobs.token_logprobs[0] is None
+    assert all(lp is not None for lp in choice.logprobs.token_logprobs[1:])
+
+    best = client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=4, n=2, best_of=4, seed=3)
+    assert len(best.choices) == 2 and best.usage.completion_tokens == 16 and best.choices[0].logprobs is None
+    with pytest.raises(openai.BadRequestError, match="best_of \\(1\\) must be at least n \\(2\\)"):
+        client.completions.create(model=MODEL_ID, prompt=PROMPT, n=2, best_of=1)
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        complete(logit_bias={"10000000": 1})
+
+
+def test_a_request_level_failure_ends_that_request_alone(client: openai.OpenAI) -> None:
+    """One request's sampling fails on rank 0 (made to, through vllm_xargs), while 20 others
+    batched with it finish with the text each gives alone; a detokenization failure of another
+    reaches its stream as an error event; the engine serves on."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = [f"{i} little pigs went to" for i in range(20)]
+
+    def complete(prompt: str) -> str:
+        return client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=5, temperature=0).choices[0].text
+
+    def failing() -> Exception | None:
+        try:
+            client.completions.create(
+                model=MODEL_ID, prompt=PROMPT, max_tokens=5, extra_body={"vllm_xargs": {"shardlm_fault": "sample"}}
+            )
+        except Exception as exc:
+            return exc
+        return None
+
+    alone = [complete(p) for p in prompts[:3]]
+    with ThreadPoolExecutor(21) as pool:
+        failed = pool.submit(failing)
+        together = list(pool.map(complete, prompts))
+    error = failed.result()
+    assert isinstance(error, openai.InternalServerError) and "sampling failed" in str(error)
+    assert error.body["code"] == "request_failed"
+    assert together[:3] == alone and all(together)
+
+    stream = client.completions.create(
+        model=MODEL_ID, prompt=PROMPT, max_tokens=5, stream=True, extra_body={"vllm_xargs": {"shardlm_fault": "detokenize"}}
+    )
+    with pytest.raises(openai.APIError, match="its output failed: InjectedFault"):
+        list(stream)
+    assert complete(prompts[0]) == alone[0]
+
+
+def test_metrics_add_up_to_the_requests_usage(client: openai.OpenAI, server: Any) -> None:
+    def scrape() -> dict[str, float]:
+        with urllib.request.urlopen(f"{server[0]}/metrics", timeout=30) as response:
+            text = response.read().decode()
+        values = {}
+        for line in text.splitlines():
+            if line.startswith("shardlm:") and "_bucket" not in line:
+                name, value = line.rsplit(" ", 1)
+                values[name] = float(value)
+        return values
+
+    before = scrape()
+    usages = [
+        client.completions.create(model=MODEL_ID, prompt=p, max_tokens=k, temperature=0).usage
+        for p, k in (("One", 3), ("Two and three", 5), (PROMPT, 2))
+    ]
+    after = scrape()
+    label = f'{{model_name="{MODEL_ID}"}}'
+    added = {name: after[name] - before.get(name, 0.0) for name in after}
+    assert added[f"shardlm:prompt_tokens_total{label}"] == sum(u.prompt_tokens for u in usages)
+    assert added[f"shardlm:generation_tokens_total{label}"] == sum(u.completion_tokens for u in usages)
+    assert added[f"shardlm:e2e_request_latency_seconds_count{label}"] == 3
+    assert added[f"shardlm:time_to_first_token_seconds_count{label}"] == 3
+    assert added[f'shardlm:request_success_total{{model_name="{MODEL_ID}",finished_reason="length"}}'] == 3
+    assert after[f"shardlm:num_requests_running{label}"] == 0 and 0 <= after[f"shardlm:kv_cache_usage_perc{label}"] <= 1
+    for name in ("num_requests_waiting", "prefix_cache_queries_total", "prefix_cache_hits_total", "num_preemptions_total"):
+        assert f"shardlm:{name}{label}" in after
+
+
 # -- the async front alone, on a fake engine -----------------------------------------------------
 
 
@@ -262,7 +414,7 @@ class FakeEngine:
         self.limits: dict[str, int] = {}
         self.aborted: list[str] = []
 
-    def add_requests(self, requests: list[tuple]) -> None:
+    def add_requests(self, requests: list[tuple], length_field: str | None = None) -> None:
         if any(not token_ids for _, _, token_ids, _ in requests):
             raise ValueError("prompt is empty")  # and none is queued, as the engine does
         for request_id, _, _, params in requests:
