@@ -10,7 +10,7 @@ at their first step, then each sampled token appended) and per-vocabulary-id cou
 output, both updated with the sampled tokens rather than rebuilt.
 
 Order, as vLLM: min_tokens masking, then penalties (repetition over prompt and output; frequency
-and presence over the output), then greedy argmax or temperature, top-k, top-p and min-p and a
+and presence over the output), then logit_bias, then greedy argmax or temperature, top-k, top-p and min-p and a
 draw. A draw is argmax(p / e) with e ~ Exp(1) from the sequence's own generator when it has a
 seed, so a seeded sequence gets the same tokens whatever else is in the batch. Logprobs are of
 the model's own distribution (the raw logits), as vLLM returns them.
@@ -26,7 +26,7 @@ import torch
 from workers.batch import NewSequence, PromptLogprobs, SampledToken
 from workers.sampling_params import SamplingParams
 
-DRAWN, SEEDED, TOP_K, TOP_P, MIN_P, PENALTY, FREQ_PRES, MIN_TOKENS, LOGPROBS = (1 << i for i in range(9))
+DRAWN, SEEDED, TOP_K, TOP_P, MIN_P, PENALTY, FREQ_PRES, MIN_TOKENS, LOGPROBS, LOGIT_BIAS = (1 << i for i in range(10))
 """Bits of a slot's flags: which stages its rows go through."""
 
 TEMPERATURE, TOP_P_COL, MIN_P_COL, REPETITION, FREQUENCY, PRESENCE = range(6)
@@ -44,6 +44,8 @@ def flags_of(params: SamplingParams, seeded: bool, has_stop_ids: bool) -> int:
         flags |= MIN_TOKENS
     if params.logprobs is not None:
         flags |= LOGPROBS
+    if params.uses_logit_bias:
+        flags |= LOGIT_BIAS
     return flags
 
 
@@ -145,6 +147,8 @@ class Sampler:
         self.penalty_slot = np.zeros(0, dtype=np.int64)
         self.stop_ids = np.zeros((0, 1), dtype=np.int64)
         self.penalties = PenaltyState(device)
+        self.biases: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        """Per slot with logit_bias: (token ids, biases) on the device."""
 
     def add(self, seq: NewSequence) -> None:
         if seq.seq_id in self.slot_of:
@@ -160,6 +164,12 @@ class Sampler:
         if seq.stop_ids:
             self._set_stop_ids(slot, list(seq.stop_ids))
         self.penalty_slot[slot] = self.penalties.take(list(seq.prompt_token_ids)) if p.uses_penalties else -1
+        if p.logit_bias:
+            ids, biases = zip(*p.logit_bias.items())
+            self.biases[slot] = (
+                torch.tensor(ids, dtype=torch.long, device=self.device),
+                torch.tensor(biases, dtype=torch.float32, device=self.device),
+            )
 
     def forget(self, seq_ids: list[int]) -> None:
         released = []
@@ -170,6 +180,7 @@ class Sampler:
             if self.penalty_slot[slot] >= 0:
                 released.append(int(self.penalty_slot[slot]))
             self.params[slot] = self.prompts[slot] = self.generators[slot] = None
+            self.biases.pop(slot, None)
             self.flags[slot], self.penalty_slot[slot] = 0, -1
             self.free.append(slot)
         if released:
@@ -182,13 +193,14 @@ class Sampler:
         slots = np.fromiter((self.slot_of[s] for s in seq_ids), dtype=np.int64, count=len(seq_ids))
         flags = self.flags[slots]
         present = any_flags(flags)
-        if present & (DRAWN | PENALTY | MIN_TOKENS):
+        if present & (DRAWN | PENALTY | MIN_TOKENS | LOGIT_BIAS):
             tokens = self._sample(logits, slots, flags, present)
         else:
             tokens = logits.argmax(dim=-1)
         token_list = tokens.tolist()
-        self._record(slots, flags, present, tokens)
-        return self._with_logprobs(logits, seq_ids, slots, flags, present, tokens, token_list)
+        results = self._with_logprobs(logits, seq_ids, slots, flags, present, tokens, token_list)
+        self._record(slots, flags, present, tokens)  # last: a batch that fails above is retried row by row
+        return results
 
     def _sample(self, logits: torch.Tensor, slots: np.ndarray, flags: np.ndarray, present: int) -> torch.Tensor:
         processed = self._penalized(logits, slots, flags, present)
@@ -204,7 +216,8 @@ class Sampler:
         return tokens
 
     def _penalized(self, logits: torch.Tensor, slots: np.ndarray, flags: np.ndarray, present: int) -> torch.Tensor:
-        if not present & (PENALTY | MIN_TOKENS):
+        """The logits after min_tokens masking, penalties and logit_bias (a copy, where any applies)."""
+        if not present & (PENALTY | MIN_TOKENS | LOGIT_BIAS):
             return logits
         logits = logits.clone()
         if present & MIN_TOKENS:
@@ -218,6 +231,10 @@ class Sampler:
             rows, pslots, lengths = rows[lengths > 0], pslots[lengths > 0], lengths[lengths > 0]
             if len(rows):
                 self._penalize(logits, rows, slots[rows], pslots, int(lengths.max()), bool(present & FREQ_PRES))
+        if present & LOGIT_BIAS:
+            for row in np.flatnonzero(flags & LOGIT_BIAS).tolist():
+                ids, biases = self.biases[int(slots[row])]
+                logits[row].index_add_(0, ids, biases)
         return logits
 
     def _penalize(

@@ -6,6 +6,8 @@ conditions. Invalid values raise ValueError when the object is made.
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 GREEDY_EPS = 1e-5
@@ -50,12 +52,21 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     """Leave special tokens out of the text."""
     include_stop_str_in_output: bool = False
     """Keep a matched stop string at the end of the text."""
+    spaces_between_special_tokens: bool = True
+    """Put a space between a special token and its neighbours in the text (when they are kept)."""
+    logit_bias: dict[int, float] | None = None
+    """Added to the logits of these token ids before sampling, each in [-100, 100] (OpenAI's
+    meaning: -100 bans a token, 100 all but forces it)."""
+    extra_args: dict[str, Any] | None = None
+    """Free-form arguments for custom code (vLLM's `vllm_xargs` arrive here); shardlm reads only
+    its fault-injection key (workers/faults.py)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.logit_bias = _token_biases(self.logit_bias)
         if self.top_k == -1:
             self.top_k = 0
         self._validate()
@@ -103,5 +114,27 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
         return self.temperature < GREEDY_EPS
 
     @property
+    def uses_logit_bias(self) -> bool:
+        return bool(self.logit_bias)
+
+    @property
     def uses_penalties(self) -> bool:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+
+def _token_biases(bias: dict | None) -> dict[int, float] | None:
+    """logit_bias with int keys (JSON gives token ids as strings), each value checked."""
+    if not bias:
+        return None
+    out = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise ValueError(f"logit_bias keys must be token ids, got {key!r}") from None
+        if token < 0:
+            raise ValueError(f"logit_bias keys must be token ids (non-negative), got {key!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100.0 <= value <= 100.0:
+            raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {value!r} for token {token}")
+        out[token] = float(value)
+    return out

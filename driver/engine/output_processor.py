@@ -66,7 +66,9 @@ class OutputProcessor:
         for index in range(params.n):
             detokenizer = None
             if self.tokenizer is not None:
-                detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
+                detokenizer = IncrementalDetokenizer(
+                    self.tokenizer, prompt_token_ids, params.skip_special_tokens, params.spaces_between_special_tokens
+                )
                 if wants_fault(params, "detokenize"):
                     detokenizer = _FailingDetokenizer()
             state = CompletionState(index, detokenizer)

@@ -61,10 +61,11 @@ class Processor:
             raise ValueError(f"{where} has token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
 
     def check_params(self, params: SamplingParams, where: str) -> None:
-        """Refuse what SamplingParams cannot know alone: stop token ids past the vocabulary."""
-        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
-        if bad:
-            raise ValueError(f"stop_token_ids of {where} lie outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+        """Refuse what SamplingParams cannot know alone: token ids past the vocabulary."""
+        for field, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", list(params.logit_bias or ()))):
+            bad = [t for t in ids if t >= self.vocab_size]
+            if bad:
+                raise ValueError(f"{field} of {where} name token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
 
     def render_chat(
         self, conversations: list[list[dict]], chat_template: str | None, add_generation_prompt: bool, kwargs: dict

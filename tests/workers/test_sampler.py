@@ -33,6 +33,9 @@ from workers.sampling_params import SamplingParams
         (dict(prompt_logprobs=-1), "prompt_logprobs must be in"),
         (dict(stop=[""]), "stop strings must be non-empty"),
         (dict(seed=2**64), r"seed must be a 64-bit integer"),
+        (dict(logit_bias={"x": 1.0}), "logit_bias keys must be token ids, got 'x'"),
+        (dict(logit_bias={"-1": 1.0}), "logit_bias keys must be token ids"),
+        (dict(logit_bias={5: 101}), r"logit_bias values must be numbers in \[-100, 100\], got 101 for token 5"),
     ],
 )
 def test_invalid_values_raise_value_error(kwargs, message) -> None:
@@ -133,6 +136,34 @@ def test_logprobs_are_the_models_own() -> None:
     assert math.isclose(token.logprob, float(raw[2]), rel_tol=1e-6)  # ... but logprobs are of the raw logits
     assert token.rank == 2
     assert [t for t, _ in token.top] == [1, 2] and math.isclose(token.top[0][1], float(raw[1]), rel_tol=1e-6)
+
+
+def test_logit_bias_moves_greedy_and_drawn_rows_and_leaves_logprobs_raw() -> None:
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]] * 3)
+    params = [
+        SamplingParams(temperature=0, logit_bias={"1": -100, 3: 5.0}, logprobs=1),  # JSON gives keys as strings
+        SamplingParams(temperature=0.5, logit_bias={0: 100}),
+        SamplingParams(temperature=0),  # batched with them: untouched
+    ]
+    sampler = sampler_with(params)
+    assert params[0].logit_bias == {1: -100.0, 3: 5.0}
+    first, drawn, plain = sampler.sample(logits.clone(), [0, 1, 2])
+    assert first.token_id == 3 and drawn.token_id == 0 and plain.token_id == 1
+    assert math.isclose(first.logprob, float(logits[0].log_softmax(-1)[3]), rel_tol=1e-6)
+    sampler.forget([0])
+    sampler.add(NewSequence(seq_id=5, prompt_token_ids=[0], params=SamplingParams(temperature=0), seed=None, stop_ids=[]))
+    assert sampler.sample(logits[:1].clone(), [5])[0].token_id == 1  # a reused slot has no bias left
+
+
+def test_a_failed_batch_records_nothing(monkeypatch) -> None:
+    """The model runner samples a failed batch again row by row: the failed try must not count
+    its tokens towards min_tokens or the penalties."""
+    sampler = sampler_with([SamplingParams(temperature=0, min_tokens=1)])
+    monkeypatch.setattr(sampler, "_with_logprobs", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError):
+        sampler.sample(torch.tensor([[0.0, 0.0, 0.0, 10.0]]), [0])
+    monkeypatch.undo()
+    assert sampler.sample(torch.tensor([[0.0, 0.0, 0.0, 10.0]]), [0])[0].token_id != 3  # min_tokens still holds
 
 
 def test_prompt_logprobs() -> None:

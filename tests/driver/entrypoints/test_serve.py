@@ -309,7 +309,7 @@ def test_vllm_request_fields_have_their_effects(client: openai.OpenAI, tokenizer
     late = complete(logit_bias={str(eos): 100}, min_tokens=3)
     assert late.choices[0].finish_reason == "stop" and late.usage.completion_tokens == 4
     stopped = complete(logit_bias={str(forced): 100}, stop_token_ids=[forced], min_tokens=2)
-    assert stopped.choices[0].finish_reason == "stop" and stopped.usage.completion_tokens == 2
+    assert stopped.choices[0].finish_reason == "stop" and stopped.usage.completion_tokens == 3  # two, then the stop token
     piece = tokenizer.decode([forced])
     with_stop = complete(logit_bias={str(forced): 100}, stop=[piece], include_stop_str_in_output=True).choices[0]
     assert with_stop.finish_reason == "stop" and with_stop.text == piece
