@@ -205,7 +205,9 @@ def test_outputs_metrics_and_prompt_forms(llm) -> None:
         llm.generate([1.5], use_tqdm=False)
     with pytest.raises(ValueError, match="2 prompts but 3 sampling parameters"):
         llm.generate(["a", "b"], [GREEDY] * 3, use_tqdm=False)
-    with pytest.raises(ValueError, match=r"stop_token_ids of prompt 'a' name token ids outside the vocabulary \[0, 49152\): \[49152\]"):
+    with pytest.raises(
+        ValueError, match=r"stop_token_ids of prompt 'a' name token ids outside the vocabulary \[0, 49152\): \[49152\]"
+    ):
         llm.generate(["a"], SamplingParams(stop_token_ids=[49152], min_tokens=1), use_tqdm=False)
     assert llm.generate("Roses are red,", GREEDY, use_tqdm=False)[0].outputs[0].text == forms[0].outputs[0].text  # still alive
 
