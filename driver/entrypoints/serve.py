@@ -621,40 +621,35 @@ def run_server(
 
 def drain_app(handle: "serve.handle.DeploymentHandle", timeout_s: float, app_name: str = APP_NAME) -> bool:
     """Tell the app's replicas to take no new request (503) and wait up to `timeout_s` for
-    those in flight to finish; whether they all did."""
+    those in flight to finish; whether they all did. Each replica answers under its own key
+    (`in_flight_key`); the wait ends once as many replicas as Serve runs have said 0."""
     from ray.experimental import internal_kv
 
     print(f"shardlm: draining: waiting up to {timeout_s:g} s for requests in flight", flush=True)
-    replicas = _replica_ids(app_name)
+    replicas = _running_replicas(app_name)
+    prefix = in_flight_key(app_name, "")
     internal_kv._internal_kv_put(drain_key(app_name), b"1")
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:
-            counts = [internal_kv._internal_kv_get(in_flight_key(app_name, r)) for r in replicas]
-            if all(c is not None and int(c) == 0 for c in counts):
+            counts = [internal_kv._internal_kv_get(key) for key in internal_kv._internal_kv_list(prefix)]
+            if len(counts) >= replicas and all(c is not None and int(c) == 0 for c in counts):
                 return True
             time.sleep(DRAIN_POLL_S)
         logger.warning("requests still in flight after %g s: ending them", timeout_s)
         return False
     finally:
         internal_kv._internal_kv_del(drain_key(app_name))
-        for replica in replicas:
-            internal_kv._internal_kv_del(in_flight_key(app_name, replica))
+        for key in internal_kv._internal_kv_list(prefix):
+            internal_kv._internal_kv_del(key)
 
 
-def _replica_ids(app_name: str) -> list[str]:
-    """The ids of the app's running replicas."""
+def _running_replicas(app_name: str) -> int:
+    """How many replicas Serve runs for the app (0 if it has none)."""
     status = serve.status().applications.get(app_name)
     if status is None:
-        return []
-    from ray.util.state import list_actors
-
-    prefix = f"SERVE_REPLICA::{app_name}#"
-    return [
-        a.name.rsplit("#", 1)[-1]
-        for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
-        if a.name and a.name.startswith(prefix)
-    ]
+        return 0
+    return sum(d.replica_states.get("RUNNING", 0) for d in status.deployments.values())
 
 
 def wait_until_started(handle: "serve.handle.DeploymentHandle", num_replicas: int, show_progress: bool) -> LoadReport:

@@ -216,3 +216,28 @@ def test_progress_bar(llm, capsys, monkeypatch) -> None:
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
     llm.generate(["Roses are red,"] * 3, SamplingParams(max_tokens=2), use_tqdm=True)
     assert "Processed prompts" in capsys.readouterr().err
+
+
+def test_get_metrics_adds_up_to_the_outputs(llm) -> None:
+    """`LLM.get_metrics()` offline: the token counters grow by what the outputs hold, and each
+    finished request adds one success and one latency of each kind."""
+
+    def figures() -> dict[tuple[str, str], object]:
+        return {(m.name, m.labels.get("finished_reason", "")): m for m in llm.get_metrics()}
+
+    before = figures()
+    outputs = llm.generate(PROMPTS[:2], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), use_tqdm=False)
+    after = figures()
+
+    def grew(name: str, reason: str = "") -> float:
+        key = ("shardlm:" + name, reason)
+        old = before.get(key)
+        return after[key].value - (old.value if old is not None else 0.0)
+
+    assert grew("prompt_tokens") == sum(len(o.prompt_token_ids) for o in outputs)
+    assert grew("generation_tokens") == sum(len(o.outputs[0].token_ids) for o in outputs) == 10
+    assert grew("request_success", "length") == 2
+    for name in ("time_to_first_token_seconds", "time_per_output_token_seconds", "e2e_request_latency_seconds"):
+        key = ("shardlm:" + name, "")
+        assert after[key].count - before[key].count == 2, name
+    assert after[("shardlm:num_requests_running", "")].value == 0

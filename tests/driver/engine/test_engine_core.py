@@ -15,7 +15,7 @@ import torch
 from driver.engine.core import CoreRequest, EngineCore
 from driver.engine.output_processor import OutputProcessor
 from parallel.state import TensorParallelGroup
-from workers.batch import PLACEHOLDER, Batch, PromptLogprobs, SampledToken, StepResult
+from workers.batch import PLACEHOLDER, Batch, FailedSample, PromptLogprobs, SampledToken, StepResult
 from workers.block_tables import BlockTables
 from workers.placeholders import LastTokens
 from workers.sampling_params import SamplingParams
@@ -279,3 +279,65 @@ def test_async_scheduling_leaves_out_completions_that_end_by_length() -> None:
     core.add_requests([request("r", [1], max_tokens=3)])
     assert run(core)["r"][0] == ([2, 3, 4], "length", None)
     assert sum(len(b.seq_ids) for b in executor.batches) == 3  # no step computed a fourth token
+
+
+def test_a_failed_sample_ends_its_request_alone() -> None:
+    """A FailedSample from rank 0 ends its request: the output carries the error and no token
+    (the stand-in is never shown; the output processor ends each completion with "error"), and
+    the request batched with it goes on."""
+    core, executor = make_core()
+    core.add_requests([request("bad", [1], n=2, max_tokens=5), request("good", [10], max_tokens=3)])
+    step = executor.run
+
+    def failing(batch: Batch) -> StepResult:
+        result = step(batch)
+        bad = core.requests["bad"].seqs[0].seq_id if "bad" in core.requests else None
+        failed = [FailedSample(bad, "sampling failed: boom")] if bad in batch.seq_ids else []
+        return StepResult(sampled=result.sampled, prompt_logprobs=result.prompt_logprobs, failed=failed)
+
+    executor.run = failing
+    outputs = core.step()
+    failed = next(o for o in outputs if o.request_id == "bad")
+    assert failed.error == "sampling failed: boom"
+    assert failed.seqs == []
+    assert "bad" not in core.requests
+    assert run(core)["good"][0] == ([12, 13], "length", None)  # its first token came with the failed step
+    assert core.scheduler.blocks.num_free == 64
+
+
+def test_fail_ends_a_request_found_faulty_in_the_driver() -> None:
+    core, _ = make_core()
+    core.add_requests([request("r", [1], max_tokens=50)])
+    core.step()
+    core.fail("r", "its detokenization failed")
+    core.fail("unknown", "ignored")
+    assert not core.requests and core.scheduler.blocks.num_free == 64
+
+
+def test_blocked_says_what_no_step_can_schedule() -> None:
+    """A prompt that needs more KV blocks than the pool has free never schedules: the step
+    returns nothing and `blocked` names the request and the numbers, so the engine waits
+    instead of stepping again."""
+    core, _ = make_core(num_blocks=4, max_len=64)  # 4 blocks of 4 tokens
+    assert core.blocked() is None
+    core.add_requests([request("big", list(range(30)), max_tokens=2)])
+    assert core.step() == []
+    assert core.blocked() == "request 'big' waits for KV blocks for 30 tokens, and 4 of the pool's blocks are free"
+    core.abort(["big"])
+    assert core.blocked() is None
+
+
+def test_metric_counts_follow_the_requests() -> None:
+    core, _ = make_core()
+    core.add_requests([request("a", [1, 2, 3], max_tokens=4), request("b", [5], max_tokens=2, n=2)])
+    counts = core.metric_counts()
+    assert (counts["num_requests_running"], counts["num_requests_waiting"]) == (0, 2)
+    core.step()
+    counts = core.metric_counts()
+    assert (counts["num_requests_running"], counts["num_requests_waiting"]) == (2, 0)
+    assert 0 < counts["kv_cache_usage_perc"] < 1
+    run(core)
+    counts = core.metric_counts()
+    assert counts["prompt_tokens"] == 3 + 1  # once per request, as usage counts it (b has n=2)
+    assert counts["generation_tokens"] == 4 + 2 * 2
+    assert counts["kv_cache_usage_perc"] == 0.0

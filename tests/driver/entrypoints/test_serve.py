@@ -564,3 +564,60 @@ def test_a_starting_engine_answers_within_a_bound_then_serves_or_says_why_it_fai
     response = _error(_Starting("the engine is starting (weights); retry in 5 s"))
     assert response.status_code == 503 and response.headers["Retry-After"] == str(RETRY_AFTER_S)
     assert json.loads(response.body)["error"]["code"] == "engine_starting"
+
+
+# -- last: it kills a rank of the module's app ----------------------------------------------------
+
+
+def test_a_killed_rank_gives_every_request_in_flight_an_error(client: openai.OpenAI, server: Any) -> None:
+    """Streams already under way get an error event, a whole answer in wait gets a 503 (engine
+    dead), none of them a normal finish; /health then reports the dead engine, so that Serve
+    replaces the replica."""
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    import psutil
+
+    started = threading.Barrier(4)
+
+    def stream() -> str:
+        chunks = client.completions.create(
+            model=MODEL_ID, prompt=PROMPT, max_tokens=900, temperature=0, stream=True, extra_body={"ignore_eos": True}
+        )
+        try:
+            for i, chunk in enumerate(chunks):
+                if i == 0:
+                    started.wait(60)
+                if chunk.choices and chunk.choices[0].finish_reason is not None:
+                    return f"finished: {chunk.choices[0].finish_reason}"
+        except openai.APIError as exc:
+            return f"error: {exc.message}"
+        return "ended without a finish or an error"
+
+    def whole() -> str:
+        try:
+            out = client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=900, extra_body={"ignore_eos": True})
+            return f"finished: {out.choices[0].finish_reason}"
+        except openai.APIStatusError as exc:
+            return f"{exc.status_code}: {exc.message}"
+
+    ranks = [p for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [""])[0].startswith("ray::WorkerActor")]
+    assert len(ranks) == 2, ranks  # the app's two ranks, by their process titles
+    with ThreadPoolExecutor(5) as pool:
+        streams = [pool.submit(stream) for _ in range(3)]
+        wholes = [pool.submit(whole) for _ in range(2)]
+        started.wait(60)  # every stream under way
+        ranks[1].send_signal(signal.SIGKILL)
+        answers = [f.result(timeout=120) for f in streams + wholes]
+    assert all(a.startswith("error: ") and "died" in a for a in answers[:3]), answers
+    assert all(a.startswith("503: ") and "died" in a for a in answers[3:]), answers
+    status, body = call_health(server[0])
+    assert status == 503 and "died" in json.dumps(body), body
+
+
+def call_health(base: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(f"{base}/health", timeout=30) as response:
+            return response.status, json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
