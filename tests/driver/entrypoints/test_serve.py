@@ -513,6 +513,46 @@ def test_a_dead_engine_fails_requests_in_flight_and_later() -> None:
         front.shutdown()
 
 
+class StalledEngine(FakeEngine):
+    """Requests it can never schedule: each step returns nothing and says what blocks them."""
+
+    blocked: str | None = None
+
+    def step(self) -> list[RequestOutput]:
+        self.steps += 1
+        self.blocked = "request 'big' waits for KV blocks for 30 tokens, and 4 of the pool's blocks are free"
+        return []
+
+    def abort(self, request_ids: list[str]) -> None:
+        super().abort(request_ids)
+        self.blocked = None
+
+
+def test_a_blocked_engine_waits_instead_of_spinning(caplog: pytest.LogCaptureFixture) -> None:
+    """With requests left but none schedulable, the loop steps once, says why (one WARNING),
+    and waits for a command; an abort frees it."""
+    from workers.sampling_params import SamplingParams
+
+    fake = StalledEngine()
+    front = AsyncEngine(fake)
+
+    async def scenario() -> None:
+        stream = await front.submit([(None, [1])], SamplingParams(max_tokens=4))
+        await asyncio.sleep(0.5)
+        assert fake.steps <= 2, f"{fake.steps} steps in 0.5 s: it spins"
+        stream.close()
+        await asyncio.sleep(0.2)
+
+    try:
+        with caplog.at_level("WARNING", logger="shardlm"):
+            asyncio.run(scenario())
+    finally:
+        front.shutdown()
+    assert fake.aborted and not fake.requests
+    stalls = [r for r in caplog.records if "the engine waits for a request or an abort" in r.getMessage()]
+    assert len(stalls) == 1 and "4 of the pool's blocks are free" in stalls[0].getMessage()
+
+
 def test_sleep_routes_are_off_unless_dev_mode(server: Any) -> None:
     for route in ("/sleep?level=1", "/wake_up"):
         status, body = post(f"{server[0]}{route}", b"")

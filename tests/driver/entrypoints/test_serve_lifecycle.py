@@ -1,7 +1,8 @@
 """`shardlm serve` from start to SIGTERM, as a user runs it, its output captured in a file: a
 request during the start gets a bounded answer, the log has the engine's bars, its load report
-and the URL line, and no colour code, traceback or line per request; SIGTERM ends every process
-the command started."""
+and the URL line, and no colour code, traceback or line per request; a dropped stream leaves at
+most one INFO line; SIGTERM drains (a stream in flight finishes, a new request is a 503) and then
+ends every process the command started."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -27,6 +29,9 @@ SMALL_ENGINE = ["--max-model-len", "256", "--max-num-batched-tokens", "256", "--
 MODEL = "SmolLM2-135M-Instruct"
 START_S = 240
 """The most the start may take on a busy two-core machine."""
+DRAIN_TOKENS = 150
+"""The stream in flight at SIGTERM: long enough (5 to 20 s here) to see the drain's 503 meanwhile, short
+enough to finish within the 30 s grace period."""
 
 
 def free_port() -> int:
@@ -66,6 +71,52 @@ def wait_ready(base: str, server: subprocess.Popen, log: Path) -> tuple[int, dic
     pytest.fail(f"serve was not ready within {START_S} s:\n{log.read_text()[-3000:]}")
 
 
+def stream_completion(base: str, max_tokens: int, first: threading.Event, events: list[dict]) -> None:
+    """A streamed greedy completion of `max_tokens` tokens, its events appended as they come;
+    `first` is set at the first one."""
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
+    request = urllib.request.Request(
+        f"{base}/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=120) as response:
+        for line in response:
+            if line.startswith(b"data: {"):
+                events.append(json.loads(line[6:]))
+                first.set()
+            elif line.startswith(b"data: [DONE]"):
+                events.append({"done": True})
+
+
+def drop_a_stream(base: str) -> None:
+    """Open a long stream, read its first event, and hang up."""
+    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    request = urllib.request.Request(
+        f"{base}/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        response.readline()
+
+
+def drain_at_sigterm(base: str, server: subprocess.Popen) -> None:
+    """SIGTERM while a stream is in flight: new requests get 503 meanwhile, and the stream ends
+    normally with every token it asked for."""
+    first, events = threading.Event(), []
+    streaming = threading.Thread(target=stream_completion, args=(base, DRAIN_TOKENS, first, events), daemon=True)
+    streaming.start()
+    assert first.wait(60), "the stream's first event"
+    server.send_signal(signal.SIGTERM)
+    deadline, status = time.monotonic() + 20, None
+    while time.monotonic() < deadline and status != 503:
+        status, headers, _ = call(f"{base}/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 1}, timeout_s=10)
+        time.sleep(0.1)
+    assert status == 503 and "retry-after" in headers, "a new request while draining"
+    assert streaming.is_alive(), f"the stream ended before the drain was seen ({len(events)} events): raise DRAIN_TOKENS"
+    streaming.join(120)
+    assert events and events[-1] == {"done": True}, events[-3:]
+    finishes = [c["finish_reason"] for e in events[:-1] for c in e["choices"] if c.get("finish_reason")]
+    assert finishes == ["length"] and sum(1 for e in events[:-1] for c in e["choices"] if c["text"]) >= DRAIN_TOKENS - 5
+
+
 def test_serve_starts_answers_and_ends_quietly_at_sigterm(tmp_path: Path) -> None:
     port, log = free_port(), tmp_path / "serve.log"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "TQDM_DISABLE")}  # the bars go in the log too
@@ -85,9 +136,10 @@ def test_serve_starts_answers_and_ends_quietly_at_sigterm(tmp_path: Path) -> Non
             ("/v1/models", None),
         ):
             assert call(f"{base}{route}", body)[0] == 200, route
+        drop_a_stream(base)
         started = [psutil.Process(server.pid), *psutil.Process(server.pid).children(recursive=True)]
         assert len(started) > 5, "the command's cluster: GCS, raylet, agents, Serve's actors, the engine's rank"
-        server.send_signal(signal.SIGTERM)
+        drain_at_sigterm(base, server)
         assert server.wait(60) == 0
         _, alive = psutil.wait_procs(started, timeout=10)
         assert alive == [], f"left after SIGTERM: {[(p.pid, p.name()) for p in alive]}"
@@ -103,5 +155,7 @@ def test_serve_starts_answers_and_ends_quietly_at_sigterm(tmp_path: Path) -> Non
         assert noise not in text, f"{noise!r} in the log:\n{text[-3000:]}"
     assert not re.search(r"INFO (?!\d\d:\d\d:\d\d shardlm\.)", text), f"an INFO line of Ray's:\n{text[-3000:]}"
     assert text.count("Token authentication") <= 1, "Ray's notice, once for the cluster started"
+    assert text.count("dropped its stream") <= 1, "the dropped stream: one INFO line at most"
+    assert "shardlm: draining: waiting up to 30 s for requests in flight" in text
     assert "Loading weights: 100%" in text and "engine start: " in text
     assert f"shardlm: serving {MODEL!r} at {base}/v1 (Ctrl-C to stop)" in text
