@@ -412,6 +412,36 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--json", action="store_true", help="print machine-readable JSON")
     add_engine_args(lat)
 
+    srv_bench = bench_sub.add_parser(
+        "serve", help="a serving benchmark through the OpenAI API: throughput, TTFT, TPOT and E2E latency (as vllm bench serve)"
+    )
+    srv_bench.add_argument("--url", default=None, help="a running server (http://host:port[/v1]); default: start one here")
+    srv_bench.add_argument(
+        "--endpoint", default="completions", choices=["completions", "chat"], help="the route to send to (default: completions)"
+    )
+    srv_bench.add_argument(
+        "--model-name", default=None, help="the model name the requests carry (default: the first of /v1/models)"
+    )
+    srv_bench.add_argument("--num-prompts", type=int, default=64, help="requests to send (default: 64)")
+    srv_bench.add_argument("--input-len", type=int, default=32, help="prompt tokens (random ids; words for chat; default: 32)")
+    srv_bench.add_argument("--output-len", type=int, default=64, help="new tokens per request (default: 64)")
+    srv_bench.add_argument(
+        "--request-rate",
+        type=float,
+        default=float("inf"),
+        help="requests per second, Poisson arrivals (default: inf, all at once)",
+    )
+    srv_bench.add_argument("--max-concurrency", type=int, default=None, help="the most requests in flight (default: no bound)")
+    srv_bench.add_argument("--prompt", default=None, help="one prompt text for every request instead of random ones")
+    srv_bench.add_argument("--bench-seed", type=int, default=0, help="seed of the random prompts and arrival gaps")
+    srv_bench.add_argument("--api-key", default=None, help="sent as `Authorization: Bearer KEY` (default: SHARDLM_API_KEY)")
+    srv_bench.add_argument("--timeout-s", type=float, default=600.0, help="seconds one request may take (default: 600)")
+    srv_bench.add_argument(
+        "--port", type=int, default=8000, help="the port of the server started here, without --url (default: 8000)"
+    )
+    srv_bench.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    add_engine_args(srv_bench)
+
     from driver.entrypoints.download import add_download_parser
 
     add_download_parser(sub, EXIT_STATUS, raw)
@@ -667,6 +697,8 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         return cmd_bench_prefix(ns)
     if ns.bench_command == "start":
         return cmd_bench_start(ns)
+    if ns.bench_command == "serve":
+        return cmd_bench_serve(ns)
     from driver.entrypoints.bench.throughput import bench_load, format_bench_load
 
     results = bench_load(
@@ -754,6 +786,34 @@ def cmd_bench_throughput(ns: argparse.Namespace) -> int:
     else:
         print(bench.format_throughput(setup, ours, theirs))
     return 0
+
+
+def cmd_bench_serve(ns: argparse.Namespace) -> int:
+    """Exit 0 when every request succeeded, else 1."""
+    from driver.entrypoints.bench.serve import ServeBench, bench_serve, format_bench_serve
+
+    bench = ServeBench(
+        url=ns.url,
+        endpoint=ns.endpoint,
+        model=ns.model_name,
+        num_prompts=ns.num_prompts,
+        input_len=ns.input_len,
+        output_len=ns.output_len,
+        request_rate=ns.request_rate,
+        max_concurrency=ns.max_concurrency,
+        prompt=ns.prompt,
+        bench_seed=ns.bench_seed,
+        api_key=ns.api_key,
+        timeout_s=ns.timeout_s,
+        port=ns.port,
+    )
+    engine = changed_engine_args(ns)
+    if ns.url is not None and engine:
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in engine)
+        raise ValueError(f"--url benchmarks a running server: {flags} would be ignored (--model-name names its model)")
+    result = bench_serve(bench, None if ns.url is not None else engine, show_progress=not ns.quiet)
+    print(json.dumps(result, allow_nan=False) if ns.json else format_bench_serve(result))
+    return EXIT_OK if result["failures"] == 0 else EXIT_FAILED
 
 
 def cmd_bench_latency(ns: argparse.Namespace) -> int:

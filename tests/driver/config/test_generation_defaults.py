@@ -94,7 +94,7 @@ class CapturingEngine:
     async def render_chat(self, conversations: list, add_generation_prompt: bool, kwargs: Any) -> list[list[int]]:
         return [[1, 2, 3]]
 
-    async def submit(self, prompts: list, params: SamplingParams, reply_id: str) -> Any:
+    async def submit(self, prompts: list, params: SamplingParams, reply_id: str, length_field: str | None = None) -> Any:
         self.params.append(params)
         raise ValueError("captured")
 
