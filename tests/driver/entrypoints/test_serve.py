@@ -20,14 +20,12 @@ from typing import Any
 
 import openai
 import pytest
-import torch
 
 from driver.config.args import EngineArgs
 from driver.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from driver.entrypoints.async_engine import AsyncEngine
 from driver.entrypoints.openai_api import OpenAIServing, error_response
 from parallel.errors import ConfigError, EngineAsleepError, EngineDeadError
-from tests.helpers import hf_config
 from workers.faults import FAULTS_ENV
 
 MODEL_ID = "tiny-chat"
@@ -38,28 +36,6 @@ ENGINE = dict(
 )
 PROMPT = "The capital of France is"
 MESSAGES = [{"role": "user", "content": "Name three colours."}]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(smollm2_gguf: Path) -> Any:
-    from driver.engine.tokenizer import load_tokenizer
-
-    return load_tokenizer(EngineArgs(model=str(smollm2_gguf)).create_engine_config(device="cpu").model)
-
-
-@pytest.fixture(scope="module")
-def chat_checkpoint(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> Path:
-    """A tiny Llama (8 heads, 4 KV heads: splits in two) over SmolLM2's vocabulary, with its tokenizer."""
-    from transformers import AutoModelForCausalLM
-
-    config = hf_config("llama_8h4kv")
-    config.vocab_size, config.max_position_embeddings = len(tokenizer), MAX_MODEL_LEN
-    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-chat")
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
