@@ -22,7 +22,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator
+import weakref
+from collections.abc import AsyncIterator, Callable
 from dataclasses import fields
 from typing import Annotated, Any
 
@@ -206,6 +207,18 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+class _Once:
+    """`fn`, run at the first call only."""
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.fn: Callable[[], None] | None = fn
+
+    def __call__(self) -> None:
+        fn, self.fn = self.fn, None
+        if fn is not None:
+            fn()
+
+
 def drain_key(app_name: str) -> bytes:
     """Ray's internal key that tells an app's replicas to drain."""
     return f"shardlm:drain:{app_name}".encode()
@@ -326,9 +339,20 @@ class OpenAIServer:
         if isinstance(result, dict):
             self.in_flight -= 1
             return _json(200, result)
-        return StreamingResponse(self._counted(result), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return self._streamed(result)
 
-    async def _counted(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    def _streamed(self, chunks: AsyncIterator[bytes]) -> StreamingResponse:
+        """The stream's response; its request stays counted in flight until the stream ends, or,
+        for a stream that never starts (its client left first), until it is collected."""
+        release = _Once(self._release)
+        counted = self._counted(chunks, release)
+        weakref.finalize(counted, release)
+        return StreamingResponse(counted, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    def _release(self) -> None:
+        self.in_flight -= 1
+
+    async def _counted(self, chunks: AsyncIterator[bytes], release: Callable[[], None]) -> AsyncIterator[bytes]:
         """A streamed answer, counted in flight until it ends; a client that drops it aborts its
         request (the stream closes), with one INFO line and no traceback."""
         try:
@@ -338,7 +362,7 @@ class OpenAIServer:
             logger.info("a client dropped its stream; its request is aborted")
             raise
         finally:
-            self.in_flight -= 1
+            release()
             await chunks.aclose()
 
     @api.post("/v1/completions")

@@ -205,6 +205,38 @@ def test_a_dropped_stream_is_aborted(client: openai.OpenAI, server: Any) -> None
     assert (stats["running"], stats["waiting"], stats["free_blocks"]) == (0, 0, before["free_blocks"])
 
 
+def test_a_stream_is_counted_in_flight_until_it_ends_or_is_never_started() -> None:
+    """The drain waits for the in-flight count: a stream ends its count once, whether it runs to
+    its end or its client leaves before it starts (then the response is only collected)."""
+    import gc
+
+    from driver.entrypoints.serve import OpenAIServer
+
+    closed = []
+
+    async def chunks():
+        try:
+            yield b"data: 1\n\n"
+        finally:
+            closed.append(True)
+
+    replica = object.__new__(OpenAIServer.func_or_class)
+    replica.in_flight = 2
+    never_started = replica._streamed(chunks())
+    del never_started
+    gc.collect()
+    assert replica.in_flight == 1
+
+    async def drain(response) -> list[bytes]:
+        return [chunk async for chunk in response.body_iterator]
+
+    response = replica._streamed(chunks())
+    assert asyncio.run(drain(response)) == [b"data: 1\n\n"] and closed == [True]
+    del response
+    gc.collect()
+    assert replica.in_flight == 0  # once, not again when collected
+
+
 def test_the_replica_group_holds_the_ranks(server: Any) -> None:
     """One new placement group (Serve's, for the replica): bundle 0 for the replica, then the two
     ranks, which the engine placed there rather than in a group of its own."""
