@@ -207,6 +207,15 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _dropped_client_future(record: logging.LogRecord) -> bool:
+    """False for asyncio's "Future exception was never retrieved" of Ray Serve's own receive
+    task, cancelled when a client drops its stream (the drop has its own INFO line)."""
+    from ray.exceptions import TaskCancelledError
+
+    error = record.exc_info[1] if record.exc_info else None
+    return not (isinstance(error, TaskCancelledError) and "never retrieved" in record.getMessage())
+
+
 class _Once:
     """`fn`, run at the first call only."""
 
@@ -267,6 +276,7 @@ class OpenAIServer:
         self.starting = StartingEngine(args, config.placement_group_config.strategy)
         self.generation_config = args.generation_config
         threading.Thread(target=self._watch_drain, name="shardlm-drain-watch", daemon=True).start()
+        logging.getLogger("asyncio").addFilter(_dropped_client_future)
 
     def _watch_drain(self) -> None:
         """Wait for `drain_app` to mark this replica's app as draining; from then on, new

@@ -159,3 +159,24 @@ def test_serve_starts_answers_and_ends_quietly_at_sigterm(tmp_path: Path) -> Non
     assert "shardlm: draining: waiting up to 30 s for requests in flight" in text
     assert "Loading weights: 100%" in text and "engine start: " in text
     assert f"shardlm: serving {MODEL!r} at {base}/v1 (Ctrl-C to stop)" in text
+
+
+def test_a_dropped_clients_cancelled_receive_is_not_logged() -> None:
+    """Ray Serve's receive task of a dropped stream ends as a TaskCancelledError that asyncio
+    reports as "Future exception was never retrieved", with a traceback: the replica drops that
+    record (it already logs the drop once), and nothing else."""
+    import logging
+
+    from ray.exceptions import TaskCancelledError
+
+    from driver.entrypoints.serve import _dropped_client_future
+
+    try:
+        raise TaskCancelledError("the request's receive task")
+    except TaskCancelledError:
+        error = sys.exc_info()
+    message = "Future exception was never retrieved\nfuture: <Future finished exception=TaskCancelledError()>"
+    assert not _dropped_client_future(logging.LogRecord("asyncio", logging.ERROR, "", 0, message, None, error))
+    assert _dropped_client_future(
+        logging.LogRecord("asyncio", logging.ERROR, "", 0, "Task exception was never retrieved", None, None)
+    )
