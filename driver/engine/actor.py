@@ -64,9 +64,9 @@ class Engine:
         self.sleep_level = 0
         """0 awake; 1 or 2 while asleep (`sleep`)."""
         self.blocked: str | None = None
+        """After a step that scheduled nothing although requests are unfinished: what blocks them."""
         self.metrics: EngineMetrics | None = None
         """The engine's figures (`driver.engine.metrics`), from the end of the warm-up on."""
-        """After a step that scheduled nothing although requests are unfinished: what blocks them."""
         self.phase = ""
         """The start-up phase running ("placement", "workers", "weights", ...), "ready" after."""
 
@@ -298,8 +298,7 @@ class Engine:
 
     def abort(self, request_ids: list[str]) -> None:
         if self.metrics is not None:
-            for _ in range(sum(1 for r in request_ids if r in self.core.requests)):
-                self.metrics.aborted()
+            self.metrics.aborted(sum(1 for r in request_ids if r in self.core.requests))
         self.core.abort(request_ids)
         self.outputs.abort(request_ids)
 

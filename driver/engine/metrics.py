@@ -163,9 +163,10 @@ class EngineMetrics:
         if m.finished_time is not None:
             self._observe("e2e_request_latency_seconds", m.finished_time - m.arrival_time)
 
-    def aborted(self) -> None:
-        """A request aborted before it finished (a dropped client, a closed stream)."""
-        self.successes["abort"] = self.successes.get("abort", 0.0) + 1
+    def aborted(self, count: int = 1) -> None:
+        """Requests aborted before they finished (a dropped client, a closed stream)."""
+        if count:
+            self.successes["abort"] = self.successes.get("abort", 0.0) + count
 
     def _observe(self, name: str, value: float) -> None:
         value = max(0.0, value)

@@ -191,10 +191,7 @@ class AsyncEngine:
     ) -> None:
         if self.dead is not None:
             raise EngineDeadError(str(self.dead))
-        if length_field is None:
-            self.engine.add_requests(requests)
-        else:
-            self.engine.add_requests(requests, length_field=length_field)
+        self.engine.add_requests(requests, length_field=length_field)
         for request_id, *_ in requests:
             self._sinks[request_id] = sink
 
